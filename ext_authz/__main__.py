@@ -1,0 +1,5 @@
+import sys
+
+from ext_authz.cli import main
+
+sys.exit(main())

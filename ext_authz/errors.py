@@ -1,0 +1,209 @@
+"""Why a request is denied: one class per reason.
+
+Each class knows everything the edges need to answer: the HTTP status Envoy sends to the client,
+the RFC 6750 error code for ``WWW-Authenticate`` (None where the RFC says to send none), the gRPC
+status code for ``CheckResponse.status``, a stable ``code`` for logs and metric labels, and a
+description in general words. Descriptions are fixed strings: they never echo token content, and
+they contain no characters that would need escaping inside an RFC 7235 quoted-string.
+
+Stages raise these; the pipeline turns them into a ``Deny`` value. Nothing here reaches gRPC as an
+exception.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+# google.rpc.Code values used in CheckResponse.status (Envoy only tests code == 0).
+GRPC_OK = 0
+GRPC_PERMISSION_DENIED = 7
+GRPC_INTERNAL = 13
+GRPC_UNAVAILABLE = 14
+GRPC_UNAUTHENTICATED = 16
+
+
+class AuthError(Exception):
+    """Base of every denial reason."""
+
+    status: ClassVar[int] = 401
+    rfc6750_error: ClassVar[str | None] = None
+    grpc_code: ClassVar[int] = GRPC_UNAUTHENTICATED
+    code: ClassVar[str] = "unauthorized"
+    description: ClassVar[str] = "the request is not authorized"
+
+    def __init__(self, description: str | None = None) -> None:
+        # A subclass may pass a more precise fixed description; never pass token content.
+        self.detail = description or self.description
+        super().__init__(self.detail)
+
+    @property
+    def body_error(self) -> str:
+        """The ``error`` member of the JSON body: the RFC 6750 code, else the stable code."""
+        return self.rfc6750_error or self.code
+
+
+class MissingToken(AuthError):
+    """No credential where one is required (RFC 6750 §3.1: no error code in the challenge)."""
+
+    code = "missing_token"
+    description = "a bearer token is required"
+
+
+class InvalidRequest(AuthError):
+    """The request itself is malformed, e.g. it carries two different tokens (RFC 6750 §2)."""
+
+    status = 400
+    rfc6750_error = "invalid_request"
+    code = "invalid_request"
+    description = "the request is malformed"
+
+
+class MultipleTokens(InvalidRequest):
+    code = "multiple_tokens"
+    description = "the request carries more than one token"
+
+
+class EmptyToken(InvalidRequest):
+    code = "empty_token"
+    description = "the authorization scheme carries no token"
+
+
+class InvalidToken(AuthError):
+    """The token is expired, forged, malformed or not meant for us (RFC 6750 §3.1 invalid_token)."""
+
+    rfc6750_error = "invalid_token"
+    code = "invalid_token"
+    description = "the token is invalid"
+
+
+class TokenTooLarge(InvalidToken):
+    code = "token_too_large"
+    description = "the token is too large"
+
+
+class MalformedToken(InvalidToken):
+    code = "malformed_token"
+    description = "the token is malformed"
+
+
+class UnsupportedAlgorithm(InvalidToken):
+    code = "algorithm_not_allowed"
+    description = "the token algorithm is not allowed"
+
+
+class UnsupportedCritical(InvalidToken):
+    code = "critical_header_unsupported"
+    description = "the token requires an unsupported critical header extension"
+
+
+class TokenTypeNotAccepted(InvalidToken):
+    code = "token_type_not_accepted"
+    description = "the token type is not accepted"
+
+
+class UnknownIssuer(InvalidToken):
+    code = "unknown_issuer"
+    description = "the token issuer is not trusted"
+
+
+class IssuerNotAccepted(InvalidToken):
+    code = "issuer_not_accepted"
+    description = "the token issuer is not accepted for this resource"
+
+
+class TokenLocationNotAccepted(InvalidToken):
+    code = "token_location_not_accepted"
+    description = "the token issuer does not accept tokens sent this way"
+
+
+class UnknownKey(InvalidToken):
+    code = "unknown_key"
+    description = "no key of the token issuer matches the token"
+
+
+class BadSignature(InvalidToken):
+    code = "bad_signature"
+    description = "the token signature is invalid"
+
+
+class InvalidClaim(InvalidToken):
+    code = "invalid_claim"
+    description = "a token claim is invalid"
+
+
+class TokenExpired(InvalidToken):
+    code = "token_expired"
+    description = "the token has expired"
+
+
+class TokenNotYetValid(InvalidToken):
+    code = "token_not_yet_valid"
+    description = "the token is not yet valid"
+
+
+class TokenIssuedInFuture(InvalidToken):
+    code = "token_issued_in_future"
+    description = "the token was issued in the future"
+
+
+class AudienceMismatch(InvalidToken):
+    code = "audience_mismatch"
+    description = "the token audience is not accepted"
+
+
+class InsufficientScope(AuthError):
+    """Valid token, but a required scope is missing (RFC 6750 §3.1 insufficient_scope)."""
+
+    status = 403
+    rfc6750_error = "insufficient_scope"
+    grpc_code = GRPC_PERMISSION_DENIED
+    code = "insufficient_scope"
+    description = "the token lacks a required scope"
+
+    def __init__(self, scopes: tuple[str, ...]) -> None:
+        super().__init__()
+        self.scopes = scopes
+
+
+class AccessDenied(AuthError):
+    """The request is not allowed, whoever makes it (no rule matches it)."""
+
+    status = 403
+    grpc_code = GRPC_PERMISSION_DENIED
+    code = "access_denied"
+    description = "access to this resource is denied"
+
+
+class NoMatchingRule(AccessDenied):
+    code = "no_matching_rule"
+    description = "no rule allows this request"
+
+
+class KeysUnavailable(AuthError):
+    """The issuer's keys cannot be had right now: the token may be fine, so not a 401."""
+
+    status = 503
+    grpc_code = GRPC_UNAVAILABLE
+    code = "keys_unavailable"
+    description = "the token issuer's keys are temporarily unavailable"
+
+    def __init__(self, retry_after_seconds: int = 5) -> None:
+        super().__init__()
+        self.retry_after_seconds = retry_after_seconds
+
+    @property
+    def body_error(self) -> str:
+        return "temporarily_unavailable"
+
+
+class InternalError(AuthError):
+    """A bug: answered as a clean 500 denial (fail closed), never as a gRPC error."""
+
+    status = 500
+    grpc_code = GRPC_INTERNAL
+    code = "internal_error"
+    description = "the authorization service failed"
+
+    @property
+    def body_error(self) -> str:
+        return "server_error"

@@ -1,0 +1,237 @@
+"""Stage 2: token → issuer → key → verified claims (a Principal).
+
+Parsing is strict and our own (RFC 7515 compact serialisation only: three base64url segments, JSON
+objects without duplicate members); the signature is checked with PyJWT's algorithm objects over
+keys from the provider's own JWKS; claims are checked one by one, each failure its own error.
+
+Security notes:
+- The provider is chosen by the token's ``iss``, but nothing else is trusted before the signature
+  verifies: ``alg`` must be in the provider's allow-list AND fit the key's type, so ``none`` and
+  HMAC-with-a-public-key can never verify.
+- Keys are never taken from the token: ``jku``, ``x5u``, ``jwk`` and ``x5c`` are ignored.
+- ``crit`` names extensions we would have to understand (RFC 7515 §4.1.11); we understand none.
+- The signature is verified before any claim is looked at, so a forged token always reads as a bad
+  signature and never reveals which claim checks it would have passed.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Protocol
+
+from jwt.algorithms import Algorithm, get_default_algorithms
+
+from ext_authz import errors
+from ext_authz.keys.jwks import KeySet, VerificationKey
+from ext_authz.model import Credential, Principal
+from ext_authz.settings import ProviderSettings, normalise_token_type
+
+_B64URL = re.compile(r"^[A-Za-z0-9_-]*$")
+_ALGORITHMS: Mapping[str, Algorithm] = get_default_algorithms()
+
+
+class KeyResolver(Protocol):
+    """The seam between verification and the key cache (keys/)."""
+
+    async def key_set(self, provider: str) -> KeySet:
+        """The provider's current keys; raises KeysUnavailable when there are none to be had."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class ParsedToken:
+    header: Mapping[str, object]
+    claims: Mapping[str, object]
+    signing_input: bytes
+    signature: bytes
+    payload_segment: str
+
+
+def _b64decode(segment: str) -> bytes:
+    if not _B64URL.match(segment) or len(segment) % 4 == 1:
+        raise errors.MalformedToken()
+    try:
+        return base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4))
+    except (binascii.Error, ValueError):
+        raise errors.MalformedToken() from None
+
+
+def _no_duplicates(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    result = dict(pairs)
+    if len(result) != len(pairs):
+        # Two parsers may pick different duplicates; RFC 7515 §5.2 lets us reject.
+        raise errors.MalformedToken()
+    return result
+
+
+def _reject_constant(_: str) -> object:
+    raise errors.MalformedToken()  # NaN / Infinity are not JSON
+
+
+def _json_object(data: bytes) -> dict[str, object]:
+    try:
+        value = json.loads(data, object_pairs_hook=_no_duplicates, parse_constant=_reject_constant)
+    except (ValueError, RecursionError):  # includes UnicodeDecodeError and over-long integers
+        raise errors.MalformedToken() from None
+    if not isinstance(value, dict):
+        raise errors.MalformedToken()
+    return value
+
+
+def parse_token(token: str, max_bytes: int) -> ParsedToken:
+    if len(token) > max_bytes:
+        raise errors.TokenTooLarge()
+    parts = token.split(".")
+    if len(parts) != 3:
+        raise errors.MalformedToken(
+            "encrypted tokens (JWE) are not accepted"
+            if len(parts) == 5
+            else errors.MalformedToken.description
+        )
+    header_segment, payload_segment, signature_segment = parts
+    header = _json_object(_b64decode(header_segment))
+    claims = _json_object(_b64decode(payload_segment))
+    signature = _b64decode(signature_segment)
+    return ParsedToken(
+        header=header,
+        claims=claims,
+        signing_input=f"{header_segment}.{payload_segment}".encode("ascii"),
+        signature=signature,
+        payload_segment=payload_segment,
+    )
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+class Verifier:
+    """Verifies tokens for a fixed set of providers. Build once per config; call per request."""
+
+    def __init__(
+        self,
+        providers: tuple[ProviderSettings, ...],
+        keys: KeyResolver,
+        *,
+        max_token_bytes: int,
+        clock: Callable[[], float],
+    ) -> None:
+        self._by_issuer = {p.issuer: p for p in providers}
+        self._keys = keys
+        self._max_token_bytes = max_token_bytes
+        self._clock = clock
+
+    async def verify(self, credential: Credential) -> Principal:
+        """Return the verified Principal or raise an errors.AuthError subclass."""
+        token = parse_token(credential.token, self._max_token_bytes)
+        header, claims = token.header, token.claims
+
+        issuer = claims.get("iss")
+        provider = self._by_issuer.get(issuer) if isinstance(issuer, str) else None
+        if provider is None:
+            raise errors.UnknownIssuer()
+        if not _location_accepted(provider, credential):
+            raise errors.TokenLocationNotAccepted()
+
+        alg = header.get("alg")
+        if not isinstance(alg, str) or alg not in provider.algorithms:
+            raise errors.UnsupportedAlgorithm()
+        if "crit" in header:
+            raise errors.UnsupportedCritical()
+        self._check_type(provider, header.get("typ"))
+        kid = header.get("kid")
+        if kid is not None and not isinstance(kid, str):
+            raise errors.MalformedToken()
+
+        key = _select_key(await self._keys.key_set(provider.name), kid, alg)
+        algorithm = _ALGORITHMS[alg]
+        try:
+            valid = algorithm.verify(token.signing_input, key.key, token.signature)
+        except Exception:  # malformed signatures may raise inside cryptography: still just invalid
+            valid = False
+        if not valid:
+            raise errors.BadSignature()
+
+        self._check_claims(provider, claims)
+        return Principal(
+            provider=provider.name,
+            claims=claims,
+            payload_segment=token.payload_segment,
+            credential=credential,
+        )
+
+    @staticmethod
+    def _check_type(provider: ProviderSettings, typ: object) -> None:
+        if typ is None:
+            if provider.require_typ:
+                raise errors.TokenTypeNotAccepted()
+            return
+        if not isinstance(typ, str) or normalise_token_type(typ) not in provider.token_types:
+            raise errors.TokenTypeNotAccepted()
+
+    def _check_claims(self, provider: ProviderSettings, claims: Mapping[str, object]) -> None:
+        now = self._clock()
+        skew = provider.clock_skew_seconds
+        exp = claims.get("exp")
+        if exp is None:
+            raise errors.InvalidClaim("the token has no expiry time")
+        if not _is_number(exp):
+            raise errors.InvalidClaim("the token expiry time is not a number")
+        assert isinstance(exp, int | float)
+        if now - skew >= exp:  # RFC 7519 §4.1.4: not accepted on or after exp
+            raise errors.TokenExpired()
+        for name, error in (("nbf", errors.TokenNotYetValid), ("iat", errors.TokenIssuedInFuture)):
+            value = claims.get(name)
+            if value is None:
+                continue
+            if not _is_number(value):
+                raise errors.InvalidClaim(f"the token {name} claim is not a number")
+            assert isinstance(value, int | float)
+            if value > now + skew:
+                raise error()
+        self._check_audience(provider, claims.get("aud"))
+
+    @staticmethod
+    def _check_audience(provider: ProviderSettings, aud: object) -> None:
+        if isinstance(aud, str):
+            audiences: list[object] = [aud]
+        elif isinstance(aud, list) and aud and all(isinstance(a, str) for a in aud):
+            audiences = aud
+        elif aud is None:
+            raise errors.AudienceMismatch("the token has no audience")
+        else:
+            raise errors.InvalidClaim("the token audience claim is malformed")
+        if not any(a in provider.audiences for a in audiences):
+            raise errors.AudienceMismatch()
+
+
+def _location_accepted(provider: ProviderSettings, credential: Credential) -> bool:
+    for location in credential.locations:
+        if location.kind == "header":
+            if not any(
+                h.name == location.name and h.prefix == location.prefix for h in provider.from_headers
+            ):
+                return False
+        elif location.kind == "cookie":
+            if location.name not in provider.from_cookies:
+                return False
+        elif location.name not in provider.from_params:
+            return False
+    return True
+
+
+def _select_key(keys: KeySet, kid: str | None, alg: str) -> VerificationKey:
+    candidates = keys.candidates(kid, alg)
+    if len(candidates) == 1:
+        return candidates[0]
+    if not candidates:
+        raise errors.UnknownKey()
+    # Several keys fit: ambiguous, so refuse rather than try each.
+    if kid is None:
+        raise errors.UnknownKey("the token names no key and the issuer has several that fit")
+    raise errors.UnknownKey("the issuer publishes several keys under the token's key id")

@@ -1,0 +1,1 @@
+"""Issuer keys: JWKS parsing (pure), fetching and OIDC discovery (the only network I/O)."""

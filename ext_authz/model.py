@@ -1,0 +1,87 @@
+"""The values that flow through the decision pipeline. No protobuf, no I/O."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Literal
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    """An HTTP request as Envoy described it in a CheckRequest.
+
+    ``headers`` has lower-case names; repeated headers are joined with "," (Envoy's own encoding).
+    ``path`` excludes the query string, which is in ``query`` (without the "?").
+    """
+
+    method: str
+    path: str
+    query: str = ""
+    host: str = ""
+    headers: Mapping[str, str] = field(default_factory=dict)
+    context: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class TokenLocation:
+    """Where a token may be carried: a header (with its scheme prefix), a cookie or a query parameter."""
+
+    kind: Literal["header", "cookie", "param"]
+    name: str
+    prefix: str = ""
+
+    def __str__(self) -> str:
+        return f"{self.kind} {self.name}"
+
+
+@dataclass(frozen=True, slots=True)
+class Credential:
+    """A token found in a request, with every place it was found (the same token may be sent twice)."""
+
+    token: str
+    locations: tuple[TokenLocation, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    """A verified identity: the provider that vouched for it and the token's verified claims."""
+
+    provider: str
+    claims: Mapping[str, object]
+    # The token's payload segment: base64url of the claims JSON, as signed by the issuer.
+    payload_segment: str
+    credential: Credential
+
+    @property
+    def subject(self) -> str | None:
+        sub = self.claims.get("sub")
+        return sub if isinstance(sub, str) else None
+
+
+@dataclass(frozen=True, slots=True)
+class Allow:
+    """Let the request through, rewriting its headers for the upstream."""
+
+    headers_to_set: tuple[tuple[str, str], ...] = ()
+    headers_to_remove: tuple[str, ...] = ()
+    query_params_to_remove: tuple[str, ...] = ()
+    metadata: Mapping[str, object] = field(default_factory=dict)
+    rule: str = ""
+    provider: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Deny:
+    """Answer the client directly with ``status``, ``headers`` and ``body``."""
+
+    status: int
+    grpc_code: int
+    code: str
+    headers: tuple[tuple[str, str], ...]
+    body: str
+    rule: str = ""
+    provider: str | None = None
+
+
+Decision = Allow | Deny

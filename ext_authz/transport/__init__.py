@@ -1,0 +1,1 @@
+"""The only modules that touch protobuf: CheckRequest → Request, Decision → CheckResponse."""

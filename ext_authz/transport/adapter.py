@@ -1,0 +1,73 @@
+"""Adapters at the gRPC edge. Wire facts: ../shared/ENVOY_PROTOCOL.md."""
+
+from __future__ import annotations
+
+from google.protobuf import struct_pb2
+
+from ext_authz._proto.envoy.config.core.v3 import base_pb2
+from ext_authz._proto.envoy.service.auth.v3 import external_auth_pb2
+from ext_authz._proto.envoy.type.v3 import http_status_pb2
+from ext_authz._proto.google.rpc import status_pb2
+from ext_authz.model import Allow, Decision, Request
+
+# Envoy 1.40 honours only the deprecated `append` on upstream headers (unset = replace), newer Envoy
+# honours `append_action` (unset = append beside the client's copy): this value replaces on both.
+_OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
+
+
+def to_request(check: external_auth_pb2.CheckRequest) -> Request:
+    attributes = check.attributes
+    http = attributes.request.http
+    headers: dict[str, str]
+    if http.headers:
+        headers = dict(http.headers)
+    else:
+        # encode_raw_headers: true → only header_map is filled, one entry per header line.
+        headers = {}
+        for entry in http.header_map.headers:
+            key = entry.key.lower()
+            value = entry.raw_value.decode("utf-8", "replace") if entry.raw_value else entry.value
+            if key in headers:
+                headers[key] += ("; " if key == "cookie" else ",") + value
+            else:
+                headers[key] = value
+    path, _, query = (http.path or headers.get(":path", "")).partition("?")
+    return Request(
+        method=http.method or headers.get(":method", ""),
+        path=path.partition("#")[0],
+        query=query.partition("#")[0],
+        host=http.host or headers.get(":authority", ""),
+        headers=headers,
+        context=dict(attributes.context_extensions),
+    )
+
+
+def _header(name: str, value: str) -> base_pb2.HeaderValueOption:
+    return base_pb2.HeaderValueOption(
+        header=base_pb2.HeaderValue(key=name, value=value), append_action=_OVERWRITE
+    )
+
+
+def to_response(decision: Decision) -> external_auth_pb2.CheckResponse:
+    if isinstance(decision, Allow):
+        response = external_auth_pb2.CheckResponse(
+            status=status_pb2.Status(code=0),
+            ok_response=external_auth_pb2.OkHttpResponse(
+                headers=[_header(n, v) for n, v in decision.headers_to_set],
+                headers_to_remove=decision.headers_to_remove,
+                query_parameters_to_remove=decision.query_params_to_remove,
+            ),
+        )
+        if decision.metadata:
+            metadata = struct_pb2.Struct()
+            metadata.update(decision.metadata)  # type: ignore[arg-type]  # JSON values only
+            response.dynamic_metadata.CopyFrom(metadata)
+        return response
+    return external_auth_pb2.CheckResponse(
+        status=status_pb2.Status(code=decision.grpc_code, message=decision.code),
+        denied_response=external_auth_pb2.DeniedHttpResponse(
+            status=http_status_pb2.HttpStatus(code=decision.status),  # type: ignore[arg-type]
+            headers=[_header(n, v) for n, v in decision.headers],
+            body=decision.body,
+        ),
+    )

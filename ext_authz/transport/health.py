@@ -1,0 +1,26 @@
+"""The standard grpc.health.v1 service, for Envoy health checks and Kubernetes gRPC probes."""
+
+from __future__ import annotations
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
+
+AUTHORIZATION_SERVICE = "envoy.service.auth.v3.Authorization"
+
+
+class Health:
+    """Reports the same status for the whole server ("") and for the Authorization service."""
+
+    def __init__(self) -> None:
+        self._servicer = health_aio.HealthServicer()
+
+    def register(self, server: grpc.aio.Server) -> None:
+        health_pb2_grpc.add_HealthServicer_to_server(self._servicer, server)
+
+    async def set_serving(self, serving: bool) -> None:
+        status = (
+            health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        for service in ("", AUTHORIZATION_SERVICE):
+            await self._servicer.set(service, status)
