@@ -30,6 +30,8 @@ class AuthError(Exception):
     grpc_code: ClassVar[int] = GRPC_UNAUTHENTICATED
     code: ClassVar[str] = "unauthorized"
     description: ClassVar[str] = "the request is not authorized"
+    # The `error` member of the JSON body where RFC 6750 has no code (RFC 6749 §4.1.2.1 names).
+    body_code: ClassVar[str | None] = None
 
     def __init__(self, description: str | None = None) -> None:
         # A subclass may pass a more precise fixed description; never pass token content.
@@ -38,8 +40,8 @@ class AuthError(Exception):
 
     @property
     def body_error(self) -> str:
-        """The ``error`` member of the JSON body: the RFC 6750 code, else the stable code."""
-        return self.rfc6750_error or self.code
+        """The ``error`` member of the JSON body: the RFC 6750 code, else an OAuth or stable code."""
+        return self.rfc6750_error or self.body_code or self.code
 
 
 class MissingToken(AuthError):
@@ -171,6 +173,7 @@ class AccessDenied(AuthError):
     status = 403
     grpc_code = GRPC_PERMISSION_DENIED
     code = "access_denied"
+    body_code = "access_denied"
     description = "access to this resource is denied"
 
 
@@ -185,15 +188,12 @@ class KeysUnavailable(AuthError):
     status = 503
     grpc_code = GRPC_UNAVAILABLE
     code = "keys_unavailable"
+    body_code = "temporarily_unavailable"
     description = "the token issuer's keys are temporarily unavailable"
 
     def __init__(self, retry_after_seconds: int = 5) -> None:
         super().__init__()
         self.retry_after_seconds = retry_after_seconds
-
-    @property
-    def body_error(self) -> str:
-        return "temporarily_unavailable"
 
 
 class InternalError(AuthError):
@@ -202,8 +202,5 @@ class InternalError(AuthError):
     status = 500
     grpc_code = GRPC_INTERNAL
     code = "internal_error"
+    body_code = "server_error"
     description = "the authorization service failed"
-
-    @property
-    def body_error(self) -> str:
-        return "server_error"

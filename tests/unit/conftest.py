@@ -1,0 +1,119 @@
+"""Shared unit-test fixtures: a fixed clock, signing keys, and a config built around them."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import pytest
+from jwt.algorithms import get_default_algorithms
+
+from ext_authz import settings
+from ext_authz.errors import KeysUnavailable
+from ext_authz.keys.jwks import KeySet, parse_jwks
+from tests.support.idp import SigningKey, b64url, generate_key
+
+NOW = 1_800_000_000.0
+ISSUER = "https://idp.example.com/"
+
+
+class StaticResolver:
+    """A KeyResolver over fixed key sets; a provider missing from it has no keys."""
+
+    def __init__(self, sets: Mapping[str, KeySet]) -> None:
+        self.sets = dict(sets)
+
+    async def key_set(self, provider: str) -> KeySet:
+        if provider not in self.sets:
+            raise KeysUnavailable(retry_after_seconds=7)
+        return self.sets[provider]
+
+
+class Keys:
+    """One key per algorithm family, created once per session (RSA generation is slow)."""
+
+    def __init__(self) -> None:
+        self.rsa = SigningKey("rsa-1", "RS256", generate_key("RS256"))
+        self.ec = SigningKey("ec-1", "ES256", generate_key("ES256"))
+        self.ed = SigningKey("ed-1", "EdDSA", generate_key("EdDSA"))
+        self.other_rsa = SigningKey("rsa-1", "RS256", generate_key("RS256"))  # same kid, not published
+
+    def jwks(self) -> dict[str, Any]:
+        return {"keys": [self.rsa.jwk(), self.ec.jwk(), self.ed.jwk()]}
+
+
+@pytest.fixture(scope="session")
+def keys() -> Keys:
+    return Keys()
+
+
+@pytest.fixture
+def key_set(keys: Keys) -> KeySet:
+    return parse_jwks(keys.jwks())
+
+
+@pytest.fixture
+def resolver(key_set: KeySet) -> StaticResolver:
+    return StaticResolver({"idp": key_set})
+
+
+def clock() -> float:
+    return NOW
+
+
+def claims(**overrides: Any) -> dict[str, Any]:
+    base: dict[str, Any] = {
+        "iss": ISSUER,
+        "aud": "api",
+        "sub": "alice",
+        "iat": int(NOW) - 10,
+        "exp": int(NOW) + 300,
+    }
+    base.update(overrides)
+    return {k: v for k, v in base.items() if v is not None}
+
+
+Mint = Callable[..., str]
+
+
+@pytest.fixture
+def mint(keys: Keys) -> Mint:
+    def _mint(
+        key: SigningKey | None = None, headers: Mapping[str, Any] | None = None, **claim_overrides: Any
+    ) -> str:
+        key = key or keys.rsa
+        header = {"alg": key.alg, "typ": "JWT", "kid": key.kid, **(headers or {})}
+        return sign_raw(header, claims(**claim_overrides), key)
+
+    return _mint
+
+
+def sign_raw(header: Mapping[str, Any], payload: Mapping[str, Any] | str, key: SigningKey) -> str:
+    """A JWS built by hand, so a test controls every byte of the header and payload."""
+    body = payload if isinstance(payload, str) else json.dumps(payload)
+    signing_input = f"{b64url(json.dumps(header).encode())}.{b64url(body.encode())}"
+    signature = get_default_algorithms()[key.alg].sign(signing_input.encode(), key.private_key)
+    return f"{signing_input}.{b64url(signature)}"
+
+
+def make_settings(
+    *, provider: Mapping[str, Any] | None = None, rules: list[Any] | None = None, **top: Any
+) -> settings.Settings:
+    p: dict[str, Any] = {
+        "name": "idp",
+        "issuer": ISSUER,
+        "audiences": ["api"],
+        "jwks_uri": "https://idp.example.com/jwks",
+    }
+    p.update(provider or {})
+    document: dict[str, Any] = {"providers": [p], **top}
+    if rules is not None:
+        document["rules"] = rules
+    return settings.parse(document)
+
+
+assert (
+    time.time() < NOW
+)  # the fixed clock is in the future of this machine's clock: tokens from it are not expired

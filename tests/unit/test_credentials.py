@@ -1,0 +1,83 @@
+"""Stage 1: finding the token."""
+
+from __future__ import annotations
+
+import pytest
+
+from ext_authz import errors
+from ext_authz.credentials import CredentialFinder, cookie_header_without
+from ext_authz.model import Request, TokenLocation
+
+AUTH = TokenLocation("header", "authorization", "Bearer ")
+X_TOKEN = TokenLocation("header", "x-token", "")
+COOKIE = TokenLocation("cookie", "session")
+PARAM = TokenLocation("param", "access_token")
+FINDER = CredentialFinder([AUTH, X_TOKEN, COOKIE, PARAM, AUTH])
+
+
+def request(query: str = "", **headers: str) -> Request:
+    return Request("GET", "/", query=query, headers={k.replace("_", "-"): v for k, v in headers.items()})
+
+
+@pytest.mark.parametrize(
+    ("req", "token", "locations"),
+    [
+        (request(authorization="Bearer abc.def.ghi"), "abc.def.ghi", [AUTH]),
+        (request(authorization="bearer abc"), "abc", [AUTH]),
+        (request(authorization="BEARER    abc  "), "abc", [AUTH]),
+        (request(x_token="abc"), "abc", [X_TOKEN]),
+        (request(cookie="a=1; session=abc; b=2"), "abc", [COOKIE]),
+        (request(cookie='session="abc"'), "abc", [COOKIE]),
+        (request("x=1&access_token=abc"), "abc", [PARAM]),
+        (request("access_token=abc", authorization="Bearer abc"), "abc", [AUTH, PARAM]),
+        (request(authorization="Basic dXNlcjpwYXNz, Bearer abc"), "abc", [AUTH]),
+    ],
+)
+def test_found(req: Request, token: str, locations: list[TokenLocation]) -> None:
+    found = FINDER.find(req)
+    assert found is not None
+    assert found.token == token
+    assert list(found.locations) == locations
+
+
+@pytest.mark.parametrize(
+    "req",
+    [
+        request(),
+        request(authorization="Basic dXNlcjpwYXNz"),
+        request(authorization="Bearerabc"),
+        request(cookie="other=abc"),
+        request("token=abc"),
+        request(x_token="  "),
+    ],
+)
+def test_none(req: Request) -> None:
+    assert FINDER.find(req) is None
+
+
+@pytest.mark.parametrize(
+    ("req", "error"),
+    [
+        (request(authorization="Bearer a,Bearer b"), errors.MultipleTokens),
+        (request(authorization="Bearer a", x_token="b"), errors.MultipleTokens),
+        (request("access_token=b", authorization="Bearer a"), errors.MultipleTokens),
+        (request("access_token=a&access_token=b"), errors.MultipleTokens),
+        (request(authorization="Bearer"), errors.EmptyToken),
+        (request(authorization="Bearer   "), errors.EmptyToken),
+        (request("access_token="), errors.EmptyToken),
+    ],
+)
+def test_ambiguous_or_empty_is_invalid_request(req: Request, error: type[errors.AuthError]) -> None:
+    with pytest.raises(error) as caught:
+        FINDER.find(req)
+    assert caught.value.status == 400 and caught.value.rfc6750_error == "invalid_request"
+
+
+def test_same_token_twice_is_one_credential() -> None:
+    found = FINDER.find(request(authorization="Bearer abc, Bearer abc"))
+    assert found is not None and found.token == "abc" and found.locations == (AUTH,)
+
+
+def test_cookie_header_without() -> None:
+    assert cookie_header_without("a=1; session=abc; b=2", frozenset({"session"})) == "a=1; b=2"
+    assert cookie_header_without("session=abc", frozenset({"session"})) == ""

@@ -1,0 +1,332 @@
+"""Config validation: every problem names its key path; good files get documented defaults."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from ext_authz import settings
+from ext_authz.settings import ConfigError, parse
+from tests.support.idp import SigningKey, generate_key
+
+
+def provider(**overrides: Any) -> dict[str, Any]:
+    base: dict[str, Any] = {"name": "idp", "issuer": "https://idp.example.com/", "audiences": ["api"]}
+    base.update(overrides)
+    return base
+
+
+def config(**overrides: Any) -> dict[str, Any]:
+    base: dict[str, Any] = {"providers": [provider()]}
+    base.update(overrides)
+    return base
+
+
+def error_of(document: object, base_dir: Path = Path(".")) -> ConfigError:
+    with pytest.raises(ConfigError) as caught:
+        parse(document, base_dir=base_dir)
+    return caught.value
+
+
+def test_defaults() -> None:
+    s = parse(config())
+    assert s.listen == "127.0.0.1:9001"
+    assert s.realm == "ext-authz"
+    assert s.max_token_bytes == 16 * 1024
+    p = s.providers[0]
+    assert p.algorithms == frozenset(settings.DEFAULT_ALGORITHMS)
+    assert p.clock_skew_seconds == 60
+    assert p.token_types == {"jwt", "at+jwt"}
+    assert not p.require_typ
+    assert [(h.name, h.prefix) for h in p.from_headers] == [("authorization", "Bearer ")]
+    assert p.from_cookies == () and p.from_params == ()
+    assert p.forward_token and p.payload_header is None and p.jwks_uri is None
+    # No rules: one rule that requires any valid token on every request.
+    (rule,) = s.rules
+    assert rule.paths is None and rule.methods is None and not rule.anonymous and rule.providers is None
+
+
+def test_full_example_from_the_readme() -> None:
+    s = parse(
+        {
+            "listen": "127.0.0.1:9001",
+            "providers": [
+                provider(
+                    jwks_uri="https://idp.example.com/.well-known/jwks.json",
+                    algorithms=["RS256"],
+                    clock_skew_seconds=30,
+                    token_types=["JWT", "application/at+jwt"],
+                    require_typ=True,
+                    from_headers=[{"name": "Authorization", "prefix": "Bearer "}],
+                    from_cookies=["session"],
+                    from_params=["access_token"],
+                    claim_to_headers=[
+                        {"header": "X-User-Id", "claim": "sub"},
+                        {"header": "x-roles", "claim": "realm_access.roles"},
+                        {"header": "x-auth0-roles", "claim": '["https://example.com/roles"]'},
+                    ],
+                    forward_token=False,
+                    payload_header="x-jwt-payload",
+                )
+            ],
+            "rules": [
+                {"match": {"paths": ["/healthz", "/public/*"]}, "allow": "anonymous"},
+                {
+                    "match": {"paths": ["/admin/*"], "methods": ["post", "PUT"]},
+                    "require": {"scopes": ["admin"]},
+                },
+                {"match": {"paths": ["/*"]}, "require": {"providers": ["idp"]}},
+                {"require": None},
+            ],
+        }
+    )
+    p = s.providers[0]
+    assert p.token_types == {"jwt", "at+jwt"}
+    assert p.from_headers[0].name == "authorization"
+    assert [c.header for c in p.claim_to_headers] == ["x-user-id", "x-roles", "x-auth0-roles"]
+    assert [c.path for c in p.claim_to_headers] == [
+        ("sub",),
+        ("realm_access", "roles"),
+        ("https://example.com/roles",),
+    ]
+    assert s.rules[1].methods == frozenset({"POST", "PUT"})
+    assert s.rules[2].providers == frozenset({"idp"})
+    assert s.rules[3].paths is None and s.rules[3].scopes == ()
+
+
+BAD_CONFIGS: list[tuple[str, object, str, str]] = [
+    ("not a mapping", ["x"], "", "must be a mapping"),
+    ("unknown top key", config(provider=[]), "provider", "unknown key"),
+    ("no providers", {}, "providers", "is required"),
+    ("empty providers", {"providers": []}, "providers", "must not be empty"),
+    ("bad listen", config(listen="9001"), "listen", "HOST:PORT"),
+    ("bad port", config(listen="127.0.0.1:70000"), "listen", "HOST:PORT"),
+    ("missing issuer", {"providers": [{"name": "a", "audiences": ["x"]}]}, "providers[0].issuer", "required"),
+    ("typo key", config(providers=[provider(audience=["x"])]), "providers[0].audience", "unknown key"),
+    (
+        "http issuer",
+        config(providers=[provider(issuer="http://idp.example.com")]),
+        "providers[0].issuer",
+        "https",
+    ),
+    ("relative issuer", config(providers=[provider(issuer="idp")]), "providers[0].issuer", "absolute"),
+    (
+        "empty audiences",
+        config(providers=[provider(audiences=[])]),
+        "providers[0].audiences",
+        "must not be empty",
+    ),
+    (
+        "audience not string",
+        config(providers=[provider(audiences=[1])]),
+        "providers[0].audiences[0]",
+        "string",
+    ),
+    ("alg none", config(providers=[provider(algorithms=["none"])]), "providers[0].algorithms[0]", "never"),
+    ("alg hs256", config(providers=[provider(algorithms=["HS256"])]), "providers[0].algorithms[0]", "never"),
+    (
+        "alg unknown",
+        config(providers=[provider(algorithms=["XX1"])]),
+        "providers[0].algorithms[0]",
+        "supported",
+    ),
+    (
+        "two key sources",
+        config(providers=[provider(jwks_uri="https://a/k", jwks={"keys": []})]),
+        "providers[0].jwks",
+        "only one",
+    ),
+    ("jwks not a set", config(providers=[provider(jwks={"k": 1})]), "providers[0].jwks", "JWKS"),
+    (
+        "jwks no usable key",
+        config(providers=[provider(jwks={"keys": [{"kty": "oct", "k": "AA"}]})]),
+        "providers[0].jwks",
+        "usable",
+    ),
+    (
+        "skew negative",
+        config(providers=[provider(clock_skew_seconds=-1)]),
+        "providers[0].clock_skew_seconds",
+        "between",
+    ),
+    (
+        "skew bool",
+        config(providers=[provider(clock_skew_seconds=True)]),
+        "providers[0].clock_skew_seconds",
+        "number",
+    ),
+    (
+        "bad header",
+        config(providers=[provider(claim_to_headers=[{"header": "x y", "claim": "sub"}])]),
+        "providers[0].claim_to_headers[0].header",
+        "valid HTTP header",
+    ),
+    (
+        "pseudo header",
+        config(providers=[provider(claim_to_headers=[{"header": ":path", "claim": "sub"}])]),
+        "providers[0].claim_to_headers[0].header",
+        "pseudo",
+    ),
+    (
+        "host header",
+        config(providers=[provider(claim_to_headers=[{"header": "Host", "claim": "sub"}])]),
+        "providers[0].claim_to_headers",
+        "cannot be set",
+    ),
+    (
+        "claim header twice",
+        config(
+            providers=[
+                provider(claim_to_headers=[{"header": "a", "claim": "sub"}, {"header": "A", "claim": "x"}])
+            ]
+        ),
+        "providers[0].claim_to_headers",
+        "twice",
+    ),
+    (
+        "claim header is token header",
+        config(providers=[provider(claim_to_headers=[{"header": "authorization", "claim": "sub"}])]),
+        "providers[0].claim_to_headers",
+        "carries tokens",
+    ),
+    (
+        "bad claim path",
+        config(providers=[provider(claim_to_headers=[{"header": "a", "claim": "a..b"}])]),
+        "providers[0].claim_to_headers[0].claim",
+        "claim path",
+    ),
+    (
+        "no token source",
+        config(providers=[provider(from_headers=[])]),
+        "providers[0].from_headers",
+        "at least one",
+    ),
+    (
+        "forward_token string",
+        config(providers=[provider(forward_token="no")]),
+        "providers[0].forward_token",
+        "true or false",
+    ),
+    (
+        "duplicate name",
+        {"providers": [provider(), provider(issuer="https://b/")]},
+        "providers[1].name",
+        "duplicate",
+    ),
+    (
+        "duplicate issuer",
+        {"providers": [provider(), provider(name="b")]},
+        "providers[1].issuer",
+        "same issuer",
+    ),
+    ("empty rules", config(rules=[]), "rules", "must not be empty"),
+    ("rule without action", config(rules=[{"match": {"paths": ["/"]}}]), "rules[0]", "exactly one"),
+    ("rule both actions", config(rules=[{"allow": "anonymous", "require": {}}]), "rules[0]", "exactly one"),
+    ("allow other", config(rules=[{"allow": "everyone"}]), "rules[0].allow", "anonymous"),
+    (
+        "path no slash",
+        config(rules=[{"match": {"paths": ["admin"]}, "require": {}}]),
+        "rules[0].match.paths[0]",
+        "start with",
+    ),
+    (
+        "star in middle",
+        config(rules=[{"match": {"paths": ["/a/*/b"]}, "require": {}}]),
+        "rules[0].match.paths[0]",
+        "only allowed at the end",
+    ),
+    (
+        "query in path",
+        config(rules=[{"match": {"paths": ["/a?x=1"]}, "require": {}}]),
+        "rules[0].match.paths[0]",
+        "query",
+    ),
+    (
+        "bad method",
+        config(rules=[{"match": {"methods": ["GE T"]}, "require": {}}]),
+        "rules[0].match.methods[0]",
+        "HTTP method",
+    ),
+    (
+        "match typo",
+        config(rules=[{"match": {"path": ["/"]}, "require": {}}]),
+        "rules[0].match.path",
+        "unknown key",
+    ),
+    (
+        "unknown provider",
+        config(rules=[{"require": {"providers": ["nope"]}}]),
+        "rules[0].require.providers[0]",
+        "no provider",
+    ),
+    (
+        "scope with space",
+        config(rules=[{"require": {"scopes": ["a b"]}}]),
+        "rules[0].require.scopes[0]",
+        "white space",
+    ),
+    ("require typo", config(rules=[{"require": {"scope": ["a"]}}]), "rules[0].require.scope", "unknown key"),
+    ("realm quote", config(realm='a"b'), "realm", "contain no"),
+    ("token size", config(max_token_bytes=10), "max_token_bytes", "between"),
+]
+
+
+@pytest.mark.parametrize(
+    ("document", "key_path", "message"), [c[1:] for c in BAD_CONFIGS], ids=[c[0] for c in BAD_CONFIGS]
+)
+def test_bad_config_names_key_path(document: object, key_path: str, message: str) -> None:
+    error = error_of(document)
+    assert error.key_path == key_path
+    assert message in error.message
+
+
+def test_http_issuer_allowed_on_loopback_or_when_asked() -> None:
+    for issuer in ("http://127.0.0.1:8080", "http://localhost/", "http://[::1]:80/"):
+        assert parse(config(providers=[provider(issuer=issuer)])).providers[0].issuer == issuer
+    insecure = parse(config(providers=[provider(issuer="http://idp.internal/", allow_insecure_http=True)]))
+    assert insecure.providers[0].allow_insecure_http
+
+
+def test_jwks_file_relative_to_config(tmp_path: Path) -> None:
+    key = SigningKey("k1", "RS256", generate_key("RS256"))
+    (tmp_path / "keys.json").write_text(json.dumps({"keys": [key.jwk()]}))
+    s = parse(config(providers=[provider(jwks_file="keys.json")]), base_dir=tmp_path)
+    keys = s.providers[0].static_keys
+    assert keys is not None and [k.kid for k in keys.keys] == ["k1"]
+
+
+def test_jwks_file_missing_or_not_json(tmp_path: Path) -> None:
+    assert "cannot read" in error_of(config(providers=[provider(jwks_file="nope.json")]), tmp_path).message
+    (tmp_path / "bad.json").write_text("{")
+    error = error_of(config(providers=[provider(jwks_file="bad.json")]), tmp_path)
+    assert error.key_path == "providers[0].jwks_file" and "not valid JSON" in error.message
+
+
+def test_static_keys_must_fit_algorithms() -> None:
+    key = SigningKey("k1", "ES256", generate_key("ES256"))
+    error = error_of(config(providers=[provider(jwks={"keys": [key.jwk()]}, algorithms=["RS256"])]))
+    assert error.key_path == "providers[0].jwks" and "algorithms" in error.message
+
+
+def test_load_reports_yaml_errors_with_position(tmp_path: Path) -> None:
+    file = tmp_path / "c.yaml"
+    file.write_text("providers: [\n  - name: a\n")
+    with pytest.raises(ConfigError) as caught:
+        settings.load(file)
+    assert "not valid YAML at line" in str(caught.value)
+    with pytest.raises(ConfigError, match="cannot read"):
+        settings.load(tmp_path / "missing.yaml")
+
+
+def test_claim_paths() -> None:
+    parse_path = settings.parse_claim_path
+    assert parse_path("a.b.c", "x") == ("a", "b", "c")
+    assert parse_path('["https://x.com/roles"]', "x") == ("https://x.com/roles",)
+    assert parse_path("resource_access['my.client'].roles", "x") == ("resource_access", "my.client", "roles")
+    assert parse_path("cognito:groups", "x") == ("cognito:groups",)
+    for bad in ("", ".a", "a.", 'a["b', "a[]"):
+        with pytest.raises(ConfigError):
+            parse_path(bad, "x")
