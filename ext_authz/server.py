@@ -7,7 +7,7 @@ import contextlib
 import logging
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import grpc
 
@@ -28,48 +28,63 @@ class ServeError(Exception):
     """The server could not start (e.g. the address cannot be bound)."""
 
 
-async def serve(
-    settings: Settings,
-    *,
-    listen: str | None = None,
-    stop: asyncio.Event | None = None,
-    clock: Callable[[], float] = time.time,
-) -> None:
-    """Serve until ``stop`` is set (by default: until SIGTERM or SIGINT)."""
-    address = listen or settings.listen
-    needs_fetch = any(p.static_keys is None for p in settings.providers)
-    fetcher = HttpFetcher() if needs_fetch else None
-    keys = KeyStore(settings.providers, fetcher, clock)
-    pipeline = Pipeline(settings, keys, clock=clock)
-    health = Health()
+class Server:
+    """One gRPC server with the Check and health services. ``start`` → ``stop``."""
 
-    server = grpc.aio.server()
-    add_servicer = external_auth_pb2_grpc.add_AuthorizationServicer_to_server
-    add_servicer(AuthorizationServicer(pipeline), server)  # type: ignore[no-untyped-call]
-    health.register(server)
-    try:
-        port = server.add_insecure_port(address)
-    except RuntimeError as exc:
-        if fetcher:
-            await fetcher.close()
-        raise ServeError(f"cannot listen on {address}: {exc}") from None
+    def __init__(
+        self, settings: Settings, *, listen: str | None = None, clock: Callable[[], float] = time.time
+    ) -> None:
+        self.settings = settings
+        self._address = listen or settings.listen
+        needs_fetch = any(p.static_keys is None for p in settings.providers)
+        self._fetcher = HttpFetcher() if needs_fetch else None
+        self.keys = KeyStore(settings.providers, self._fetcher, clock)
+        self.pipeline = Pipeline(settings, self.keys, clock=clock)
+        self.health = Health()
+        # gRPC enables SO_REUSEPORT by default: a second server on a busy port would bind silently
+        # and take half the connections. One process owns its port.
+        self._grpc = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+        add_servicer = external_auth_pb2_grpc.add_AuthorizationServicer_to_server
+        add_servicer(AuthorizationServicer(self.pipeline), self._grpc)  # type: ignore[no-untyped-call]
+        self.health.register(self._grpc)
+        self._readiness: asyncio.Task[None] | None = None
+
+    async def start(self) -> str:
+        """Bind and start serving; returns the bound HOST:PORT. Raises ServeError."""
+        try:
+            port = self._grpc.add_insecure_port(self._address)
+        except RuntimeError as exc:
+            await self._close_fetcher()
+            raise ServeError(f"cannot listen on {self._address}: {exc}") from None
+        await self.health.set_serving(False)  # grpc's servicer starts as SERVING: not before keys are in
+        await self._grpc.start()
+        bound = f"{self._address.rpartition(':')[0]}:{port}"
+        log.info("serving", extra={"fields": {"address": bound, "providers": len(self.settings.providers)}})
+        self._readiness = asyncio.create_task(_become_ready(self.keys, self.health), name="readiness")
+        return bound
+
+    async def stop(self, grace_seconds: float = SHUTDOWN_GRACE_SECONDS) -> None:
+        log.info("shutting down", extra={"fields": {"grace_seconds": grace_seconds}})
+        if self._readiness is not None:
+            self._readiness.cancel()
+        await self.health.set_serving(False)
+        await self._grpc.stop(grace_seconds)
+        await self._close_fetcher()
+        log.info("stopped")
+
+    async def _close_fetcher(self) -> None:
+        if self._fetcher is not None:
+            await self._fetcher.close()
+
+
+async def serve(settings: Settings, *, listen: str | None = None) -> None:
+    """Serve until SIGTERM or SIGINT, then stop gracefully."""
+    server = Server(settings, listen=listen)
     await server.start()
-    bound = f"{address.rpartition(':')[0]}:{port}"
-    log.info("serving", extra={"fields": {"address": bound, "providers": len(settings.providers)}})
-
-    if stop is None:
-        stop = asyncio.Event()
-    readiness = asyncio.create_task(_become_ready(keys, health), name="readiness")
+    stop = asyncio.Event()
     with _signals_set(stop):
         await stop.wait()
-
-    log.info("shutting down", extra={"fields": {"grace_seconds": SHUTDOWN_GRACE_SECONDS}})
-    readiness.cancel()
-    await health.set_serving(False)
-    await server.stop(SHUTDOWN_GRACE_SECONDS)
-    if fetcher:
-        await fetcher.close()
-    log.info("stopped")
+    await server.stop()
 
 
 async def _become_ready(keys: KeyStore, health: Health) -> None:
@@ -83,7 +98,7 @@ async def _become_ready(keys: KeyStore, health: Health) -> None:
 
 
 @contextlib.contextmanager
-def _signals_set(stop: asyncio.Event):  # type: ignore[no-untyped-def]
+def _signals_set(stop: asyncio.Event) -> Iterator[None]:
     loop = asyncio.get_running_loop()
     installed = []
     for sig in (signal.SIGTERM, signal.SIGINT):

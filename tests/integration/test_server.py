@@ -1,0 +1,199 @@
+"""A real grpc.aio server on port 0 with a real client, keys from a real issuer over HTTP."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from ext_authz import settings
+from ext_authz._proto.envoy.service.auth.v3 import (
+    attribute_context_pb2,
+    external_auth_pb2,
+    external_auth_pb2_grpc,
+)
+from ext_authz.keys.store import RETRY_AFTER_SECONDS
+from ext_authz.server import Server, ServeError
+from tests.support.idp import JWKS_PATH, TestIssuer
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = time.time()
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def issuer() -> Iterator[TestIssuer]:
+    with TestIssuer() as running:
+        yield running
+
+
+def config(issuer: TestIssuer, **provider: Any) -> settings.Settings:
+    return settings.parse(
+        {
+            "listen": "127.0.0.1:0",
+            "providers": [
+                {
+                    "name": "test",
+                    "issuer": issuer.url,
+                    "audiences": ["api"],
+                    "claim_to_headers": [{"header": "x-user-id", "claim": "sub"}],
+                    **provider,
+                }
+            ],
+        }
+    )
+
+
+class Running:
+    def __init__(self, server: Server, channel: grpc.aio.Channel) -> None:
+        self.server = server
+        self.stub = external_auth_pb2_grpc.AuthorizationStub(channel)  # type: ignore[no-untyped-call]
+        self.health = health_pb2_grpc.HealthStub(channel)
+
+    async def check(self, token: str | None = None, path: str = "/orders") -> external_auth_pb2.CheckResponse:
+        headers = {":method": "GET", ":path": path}
+        if token is not None:
+            headers["authorization"] = f"Bearer {token}"
+        http = attribute_context_pb2.AttributeContext.HttpRequest(method="GET", path=path, headers=headers)
+        request = external_auth_pb2.CheckRequest(
+            attributes=attribute_context_pb2.AttributeContext(
+                request=attribute_context_pb2.AttributeContext.Request(http=http)
+            )
+        )
+        response: external_auth_pb2.CheckResponse = await self.stub.Check(request, timeout=5)
+        return response
+
+    async def health_status(self, service: str = "") -> int:
+        response = await self.health.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
+        return int(response.status)
+
+
+async def start(s: settings.Settings, clock: FakeClock | None = None) -> tuple[Server, Running]:
+    server = Server(s, clock=clock or time.time)
+    address = await server.start()
+    channel = grpc.aio.insecure_channel(address)
+    return server, Running(server, channel)
+
+
+@pytest.fixture
+async def running(issuer: TestIssuer) -> AsyncIterator[Running]:
+    server, client = await start(config(issuer))
+    yield client
+    await server.stop(0)
+
+
+async def wait_for(predicate: Any, timeout: float = 5.0) -> None:
+    import asyncio
+
+    deadline = time.monotonic() + timeout
+    while not await predicate():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        await asyncio.sleep(0.02)
+
+
+async def test_allow_and_deny_over_grpc(running: Running, issuer: TestIssuer) -> None:
+    allowed = await running.check(issuer.mint())
+    assert allowed.status.code == 0
+    assert [(h.header.key, h.header.value) for h in allowed.ok_response.headers] == [("x-user-id", "alice")]
+    denied = await running.check(None)
+    assert denied.status.code == 16
+    assert denied.denied_response.status.code == 401
+    expired = await running.check(issuer.mint(ttl=-3600))
+    assert "expired" in json.loads(expired.denied_response.body)["error_description"]
+
+
+async def test_health_serving_once_keys_are_fetched(running: Running) -> None:
+    serving = health_pb2.HealthCheckResponse.SERVING
+
+    async def ready() -> bool:
+        return await running.health_status() == serving
+
+    await wait_for(ready)
+    assert await running.health_status("envoy.service.auth.v3.Authorization") == serving
+
+
+async def test_discovery_fetches_once(running: Running, issuer: TestIssuer) -> None:
+    for _ in range(20):
+        assert (await running.check(issuer.mint())).status.code == 0
+    assert issuer.request_count("/.well-known/openid-configuration") == 1
+    assert issuer.request_count(JWKS_PATH) == 1
+
+
+async def test_explicit_jwks_uri_skips_discovery(issuer: TestIssuer) -> None:
+    server, client = await start(config(issuer, jwks_uri=issuer.jwks_uri))
+    try:
+        assert (await client.check(issuer.mint())).status.code == 0
+        assert issuer.request_count("/.well-known/openid-configuration") == 0
+    finally:
+        await server.stop(0)
+
+
+async def test_static_keys_need_no_fetch(issuer: TestIssuer) -> None:
+    server, client = await start(config(issuer, jwks=issuer.jwks()))
+    try:
+        assert (await client.check(issuer.mint())).status.code == 0
+        assert issuer.request_counts == {}
+    finally:
+        await server.stop(0)
+
+
+async def test_issuer_down_gives_503_then_recovers(issuer: TestIssuer) -> None:
+    clock = FakeClock()
+    issuer.fail_path(JWKS_PATH, 500)
+    server, client = await start(config(issuer), clock)
+    try:
+        denied = await client.check(issuer.mint())
+        assert denied.denied_response.status.code == 503
+        headers = {h.header.key: h.header.value for h in denied.denied_response.headers}
+        assert int(headers["retry-after"]) >= 1
+        assert json.loads(denied.denied_response.body)["error"] == "temporarily_unavailable"
+        assert await client.health_status() != health_pb2.HealthCheckResponse.SERVING
+        # Requests inside the retry window do not reach the IdP again.
+        fetches = issuer.request_count(JWKS_PATH)
+        for _ in range(10):
+            assert (await client.check(issuer.mint())).denied_response.status.code == 503
+        assert issuer.request_count(JWKS_PATH) == fetches
+        issuer.fail_path(JWKS_PATH, None)
+        clock.now += RETRY_AFTER_SECONDS + 1
+        assert (await client.check(issuer.mint())).status.code == 0
+    finally:
+        await server.stop(0)
+
+
+async def test_discovery_with_another_issuer_is_refused(issuer: TestIssuer) -> None:
+    # The config names the issuer with a trailing slash; the discovery document says it without.
+    s = config(issuer)
+    provider = s.providers[0]
+    s = settings.parse(
+        {
+            "providers": [
+                {"name": provider.name, "issuer": issuer.url + "/", "audiences": ["api"]},
+            ]
+        }
+    )
+    server, client = await start(s)
+    try:
+        response = await client.check(issuer.mint({"iss": issuer.url + "/"}))
+        assert response.denied_response.status.code == 503
+        assert issuer.request_count(JWKS_PATH) == 0
+    finally:
+        await server.stop(0)
+
+
+async def test_bind_failure_is_a_clean_error(issuer: TestIssuer) -> None:
+    server, _ = await start(config(issuer))
+    try:
+        busy = Server(config(issuer), listen="256.0.0.1:1")
+        with pytest.raises(ServeError, match="cannot listen"):
+            await busy.start()
+    finally:
+        await server.stop(0)

@@ -1,0 +1,102 @@
+"""The gRPC edge: CheckRequest → Request and Decision → CheckResponse."""
+
+from __future__ import annotations
+
+from google.protobuf import json_format
+
+from ext_authz._proto.envoy.config.core.v3 import base_pb2
+from ext_authz._proto.envoy.service.auth.v3 import attribute_context_pb2, external_auth_pb2
+from ext_authz.model import Allow, Deny
+from ext_authz.transport.adapter import to_request, to_response
+
+HttpRequest = attribute_context_pb2.AttributeContext.HttpRequest
+
+
+def check(http: HttpRequest, **context: str) -> external_auth_pb2.CheckRequest:
+    attributes = attribute_context_pb2.AttributeContext(
+        request=attribute_context_pb2.AttributeContext.Request(http=http), context_extensions=context
+    )
+    return external_auth_pb2.CheckRequest(attributes=attributes)
+
+
+def test_request_from_headers_map() -> None:
+    http = HttpRequest(
+        method="POST",
+        path="/a/b?x=1&y=2",
+        host="api.example.com",
+        headers={":method": "POST", "authorization": "Bearer t", "x-a": "1,2"},
+    )
+    request = to_request(check(http, rule="admin"))
+    assert (request.method, request.path, request.query, request.host) == (
+        "POST",
+        "/a/b",
+        "x=1&y=2",
+        "api.example.com",
+    )
+    assert request.headers["authorization"] == "Bearer t"
+    assert request.headers["x-a"] == "1,2"
+    assert request.context == {"rule": "admin"}
+
+
+def test_request_from_raw_header_map() -> None:
+    entries = [
+        base_pb2.HeaderValue(key=":path", raw_value=b"/r?q"),
+        base_pb2.HeaderValue(key=":method", raw_value=b"GET"),
+        base_pb2.HeaderValue(key=":authority", raw_value=b"h"),
+        base_pb2.HeaderValue(key="Authorization", raw_value=b"Bearer a"),
+        base_pb2.HeaderValue(key="authorization", raw_value=b"Bearer b"),
+        base_pb2.HeaderValue(key="cookie", raw_value=b"a=1"),
+        base_pb2.HeaderValue(key="cookie", raw_value=b"b=2"),
+        base_pb2.HeaderValue(key="x-bin", raw_value=b"\xff"),
+        base_pb2.HeaderValue(key="x-plain", value="v"),
+    ]
+    request = to_request(check(HttpRequest(header_map=base_pb2.HeaderMap(headers=entries))))
+    assert (request.method, request.path, request.query, request.host) == ("GET", "/r", "q", "h")
+    # Duplicates are joined as Envoy's default encoding joins them, so both readings agree.
+    assert request.headers["authorization"] == "Bearer a,Bearer b"
+    assert request.headers["cookie"] == "a=1; b=2"
+    assert request.headers["x-bin"] == "\ufffd"
+    assert request.headers["x-plain"] == "v"
+
+
+def test_request_without_http_attributes() -> None:
+    request = to_request(external_auth_pb2.CheckRequest())
+    assert (request.method, request.path, request.headers) == ("", "", {})
+
+
+def test_allow_response() -> None:
+    allow = Allow(
+        headers_to_set=(("x-user-id", "alice"),),
+        headers_to_remove=("x-email",),
+        query_params_to_remove=("access_token",),
+        metadata={"provider": "idp", "claims": {"sub": "alice", "n": 1, "l": ["a"]}},
+    )
+    response = to_response(allow)
+    assert response.status.code == 0
+    assert response.WhichOneof("http_response") == "ok_response"
+    (header,) = response.ok_response.headers
+    assert (header.header.key, header.header.value) == ("x-user-id", "alice")
+    assert header.append_action == base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
+    assert not header.HasField("append")
+    assert list(response.ok_response.headers_to_remove) == ["x-email"]
+    assert list(response.ok_response.query_parameters_to_remove) == ["access_token"]
+    assert json_format.MessageToDict(response.dynamic_metadata) == {
+        "provider": "idp",
+        "claims": {"sub": "alice", "n": 1.0, "l": ["a"]},
+    }
+
+
+def test_deny_response() -> None:
+    deny = Deny(
+        status=401,
+        grpc_code=16,
+        code="token_expired",
+        headers=(("www-authenticate", 'Bearer realm="x"'), ("content-type", "application/json")),
+        body='{"error": "invalid_token"}',
+    )
+    response = to_response(deny)
+    assert response.status.code == 16
+    assert response.WhichOneof("http_response") == "denied_response"
+    assert response.denied_response.status.code == 401
+    assert [(h.header.key, h.header.value) for h in response.denied_response.headers] == list(deny.headers)
+    assert response.denied_response.body == deny.body
