@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -18,7 +19,7 @@ from ext_authz._proto.envoy.service.auth.v3 import (
     external_auth_pb2_grpc,
 )
 from ext_authz.keys.store import RETRY_AFTER_SECONDS
-from ext_authz.server import Server, ServeError
+from ext_authz.server import ServeError, Server
 from tests.support.idp import JWKS_PATH, TestIssuer
 
 
@@ -91,15 +92,6 @@ async def running(issuer: TestIssuer) -> AsyncIterator[Running]:
     await server.stop(0)
 
 
-async def wait_for(predicate: Any, timeout: float = 5.0) -> None:
-    import asyncio
-
-    deadline = time.monotonic() + timeout
-    while not await predicate():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.02)
-
-
 async def test_allow_and_deny_over_grpc(running: Running, issuer: TestIssuer) -> None:
     allowed = await running.check(issuer.mint())
     assert allowed.status.code == 0
@@ -113,11 +105,13 @@ async def test_allow_and_deny_over_grpc(running: Running, issuer: TestIssuer) ->
 
 async def test_health_serving_once_keys_are_fetched(running: Running) -> None:
     serving = health_pb2.HealthCheckResponse.SERVING
-
-    async def ready() -> bool:
-        return await running.health_status() == serving
-
-    await wait_for(ready)
+    seen = []
+    async with asyncio.timeout(5):
+        async for update in running.health.Watch(health_pb2.HealthCheckRequest(service="")):
+            seen.append(update.status)
+            if update.status == serving:
+                break
+    assert seen[-1] == serving
     assert await running.health_status("envoy.service.auth.v3.Authorization") == serving
 
 
