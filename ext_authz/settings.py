@@ -460,6 +460,25 @@ def _check_providers_together(providers: tuple[ProviderSettings, ...]) -> None:
                 _fail(f"providers[{i}].claim_to_headers", f"header {target!r} also carries tokens")
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader that refuses duplicate keys (PyYAML keeps the last one silently)."""
+
+
+def _mapping_without_duplicates(loader: _StrictLoader, node: yaml.MappingNode) -> dict[object, object]:
+    loader.flatten_mapping(node)
+    seen: set[object] = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=True)
+        if key in seen:
+            mark = key_node.start_mark
+            raise ConfigError("", f"duplicate key {key!r} at line {mark.line + 1}, column {mark.column + 1}")
+        seen.add(key)
+    return loader.construct_mapping(node, deep=True)
+
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping_without_duplicates)
+
+
 def load(file: str | Path) -> Settings:
     """Read and validate a config file. Raises ConfigError (key path '' for file-level problems)."""
     path = Path(file)
@@ -470,7 +489,7 @@ def load(file: str | Path) -> Settings:
     except UnicodeDecodeError:
         raise ConfigError("", "the file is not UTF-8 text") from None
     try:
-        document = yaml.safe_load(text)
+        document = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""

@@ -330,3 +330,12 @@ def test_claim_paths() -> None:
     for bad in ("", ".a", "a.", 'a["b', "a[]"):
         with pytest.raises(ConfigError):
             parse_path(bad, "x")
+
+
+def test_duplicate_yaml_keys_are_errors(tmp_path: Path) -> None:
+    file = tmp_path / "c.yaml"
+    file.write_text(
+        "providers:\n  - name: a\n    issuer: https://a/\n    issuer: https://b/\n    audiences: [x]\n"
+    )
+    with pytest.raises(ConfigError, match=r"duplicate key 'issuer' at line 4"):
+        settings.load(file)
