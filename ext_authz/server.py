@@ -79,12 +79,13 @@ class Server:
 
 async def serve(settings: Settings, *, listen: str | None = None) -> None:
     """Serve until SIGTERM or SIGINT, then stop gracefully."""
-    server = Server(settings, listen=listen)
-    await server.start()
     stop = asyncio.Event()
+    # Handlers go in before the "serving" line: a SIGTERM right after it must drain, not kill.
     with _signals_set(stop):
+        server = Server(settings, listen=listen)
+        await server.start()
         await stop.wait()
-    await server.stop()
+        await server.stop()
 
 
 async def _become_ready(keys: KeyStore, health: Health) -> None:
