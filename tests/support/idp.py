@@ -1,0 +1,366 @@
+"""A test OIDC issuer: signing keys, OIDC discovery and a JWKS over real HTTP on 127.0.0.1.
+
+The issuer identifier is its base URL WITHOUT a trailing slash, e.g. `http://127.0.0.1:41234`.
+The discovery document at `{url}/.well-known/openid-configuration` states exactly that string
+as `issuer` (OIDC Discovery 1.0 §4.3: the `issuer` value must be identical to the URL the
+configuration was fetched from, minus the well-known suffix), and tokens minted here carry it as
+`iss`. The JWKS lives at `{url}/jwks.json` and holds public keys only.
+
+Key lifecycle for rotation tests: `add_key()` publishes a new key (optionally making it the
+signing default), `rotate()` adds a fresh RSA key and signs with it from then on while the old
+key stays published, `remove_key(kid)` unpublishes a key. Requests are counted per path so tests
+can assert how often the server fetched discovery or keys.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import http.server
+import itertools
+import json
+import threading
+import time
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any, Self
+
+import jwt
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+from jwt.algorithms import ECAlgorithm, OKPAlgorithm, RSAAlgorithm
+
+PrivateKey = rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey
+PublicKey = rsa.RSAPublicKey | ec.EllipticCurvePublicKey | ed25519.Ed25519PublicKey
+
+DISCOVERY_PATH = "/.well-known/openid-configuration"
+JWKS_PATH = "/jwks.json"
+DEFAULT_AUDIENCE = "api"
+DEFAULT_SUBJECT = "alice"
+
+_kid_counter = itertools.count(1)
+
+
+def b64url(data: bytes) -> str:
+    """Base64url without padding (RFC 7515 §2)."""
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+def b64url_decode(segment: str) -> bytes:
+    return base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4))
+
+
+def _json_segment(value: Mapping[str, Any]) -> str:
+    return b64url(json.dumps(value, separators=(",", ":")).encode("utf-8"))
+
+
+def generate_key(alg: str) -> PrivateKey:
+    """A fresh private key for one of RS256, ES256 or EdDSA (Ed25519)."""
+    if alg == "RS256":
+        return rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    if alg == "ES256":
+        return ec.generate_private_key(ec.SECP256R1())
+    if alg == "EdDSA":
+        return ed25519.Ed25519PrivateKey.generate()
+    raise ValueError(f"unsupported test key algorithm: {alg}")
+
+
+def public_jwk(public: PublicKey, *, kid: str, alg: str) -> dict[str, Any]:
+    """The public JWK (RFC 7517) for `public`, with kid, use=sig and alg."""
+    jwk: dict[str, Any]
+    if isinstance(public, rsa.RSAPublicKey):
+        jwk = RSAAlgorithm.to_jwk(public, as_dict=True)
+    elif isinstance(public, ec.EllipticCurvePublicKey):
+        jwk = ECAlgorithm.to_jwk(public, as_dict=True)
+    else:
+        jwk = OKPAlgorithm.to_jwk(public, as_dict=True)
+    # RFC 7517 §4.3: "use" and "key_ops" should not both be present; PyJWT adds key_ops.
+    jwk.pop("key_ops", None)
+    jwk.update({"kid": kid, "use": "sig", "alg": alg})
+    return jwk
+
+
+@dataclass(frozen=True, slots=True)
+class SigningKey:
+    kid: str
+    alg: str
+    private_key: PrivateKey
+
+    @property
+    def public_key(self) -> PublicKey:
+        return self.private_key.public_key()
+
+    def jwk(self) -> dict[str, Any]:
+        return public_jwk(self.public_key, kid=self.kid, alg=self.alg)
+
+
+def unsigned_token(payload: Mapping[str, Any], *, headers: Mapping[str, Any] | None = None) -> str:
+    """An `alg: none` JWT (RFC 7519 §6): header {"alg":"none","typ":"JWT"}, empty signature."""
+    header: dict[str, Any] = {"alg": "none", "typ": "JWT"}
+    if headers:
+        header.update(headers)
+    return f"{_json_segment(header)}.{_json_segment(payload)}."
+
+
+def hmac_token(header: Mapping[str, Any], payload: Mapping[str, Any], secret: bytes) -> str:
+    """A JWT signed with HMAC-SHA256 under `secret`, built by hand.
+
+    PyJWT refuses to use a PEM public key as an HMAC secret, which is exactly the algorithm
+    confusion attack a verifier must reject (a server that takes `alg` from the token and feeds
+    it the RSA public key would accept this).
+    """
+    signing_input = f"{_json_segment(header)}.{_json_segment(payload)}"
+    signature = hmac.new(secret, signing_input.encode("ascii"), hashlib.sha256).digest()
+    return f"{signing_input}.{b64url(signature)}"
+
+
+def decode_unverified_payload(token: str) -> dict[str, Any]:
+    payload = json.loads(b64url_decode(token.split(".")[1]))
+    assert isinstance(payload, dict)
+    return payload
+
+
+def tamper_signature(token: str) -> str:
+    """Flip one character in the middle of the signature segment (never the last one, whose
+    low bits may be ignored by base64 decoders)."""
+    head, payload, signature = token.split(".")
+    middle = len(signature) // 2
+    flipped = "A" if signature[middle] != "A" else "B"
+    return f"{head}.{payload}.{signature[:middle]}{flipped}{signature[middle + 1 :]}"
+
+
+class TestIssuer:
+    """An OIDC issuer on 127.0.0.1 with an ephemeral port, for tests only."""
+
+    __test__ = False  # not a pytest test class despite its name
+
+    def __init__(self, *, audience: str = DEFAULT_AUDIENCE, alg: str = "RS256") -> None:
+        self.audience = audience
+        self._lock = threading.Lock()
+        self._keys: dict[str, SigningKey] = {}
+        self._default_kid = self.add_key(alg)
+        self._counts: Counter[str] = Counter()
+        self._status_overrides: dict[str, int] = {}
+        self._server: http.server.ThreadingHTTPServer | None = None
+        self._thread: threading.Thread | None = None
+
+    # ---- lifecycle -------------------------------------------------------------------------
+
+    def start(self) -> Self:
+        if self._server is not None:
+            return self
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _make_handler(self))
+        server.daemon_threads = True
+        self._server = server
+        self._thread = threading.Thread(
+            target=server.serve_forever, kwargs={"poll_interval": 0.05}, name="test-issuer", daemon=True
+        )
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        server, self._server = self._server, None
+        if server is None:
+            return
+        server.shutdown()
+        server.server_close()
+        if self._thread is not None:
+            self._thread.join(timeout=5.0)
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    @property
+    def port(self) -> int:
+        if self._server is None:
+            raise RuntimeError("TestIssuer is not started")
+        return int(self._server.server_address[1])
+
+    @property
+    def url(self) -> str:
+        """The issuer identifier: `http://127.0.0.1:PORT`, no trailing slash."""
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def jwks_uri(self) -> str:
+        return f"{self.url}{JWKS_PATH}"
+
+    # ---- keys ------------------------------------------------------------------------------
+
+    @property
+    def default_kid(self) -> str:
+        return self._default_kid
+
+    @property
+    def kids(self) -> tuple[str, ...]:
+        with self._lock:
+            return tuple(self._keys)
+
+    def key(self, kid: str | None = None) -> SigningKey:
+        with self._lock:
+            return self._keys[kid or self._default_kid]
+
+    def add_key(
+        self,
+        alg: str = "RS256",
+        *,
+        kid: str | None = None,
+        private_key: PrivateKey | None = None,
+        make_default: bool = False,
+    ) -> str:
+        """Publish a new key in the JWKS; return its kid."""
+        if kid is None:
+            kid = f"{alg.lower()}-{next(_kid_counter)}"
+        signing = SigningKey(kid=kid, alg=alg, private_key=private_key or generate_key(alg))
+        with self._lock:
+            self._keys[kid] = signing
+            if make_default:
+                self._default_kid = kid
+        return kid
+
+    def rotate(self, alg: str = "RS256") -> str:
+        """Add a fresh key and sign with it from now on; the previous key stays published."""
+        return self.add_key(alg, make_default=True)
+
+    def remove_key(self, kid: str) -> None:
+        with self._lock:
+            del self._keys[kid]
+            if kid == self._default_kid and self._keys:
+                self._default_kid = next(reversed(self._keys))
+
+    def public_pem(self, kid: str | None = None) -> bytes:
+        """The public key as SubjectPublicKeyInfo PEM (for the HS256-with-public-key attack)."""
+        return self.key(kid).public_key.public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+
+    def jwks(self) -> dict[str, Any]:
+        with self._lock:
+            keys = list(self._keys.values())
+        return {"keys": [k.jwk() for k in keys]}
+
+    def discovery(self) -> dict[str, Any]:
+        return {
+            "issuer": self.url,
+            "jwks_uri": self.jwks_uri,
+            "id_token_signing_alg_values_supported": sorted({k.alg for k in self._snapshot()}),
+            "response_types_supported": ["code"],
+            "subject_types_supported": ["public"],
+        }
+
+    def _snapshot(self) -> list[SigningKey]:
+        with self._lock:
+            return list(self._keys.values())
+
+    # ---- tokens ----------------------------------------------------------------------------
+
+    def claims(self, claims: Mapping[str, Any] | None = None, *, ttl: int = 300) -> dict[str, Any]:
+        """Default claims (iss, aud, sub, iat, exp) overridden by `claims`.
+
+        A key mapped to None in `claims` is removed, e.g. `{"aud": None}` for a token without aud.
+        """
+        now = int(time.time())
+        merged: dict[str, Any] = {
+            "iss": self.url,
+            "aud": self.audience,
+            "sub": DEFAULT_SUBJECT,
+            "iat": now,
+            "exp": now + ttl,
+        }
+        for name, value in (claims or {}).items():
+            if value is None:
+                merged.pop(name, None)
+            else:
+                merged[name] = value
+        return merged
+
+    def mint(
+        self,
+        claims: Mapping[str, Any] | None = None,
+        *,
+        kid: str | None = None,
+        alg: str | None = None,
+        headers: Mapping[str, Any] | None = None,
+        ttl: int = 300,
+        key: PrivateKey | None = None,
+    ) -> str:
+        """A signed JWT. `ttl` may be negative for an already expired token.
+
+        `kid` picks the published key (and is put in the header); `key` signs with a different
+        private key while still claiming `kid`, i.e. a forged signature for a known kid.
+        """
+        signing = self.key(kid)
+        payload = self.claims(claims, ttl=ttl)
+        header: dict[str, Any] = {"kid": signing.kid, "typ": "JWT"}
+        if headers:
+            header.update(headers)
+        return jwt.encode(payload, key or signing.private_key, algorithm=alg or signing.alg, headers=header)
+
+    def mint_unsigned(self, claims: Mapping[str, Any] | None = None, *, ttl: int = 300) -> str:
+        return unsigned_token(self.claims(claims, ttl=ttl))
+
+    # ---- HTTP ------------------------------------------------------------------------------
+
+    def request_count(self, path: str) -> int:
+        with self._lock:
+            return self._counts[path]
+
+    @property
+    def request_counts(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self._counts)
+
+    def reset_counts(self) -> None:
+        with self._lock:
+            self._counts.clear()
+
+    def fail_path(self, path: str, status: int | None) -> None:
+        """Answer `path` with `status` (e.g. 500) until called again with None."""
+        with self._lock:
+            if status is None:
+                self._status_overrides.pop(path, None)
+            else:
+                self._status_overrides[path] = status
+
+    def _respond(self, path: str) -> tuple[int, dict[str, Any] | None]:
+        with self._lock:
+            self._counts[path] += 1
+            override = self._status_overrides.get(path)
+        if override is not None:
+            return override, {"error": "injected failure"}
+        if path == DISCOVERY_PATH:
+            return 200, self.discovery()
+        if path == JWKS_PATH:
+            return 200, self.jwks()
+        return 404, {"error": "not found"}
+
+
+def _make_handler(issuer: TestIssuer) -> type[http.server.BaseHTTPRequestHandler]:
+    class Handler(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_GET(self) -> None:
+            path = self.path.split("?", 1)[0]
+            status, document = issuer._respond(path)
+            body = json.dumps(document).encode("utf-8")
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass  # keep test output clean; counts are available via request_count()
+
+    return Handler
