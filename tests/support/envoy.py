@@ -41,6 +41,11 @@ BACKEND_CLUSTER = "backend"
 TEST_AUTHZ_TIMEOUT = "2s"
 # Marks each request so a test can find exactly what the backend received for it.
 TRACE_HEADER = "x-test-trace"
+AUTHZ_METADATA_HEADER = "x-test-authz-metadata"
+_METADATA_VALUE = (
+    "provider=%DYNAMIC_METADATA(envoy.filters.http.ext_authz:provider)% "
+    "rule=%DYNAMIC_METADATA(envoy.filters.http.ext_authz:rule)%"
+)
 
 # Same rules as envoy.yaml: the authorizer may set/overwrite ordinary headers (x-user-id, ...)
 # but any attempt to change routing (host, :authority, :scheme, :method), a system header
@@ -129,7 +134,19 @@ def envoy_config(
                 {
                     "name": "all",
                     "domains": ["*"],
-                    "routes": [{"match": {"prefix": "/"}, "route": {"cluster": BACKEND_CLUSTER}}],
+                    "routes": [
+                        {
+                            "match": {"prefix": "/"},
+                            "route": {"cluster": BACKEND_CLUSTER},
+                            # Shows the backend what ext-authz put in dynamic_metadata.
+                            "request_headers_to_add": [
+                                {
+                                    "header": {"key": AUTHZ_METADATA_HEADER, "value": _METADATA_VALUE},
+                                    "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
+                                }
+                            ],
+                        }
+                    ],
                 }
             ],
         },
@@ -152,7 +169,10 @@ def envoy_config(
                     "log_format": {
                         "text_format_source": {
                             "inline_string": "[access] %REQ(:METHOD)% %REQ(:PATH)% -> %RESPONSE_CODE% "
-                            "flags=%RESPONSE_FLAGS% details=%RESPONSE_CODE_DETAILS%\n"
+                            "flags=%RESPONSE_FLAGS% details=%RESPONSE_CODE_DETAILS% "
+                            "trace=%REQ(x-test-trace)% "
+                            "authz_provider=%DYNAMIC_METADATA(envoy.filters.http.ext_authz:provider)% "
+                            "authz_rule=%DYNAMIC_METADATA(envoy.filters.http.ext_authz:rule)%\n"
                         }
                     },
                 },
