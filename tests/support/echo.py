@@ -10,8 +10,9 @@ from __future__ import annotations
 import http.server
 import json
 import threading
-from types import TracebackType
-from typing import Any, Self
+from typing import Any
+
+from tests.support.httpserver import LoopbackHTTPServer
 
 
 class EchoRequest(dict[str, Any]):
@@ -26,56 +27,18 @@ class EchoRequest(dict[str, Any]):
         return self.headers.get(name.lower(), [])
 
 
-class EchoBackend:
+class EchoBackend(LoopbackHTTPServer):
     """A threaded HTTP/1.1 echo server on 127.0.0.1 with an ephemeral port."""
 
+    name = "echo-backend"
+
     def __init__(self) -> None:
+        super().__init__()
         self._lock = threading.Lock()
         self._requests: list[EchoRequest] = []
-        self._server: http.server.ThreadingHTTPServer | None = None
-        self._thread: threading.Thread | None = None
 
-    def start(self) -> Self:
-        if self._server is not None:
-            return self
-        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _make_handler(self))
-        server.daemon_threads = True
-        self._server = server
-        self._thread = threading.Thread(
-            target=server.serve_forever, kwargs={"poll_interval": 0.05}, name="echo-backend", daemon=True
-        )
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        server, self._server = self._server, None
-        if server is None:
-            return
-        server.shutdown()
-        server.server_close()
-        if self._thread is not None:
-            self._thread.join(timeout=5.0)
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
-
-    @property
-    def port(self) -> int:
-        if self._server is None:
-            raise RuntimeError("EchoBackend is not started")
-        return int(self._server.server_address[1])
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+    def handler(self) -> type[http.server.BaseHTTPRequestHandler]:
+        return _make_handler(self)
 
     @property
     def requests(self) -> list[EchoRequest]:

@@ -25,13 +25,14 @@ import time
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass
-from types import TracebackType
-from typing import Any, Self
+from typing import Any
 
 import jwt
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from jwt.algorithms import ECAlgorithm, OKPAlgorithm, RSAAlgorithm
+
+from tests.support.httpserver import LoopbackHTTPServer
 
 PrivateKey = rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey
 PublicKey = rsa.RSAPublicKey | ec.EllipticCurvePublicKey | ed25519.Ed25519PublicKey
@@ -132,65 +133,27 @@ def tamper_signature(token: str) -> str:
     return f"{head}.{payload}.{signature[:middle]}{flipped}{signature[middle + 1 :]}"
 
 
-class TestIssuer:
-    """An OIDC issuer on 127.0.0.1 with an ephemeral port, for tests only."""
+class TestIssuer(LoopbackHTTPServer):
+    """An OIDC issuer on 127.0.0.1 with an ephemeral port, for tests only.
+
+    Its issuer identifier is its ``url``: ``http://127.0.0.1:PORT``, no trailing slash.
+    """
 
     __test__ = False  # not a pytest test class despite its name
 
+    name = "test-issuer"
+
     def __init__(self, *, audience: str = DEFAULT_AUDIENCE, alg: str = "RS256") -> None:
+        super().__init__()
         self.audience = audience
         self._lock = threading.Lock()
         self._keys: dict[str, SigningKey] = {}
         self._default_kid = self.add_key(alg)
         self._counts: Counter[str] = Counter()
         self._status_overrides: dict[str, int] = {}
-        self._server: http.server.ThreadingHTTPServer | None = None
-        self._thread: threading.Thread | None = None
 
-    # ---- lifecycle -------------------------------------------------------------------------
-
-    def start(self) -> Self:
-        if self._server is not None:
-            return self
-        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _make_handler(self))
-        server.daemon_threads = True
-        self._server = server
-        self._thread = threading.Thread(
-            target=server.serve_forever, kwargs={"poll_interval": 0.05}, name="test-issuer", daemon=True
-        )
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        server, self._server = self._server, None
-        if server is None:
-            return
-        server.shutdown()
-        server.server_close()
-        if self._thread is not None:
-            self._thread.join(timeout=5.0)
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
-
-    @property
-    def port(self) -> int:
-        if self._server is None:
-            raise RuntimeError("TestIssuer is not started")
-        return int(self._server.server_address[1])
-
-    @property
-    def url(self) -> str:
-        """The issuer identifier: `http://127.0.0.1:PORT`, no trailing slash."""
-        return f"http://127.0.0.1:{self.port}"
+    def handler(self) -> type[http.server.BaseHTTPRequestHandler]:
+        return _make_handler(self)
 
     @property
     def jwks_uri(self) -> str:
