@@ -27,7 +27,7 @@ from typing import Protocol
 from jwt.algorithms import Algorithm, get_default_algorithms
 
 from ext_authz import errors
-from ext_authz.keys.jwks import KeySet, VerificationKey
+from ext_authz.keys.jwks import VerificationKey
 from ext_authz.model import Credential, Principal
 from ext_authz.settings import ProviderSettings, normalise_token_type
 
@@ -38,8 +38,12 @@ _ALGORITHMS: Mapping[str, Algorithm] = get_default_algorithms()
 class KeyResolver(Protocol):
     """The seam between verification and the key cache (keys/)."""
 
-    async def key_set(self, provider: str) -> KeySet:
-        """The provider's current keys; raises KeysUnavailable when there are none to be had."""
+    async def key_for(self, provider: str, kid: str | None, alg: str) -> VerificationKey:
+        """The one key that may verify a token with this kid and alg.
+
+        Raises UnknownKey when there is none (or several), KeysUnavailable when the provider has
+        no usable keys right now.
+        """
         ...
 
 
@@ -148,7 +152,7 @@ class Verifier:
         if kid is not None and not isinstance(kid, str):
             raise errors.MalformedToken()
 
-        key = _select_key(await self._keys.key_set(provider.name), kid, alg)
+        key = await self._keys.key_for(provider.name, kid, alg)
         algorithm = _ALGORITHMS[alg]
         try:
             valid = algorithm.verify(token.signing_input, key.key, token.signature)
@@ -223,15 +227,3 @@ def _location_accepted(provider: ProviderSettings, credential: Credential) -> bo
         elif location.name not in provider.from_params:
             return False
     return True
-
-
-def _select_key(keys: KeySet, kid: str | None, alg: str) -> VerificationKey:
-    candidates = keys.candidates(kid, alg)
-    if len(candidates) == 1:
-        return candidates[0]
-    if not candidates:
-        raise errors.UnknownKey()
-    # Several keys fit: ambiguous, so refuse rather than try each.
-    if kid is None:
-        raise errors.UnknownKey("the token names no key and the issuer has several that fit")
-    raise errors.UnknownKey("the issuer publishes several keys under the token's key id")

@@ -12,8 +12,9 @@ from collections.abc import Callable, Iterator
 import grpc
 
 from ext_authz._proto.envoy.service.auth.v3 import external_auth_pb2_grpc
+from ext_authz.keys.cache import SharedKeyCache
 from ext_authz.keys.fetch import HttpFetcher
-from ext_authz.keys.store import RETRY_AFTER_SECONDS, KeyStore
+from ext_authz.keys.store import KeyStore
 from ext_authz.pipeline import Pipeline
 from ext_authz.settings import Settings
 from ext_authz.transport.health import Health
@@ -38,7 +39,15 @@ class Server:
         self._address = listen or settings.listen
         needs_fetch = any(p.static_keys is None for p in settings.providers)
         self._fetcher = HttpFetcher() if needs_fetch else None
-        self.keys = KeyStore(settings.providers, self._fetcher, clock)
+        self._cache = SharedKeyCache(settings.jwks_cache) if needs_fetch else None
+        self.keys = KeyStore(
+            settings.providers,
+            fetcher=self._fetcher,
+            cache=self._cache,
+            readiness=settings.readiness,
+            clock=clock,
+            on_change=self._keys_changed,
+        )
         self.pipeline = Pipeline(settings, self.keys, clock=clock)
         self.health = Health()
         # gRPC enables SO_REUSEPORT by default: a second server on a busy port would bind silently
@@ -47,7 +56,8 @@ class Server:
         add_servicer = external_auth_pb2_grpc.add_AuthorizationServicer_to_server
         add_servicer(AuthorizationServicer(self.pipeline), self._grpc)  # type: ignore[no-untyped-call]
         self.health.register(self._grpc)
-        self._readiness: asyncio.Task[None] | None = None
+        self._serving: bool | None = None
+        self._health_updates: set[asyncio.Task[None]] = set()
 
     async def start(self) -> str:
         """Bind and start serving; returns the bound HOST:PORT. Raises ServeError."""
@@ -60,21 +70,35 @@ class Server:
         await self._grpc.start()
         bound = f"{self._address.rpartition(':')[0]}:{port}"
         log.info("serving", extra={"fields": {"address": bound, "providers": len(self.settings.providers)}})
-        self._readiness = asyncio.create_task(_become_ready(self.keys, self.health), name="readiness")
+        self.keys.start()
+        self._keys_changed()  # providers with inline keys may be ready already
         return bound
+
+    def _keys_changed(self) -> None:
+        """Keys arrived, failed or went stale: bring gRPC health in line with the readiness policy."""
+        ready = self.keys.ready()
+        if ready == self._serving:
+            return
+        self._serving = ready
+        log.info("ready" if ready else "not ready", extra={"fields": {"readiness": self.settings.readiness}})
+        task = asyncio.get_running_loop().create_task(self.health.set_serving(ready))
+        self._health_updates.add(task)
+        task.add_done_callback(self._health_updates.discard)
 
     async def stop(self, grace_seconds: float = SHUTDOWN_GRACE_SECONDS) -> None:
         log.info("shutting down", extra={"fields": {"grace_seconds": grace_seconds}})
-        if self._readiness is not None:
-            self._readiness.cancel()
+        self._serving = False
         await self.health.set_serving(False)
         await self._grpc.stop(grace_seconds)
+        await self.keys.stop()
         await self._close_fetcher()
         log.info("stopped")
 
     async def _close_fetcher(self) -> None:
         if self._fetcher is not None:
             await self._fetcher.close()
+        if self._cache is not None:
+            await self._cache.close()
 
 
 async def serve(settings: Settings, *, listen: str | None = None) -> None:
@@ -86,16 +110,6 @@ async def serve(settings: Settings, *, listen: str | None = None) -> None:
         await server.start()
         await stop.wait()
         await server.stop()
-
-
-async def _become_ready(keys: KeyStore, health: Health) -> None:
-    """SERVING once every provider has keys; until then keep fetching the missing ones."""
-    await keys.prefetch()
-    while not keys.ready():
-        await asyncio.sleep(RETRY_AFTER_SECONDS)
-        await keys.prefetch()
-    await health.set_serving(True)
-    log.info("ready")
 
 
 @contextlib.contextmanager

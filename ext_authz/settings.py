@@ -10,10 +10,11 @@ from __future__ import annotations
 import ipaddress
 import json
 import re
+import ssl
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import NoReturn
+from typing import Literal, NoReturn
 from urllib.parse import urlsplit
 
 import yaml
@@ -62,6 +63,27 @@ class ClaimHeader:
 
 
 @dataclass(frozen=True, slots=True)
+class KeyPolicy:
+    """How a provider's keys are fetched, refreshed and trusted when the IdP misbehaves."""
+
+    refresh_interval_seconds: float = 600
+    refetch_min_interval_seconds: float = 30
+    fetch_timeout_seconds: float = 5
+    max_stale_seconds: float = 86400
+    # Bounds on an IdP's Cache-Control max-age, which replaces refresh_interval_seconds when sent.
+    cache_control_min_seconds: float = 60
+    cache_control_max_seconds: float = 3600
+    ca_file: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class JwksCacheSettings:
+    backend: Literal["memory", "redis"] = "memory"
+    url: str | None = None
+    timeout_seconds: float = 0.5
+
+
+@dataclass(frozen=True, slots=True)
 class ProviderSettings:
     name: str
     issuer: str
@@ -80,6 +102,7 @@ class ProviderSettings:
     forward_token: bool
     payload_header: str | None
     allow_insecure_http: bool
+    keys: KeyPolicy
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,6 +122,8 @@ class Settings:
     providers: tuple[ProviderSettings, ...]
     rules: tuple[RuleSettings, ...]
     max_token_bytes: int
+    readiness: Literal["all", "any"] = "all"
+    jwks_cache: JwksCacheSettings = JwksCacheSettings()
     source: str = "<config>"
 
 
@@ -239,7 +264,9 @@ def listen_address(value: object, path: str) -> str:
 _PROVIDER_KEYS = (
     "name", "issuer", "audiences", "jwks_uri", "jwks", "jwks_file", "algorithms", "clock_skew_seconds",
     "token_types", "require_typ", "from_headers", "from_cookies", "from_params", "claim_to_headers",
-    "forward_token", "payload_header", "allow_insecure_http",
+    "forward_token", "payload_header", "allow_insecure_http", "refresh_interval_seconds",
+    "refetch_min_interval_seconds", "fetch_timeout_seconds", "max_stale_seconds",
+    "cache_control_min_seconds", "cache_control_max_seconds", "ca_file",
 )  # fmt: skip
 
 
@@ -327,7 +354,60 @@ def _provider(raw: object, path: str, base_dir: Path) -> ProviderSettings:
         forward_token=_bool(p.get("forward_token", True), f"{path}.forward_token"),
         payload_header=payload_header,
         allow_insecure_http=insecure,
+        keys=_key_policy(p, path, base_dir),
     )
+
+
+def _key_policy(p: Mapping[str, object], path: str, base_dir: Path) -> KeyPolicy:
+    default = KeyPolicy()
+
+    def seconds(key: str, low: float, high: float) -> float:
+        return _number(p.get(key, getattr(default, key)), f"{path}.{key}", low, high)
+
+    policy = KeyPolicy(
+        refresh_interval_seconds=seconds("refresh_interval_seconds", 1, 86400),
+        refetch_min_interval_seconds=seconds("refetch_min_interval_seconds", 0, 86400),
+        fetch_timeout_seconds=seconds("fetch_timeout_seconds", 0.05, 60),
+        max_stale_seconds=seconds("max_stale_seconds", 1, 30 * 86400),
+        cache_control_min_seconds=seconds("cache_control_min_seconds", 1, 86400),
+        cache_control_max_seconds=seconds("cache_control_max_seconds", 1, 30 * 86400),
+    )
+    if policy.cache_control_min_seconds > policy.cache_control_max_seconds:
+        _fail(f"{path}.cache_control_min_seconds", "must not exceed cache_control_max_seconds")
+    if "ca_file" in p:
+        ca_file = base_dir / _str(p["ca_file"], f"{path}.ca_file")
+        try:
+            ssl.create_default_context(cafile=str(ca_file))
+        except (OSError, ssl.SSLError) as exc:
+            _fail(f"{path}.ca_file", f"cannot load CA certificates from {ca_file}: {exc}")
+        policy = replace(policy, ca_file=str(ca_file))
+    return policy
+
+
+def _jwks_cache(raw: object) -> JwksCacheSettings:
+    c = _mapping(raw, "jwks_cache", ("backend", "url", "timeout_seconds"))
+    backend = c.get("backend", "memory")
+    if backend not in ("memory", "redis"):
+        _fail("jwks_cache.backend", "must be memory or redis")
+    timeout = _number(c.get("timeout_seconds", 0.5), "jwks_cache.timeout_seconds", 0.01, 10)
+    if backend == "memory":
+        if "url" in c:
+            _fail("jwks_cache.url", "only the redis backend takes a url")
+        return JwksCacheSettings("memory", None, timeout)
+    if "url" not in c:
+        _fail("jwks_cache.url", "is required for the redis backend (redis://host:6379/0)")
+    url = _str(c["url"], "jwks_cache.url")
+    parts = urlsplit(url)
+    if parts.scheme not in ("redis", "rediss") or not parts.hostname:
+        _fail("jwks_cache.url", "must be redis://HOST[:PORT][/DB] or rediss://...")
+    try:
+        parts.port  # noqa: B018 - raises on a bad port
+        db = parts.path.strip("/")
+        if db and not db.isdigit():
+            raise ValueError(db)
+    except ValueError:
+        _fail("jwks_cache.url", "has a bad port or database number")
+    return JwksCacheSettings("redis", url, timeout)
 
 
 def _static_keys(document: object, path: str) -> KeySet:
@@ -413,7 +493,7 @@ def _rule(raw: object, path: str, provider_names: frozenset[str]) -> RuleSetting
     return RuleSettings(path, paths, methods, anonymous=False, scopes=scopes, providers=providers)
 
 
-_TOP_KEYS = ("listen", "realm", "providers", "rules", "max_token_bytes")
+_TOP_KEYS = ("listen", "realm", "providers", "rules", "max_token_bytes", "readiness", "jwks_cache")
 
 
 def parse(document: object, *, base_dir: Path = Path("."), source: str = "<config>") -> Settings:
@@ -438,7 +518,11 @@ def parse(document: object, *, base_dir: Path = Path("."), source: str = "<confi
     max_token_bytes = int(
         _number(top.get("max_token_bytes", DEFAULT_MAX_TOKEN_BYTES), "max_token_bytes", 256, 1 << 20)
     )
-    return Settings(listen, realm, providers, rules, max_token_bytes, source)
+    readiness = top.get("readiness", "all")
+    if readiness not in ("all", "any"):
+        _fail("readiness", "must be all (every provider has keys) or any (at least one has)")
+    jwks_cache = _jwks_cache(top.get("jwks_cache", {}))
+    return Settings(listen, realm, providers, rules, max_token_bytes, readiness, jwks_cache, source)
 
 
 def _check_providers_together(providers: tuple[ProviderSettings, ...]) -> None:

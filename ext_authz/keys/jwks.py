@@ -15,6 +15,8 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from jwt import PyJWK
 from jwt.exceptions import PyJWKError
 
+from ext_authz.errors import UnknownKey
+
 log = logging.getLogger(__name__)
 
 MIN_RSA_BITS = 2048
@@ -48,6 +50,17 @@ class KeySet:
 
     def __len__(self) -> int:
         return len(self.keys)
+
+
+def select_key(candidates: tuple[VerificationKey, ...], kid: str | None) -> VerificationKey:
+    """The one key that may verify the token; several that fit is ambiguous and refused."""
+    if len(candidates) == 1:
+        return candidates[0]
+    if not candidates:
+        raise UnknownKey()
+    if kid is None:
+        raise UnknownKey("the token names no key and the issuer has several that fit")
+    raise UnknownKey("the issuer publishes several keys under the token's key id")
 
 
 def _algorithms_for(key: PublicKey) -> frozenset[str]:

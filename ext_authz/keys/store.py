@@ -1,93 +1,332 @@
-"""The key cache: each provider's current KeySet, fetched once and shared by every request.
+"""The key cache: each provider's keys, kept fresh in the background and never lost to an outage.
 
-This is the seam the identity stage calls (``KeyStore.key_set``). Today it fetches at start-up and,
-for a provider without keys, on demand (single-flight: concurrent requests share one fetch); a
-failed fetch is not retried by requests for a short while, so an IdP outage cannot turn traffic
-into a flood of fetches. Good keys are never replaced by a failed fetch.
+Per provider (``ProviderKeys``):
+- Start-up: the first fetch starts at once; failures are retried with exponential backoff and
+  jitter. Until keys are in, the provider's tokens get 503 with Retry-After (the token may be fine).
+- Refresh: in the background every ``refresh_interval_seconds`` (or the IdP's Cache-Control
+  max-age, clamped to the configured bounds), re-running OIDC discovery each time. The request
+  path never waits on a routine refresh.
+- Rotation: a ``kid`` missing from the cached set triggers one refetch, single-flight (concurrent
+  requests wait on the same fetch, at most ``fetch_timeout_seconds``), at most one per
+  ``refetch_min_interval_seconds``; a kid still missing afterwards is remembered as unknown until
+  the next successful fetch. A flood of random kids costs the IdP at most one fetch per interval.
+- Outages: a failed, slow or invalid fetch never replaces good keys; they are served until
+  ``max_stale_seconds`` after the last successful fetch, then the provider fails closed (503).
+
+Fetches go through the shared cache (``cache.SharedKeyCache``): a process first adopts a fresher
+document another process stored, otherwise takes a short lock so that only one process of a
+fleet fetches from the IdP while the others wait for its result.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
+import random
+import ssl
 import time
+from collections import Counter
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Literal
 
-from ext_authz.errors import KeysUnavailable
-from ext_authz.keys.fetch import FetchError, HttpFetcher
-from ext_authz.keys.jwks import JWKSError, KeySet, parse_jwks
+from ext_authz.errors import KeysUnavailable, UnknownKey
+from ext_authz.keys.cache import CachedDocument, SharedKeyCache, cache_key
+from ext_authz.keys.fetch import Fetcher, FetchError
+from ext_authz.keys.jwks import JWKSError, KeySet, VerificationKey, parse_jwks, select_key
 from ext_authz.settings import ProviderSettings, url_problem
 
 log = logging.getLogger(__name__)
 
-RETRY_AFTER_SECONDS = 5
+MAX_UNKNOWN_KIDS = 10_000
+BACKOFF_FIRST_SECONDS = 1.0
+BACKOFF_MAX_SECONDS = 30.0
+PEER_POLL_SECONDS = 0.05
+
+Result = Literal["installed", "unchanged", "failed"]
+
+
+@dataclass(slots=True)
+class KeyStats:
+    """Counters for logs now and metrics later; label values are bounded."""
+
+    fetches: Counter[str] = field(default_factory=Counter)  # by outcome
+    kid_refetches: Counter[str] = field(default_factory=Counter)  # fetched | suppressed
+    fetched_at: float | None = None  # when the keys in use were fetched from the IdP
+    key_count: int = 0
 
 
 class ProviderKeys:
     def __init__(
-        self, provider: ProviderSettings, fetcher: HttpFetcher | None, clock: Callable[[], float]
+        self,
+        provider: ProviderSettings,
+        fetcher: Fetcher | None,
+        cache: SharedKeyCache | None,
+        *,
+        clock: Callable[[], float],
+        on_change: Callable[[], None],
+        jitter: Callable[[float, float], float] = random.uniform,
     ) -> None:
         self.provider = provider
+        self.policy = provider.keys
         self._fetcher = fetcher
+        self._cache = cache
         self._clock = clock
+        self._on_change = on_change
+        self._jitter = jitter
         self._keys: KeySet | None = provider.static_keys
-        self._inflight: asyncio.Task[KeySet] | None = None
-        self._failed_at: float | None = None
+        self._static = provider.static_keys is not None
+        self._fetched_at: float | None = None
+        self._next_refresh_at = 0.0
+        self._next_attempt_at = 0.0
+        self._failures = 0
+        self._unknown_kids: set[str] = set()
+        self._last_kid_refetch: float | None = None
+        self._last_kid_refetch_ok = True
+        self._inflight: asyncio.Task[Result] | None = None
+        self._inflight_from_idp = False
+        self._ssl = None if self._static else ssl.create_default_context(cafile=self.policy.ca_file)
+        self._cache_key = cache_key(provider.issuer, provider.jwks_uri)
+        self.stats = KeyStats(key_count=len(self._keys) if self._keys else 0)
 
-    @property
-    def keys(self) -> KeySet | None:
-        return self._keys
+    # ---- the request path ----
 
-    async def get(self) -> KeySet:
-        if self._keys is not None:
-            return self._keys
-        if self._inflight is None and self._failed_at is not None:
-            wait = self._failed_at + RETRY_AFTER_SECONDS - self._clock()
-            if wait > 0:
-                raise KeysUnavailable(retry_after_seconds=max(1, round(wait)))
-        return await self.fetch()
+    def usable(self) -> bool:
+        return self._keys is not None and not self._stale(self._clock())
 
-    async def fetch(self) -> KeySet:
-        """Fetch now, joining a fetch already under way. Raises KeysUnavailable on failure."""
+    def _stale(self, now: float) -> bool:
+        if self._static or self._fetched_at is None:
+            return False
+        return now - self._fetched_at > self.policy.max_stale_seconds
+
+    def _retry_after(self) -> int:
+        wait = self._next_attempt_at - self._clock()
+        return int(min(BACKOFF_MAX_SECONDS, max(1, math.ceil(wait))))
+
+    def _current(self) -> KeySet:
+        keys = self._keys
+        if keys is None or self._stale(self._clock()):
+            raise KeysUnavailable(retry_after_seconds=self._retry_after())
+        return keys
+
+    async def key_for(self, kid: str | None, alg: str) -> VerificationKey:
+        if self._keys is None and self._inflight is not None:
+            # The first fetch is under way (start-up): worth a bounded wait rather than a 503.
+            await self._bounded(self._refresh(from_idp=self._inflight_from_idp))
+        candidates = self._current().candidates(kid, alg)
+        if candidates or kid is None or self._static or kid in self._unknown_kids:
+            return select_key(candidates, kid)
         if self._inflight is None:
-            self._inflight = asyncio.create_task(self._fetch(), name=f"jwks-{self.provider.name}")
-            self._inflight.add_done_callback(self._fetch_done)
-        # shield: a request that gives up (deadline) must not cancel the fetch others wait on.
-        return await asyncio.shield(self._inflight)
+            now = self._clock()
+            last = self._last_kid_refetch
+            if last is not None and now - last < self.policy.refetch_min_interval_seconds:
+                self.stats.kid_refetches["suppressed"] += 1
+                if not self._last_kid_refetch_ok:
+                    raise KeysUnavailable(retry_after_seconds=self._retry_after())
+                raise UnknownKey()
+            self._last_kid_refetch = now
+            self.stats.kid_refetches["fetched"] += 1
+            result = await self._bounded(self._refresh(from_idp=True))
+            self._last_kid_refetch_ok = result != "failed"
+        else:
+            result = await self._bounded(self._refresh(from_idp=self._inflight_from_idp))
+        candidates = self._current().candidates(kid, alg)
+        if candidates:
+            return select_key(candidates, kid)
+        if result == "failed":
+            raise KeysUnavailable(retry_after_seconds=self._retry_after())
+        if len(self._unknown_kids) < MAX_UNKNOWN_KIDS:
+            self._unknown_kids.add(kid)
+        raise UnknownKey()
 
-    def _fetch_done(self, task: asyncio.Task[KeySet]) -> None:
-        self._inflight = None
-        if not task.cancelled():
-            task.exception()  # retrieved here so an unawaited failure is never reported as lost
+    async def _bounded(self, refresh: asyncio.Future[Result]) -> Result:
+        try:
+            async with asyncio.timeout(self.policy.fetch_timeout_seconds):
+                return await refresh
+        except TimeoutError:
+            return "failed"
 
-    async def _fetch(self) -> KeySet:
-        assert self._fetcher is not None, "providers without static keys have a fetcher"
+    # ---- fetching (single-flight) ----
+
+    def _refresh(self, *, from_idp: bool) -> asyncio.Future[Result]:
+        """Join the fetch under way when it goes as far as asked, else start one."""
+        if self._inflight is None or (from_idp and not self._inflight_from_idp):
+            task = asyncio.create_task(self._do_refresh(from_idp), name=f"keys-{self.provider.name}")
+            task.add_done_callback(self._refresh_done)
+            self._inflight, self._inflight_from_idp = task, from_idp
+        # shield: a request that gives up must not cancel the fetch others are waiting on.
+        return asyncio.shield(self._inflight)
+
+    def _refresh_done(self, task: asyncio.Task[Result]) -> None:
+        if self._inflight is task:
+            self._inflight = None
+        if not task.cancelled() and task.exception() is not None:
+            log.error("key refresh crashed", exc_info=task.exception())
+
+    async def _do_refresh(self, from_idp: bool) -> Result:
+        if self._cache is None:
+            return await self._fetch_from_idp() if from_idp else "unchanged"
+        if await self._adopt_shared():
+            return "installed"
+        if not from_idp:
+            return "unchanged"
+        lock_ttl = self.policy.fetch_timeout_seconds + 1
+        lock = await self._cache.acquire("lock", self._cache_key, lock_ttl)
+        if lock is False and await self._wait_for_peer():
+            return "installed"
+        try:
+            return await self._fetch_from_idp()
+        finally:
+            if lock:
+                await self._cache.release("lock", self._cache_key)
+
+    async def _adopt_shared(self) -> bool:
+        """Install the shared document if another process fetched it after we did."""
+        assert self._cache is not None
+        entry = await self._cache.get(self._cache_key)
+        if entry is None or (self._fetched_at is not None and entry.fetched_at <= self._fetched_at):
+            return False
+        if self._clock() - entry.fetched_at >= self._interval(entry.max_age):
+            return False  # due for a refresh itself
+        try:
+            keys = self._usable_keys(entry.jwks)
+        except (FetchError, JWKSError):
+            return False
+        self._install(keys, entry.fetched_at, entry.max_age, source="shared", started=time.monotonic())
+        return True
+
+    async def _wait_for_peer(self) -> bool:
+        """Another process holds the fetch lock: wait (bounded) for the document it stores."""
+        polls = max(1, int(self.policy.fetch_timeout_seconds / PEER_POLL_SECONDS))
+        for _ in range(polls):
+            await asyncio.sleep(PEER_POLL_SECONDS)
+            if await self._adopt_shared():
+                return True
+        return False
+
+    def _usable_keys(self, document: object) -> KeySet:
+        keys = parse_jwks(document, source=self.provider.name)
+        usable = KeySet(tuple(k for k in keys.keys if k.algorithms & self.provider.algorithms))
+        if not usable.keys:
+            raise FetchError("invalid", "no usable signature keys")
+        return usable
+
+    async def _fetch_from_idp(self) -> Result:
+        assert self._fetcher is not None and self._ssl is not None
         provider = self.provider
         started = time.monotonic()
         try:
-            uri = provider.jwks_uri or await self._fetcher.discover_jwks_uri(provider.issuer)
-            problem = url_problem(uri, allow_insecure_http=provider.allow_insecure_http)
-            if problem:
-                raise FetchError(f"jwks_uri {problem}")
-            keys = parse_jwks(await self._fetcher.get_json(uri), source=provider.name)
-            if not keys.keys:
-                raise FetchError("no usable signature keys")
-        except (FetchError, JWKSError) as exc:
-            self._failed_at = self._clock()
-            log.warning(
-                "key fetch failed",
-                extra={"fields": {"provider": provider.name, "error": str(exc), "ms": _ms(started)}},
+            async with asyncio.timeout(self.policy.fetch_timeout_seconds):
+                uri = provider.jwks_uri or await self._fetcher.discover_jwks_uri(
+                    provider.issuer, ssl_context=self._ssl
+                )
+                problem = url_problem(uri, allow_insecure_http=provider.allow_insecure_http)
+                if problem:
+                    raise FetchError("invalid", f"jwks_uri {problem}")
+                document = await self._fetcher.get_json(uri, ssl_context=self._ssl)
+            keys = self._usable_keys(document.body)
+        except (FetchError, JWKSError, TimeoutError) as exc:
+            outcome = (
+                exc.outcome
+                if isinstance(exc, FetchError)
+                else "timeout"
+                if isinstance(exc, TimeoutError)
+                else "invalid"
             )
-            if self._keys is not None:
-                return self._keys  # the last good keys stay in force
-            raise KeysUnavailable(retry_after_seconds=RETRY_AFTER_SECONDS) from None
+            self._failed(
+                outcome, str(exc) or f"no answer within {self.policy.fetch_timeout_seconds:g} s", started
+            )
+            return "failed"
+        fetched_at = self._clock()
+        self._install(keys, fetched_at, document.max_age, source="idp", started=started)
+        if self._cache is not None:
+            entry = CachedDocument(document.body, fetched_at, document.max_age)
+            await self._cache.put(self._cache_key, entry, ttl_seconds=self.policy.max_stale_seconds)
+        return "installed"
+
+    def _interval(self, max_age: float | None) -> float:
+        if max_age is None:
+            return self.policy.refresh_interval_seconds
+        return min(max(max_age, self.policy.cache_control_min_seconds), self.policy.cache_control_max_seconds)
+
+    def _install(
+        self, keys: KeySet, fetched_at: float, max_age: float | None, *, source: str, started: float
+    ) -> None:
+        previous = self._keys
         self._keys = keys
-        self._failed_at = None
+        self._fetched_at = fetched_at
+        self._unknown_kids.clear()
+        self._failures = 0
+        # Up to 10% early, so that a fleet started together does not refresh in lockstep.
+        self._next_refresh_at = fetched_at + self._interval(max_age) * self._jitter(0.9, 1.0)
+        self.stats.fetches["ok" if source == "idp" else "shared"] += 1
+        self.stats.fetched_at = fetched_at
+        self.stats.key_count = len(keys)
         log.info(
             "keys fetched",
-            extra={"fields": {"provider": provider.name, "keys": len(keys), "ms": _ms(started)}},
+            extra={
+                "fields": {
+                    "provider": self.provider.name,
+                    "outcome": "ok",
+                    "source": source,
+                    "keys": len(keys),
+                    "kids": [k.kid for k in keys.keys],
+                    "ms": _ms(started),
+                    "changed": previous is None or previous.keys != keys.keys,
+                }
+            },
         )
-        return keys
+        self._on_change()
+
+    def _failed(self, outcome: str, error: str, started: float) -> None:
+        self.stats.fetches[outcome] += 1
+        age = None if self._fetched_at is None else round(self._clock() - self._fetched_at)
+        log.warning(
+            "key fetch failed",
+            extra={
+                "fields": {
+                    "provider": self.provider.name,
+                    "outcome": outcome,
+                    "error": error,
+                    "ms": _ms(started),
+                    "serving_last_good_keys": self.usable(),
+                    "keys_age_seconds": age,
+                }
+            },
+        )
+
+    def start(self) -> asyncio.Task[None]:
+        """Begin the first fetch now (so that early requests can wait on it) and the refresh loop."""
+        self._refresh(from_idp=True)
+        return asyncio.create_task(self.run(), name=f"keys-loop-{self.provider.name}")
+
+    def cancel_fetch(self) -> None:
+        if self._inflight is not None:
+            self._inflight.cancel()
+
+    # ---- the background loop ----
+
+    async def run(self) -> None:
+        """Fetch now, then keep the keys fresh until cancelled."""
+        while True:
+            if self._failures == 0 and self._keys is not None:
+                delay = self._next_refresh_at - self._clock()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                    continue  # a rotation refetch may have moved the schedule meanwhile
+            result = await self._refresh(from_idp=True)
+            if result == "installed":
+                continue
+            self._failures += 1
+            backoff = min(BACKOFF_FIRST_SECONDS * 2 ** (self._failures - 1), self._backoff_cap())
+            delay = backoff * self._jitter(0.5, 1.0)
+            self._next_attempt_at = self._clock() + delay
+            self._on_change()  # readiness may have changed: keys may have gone stale
+            await asyncio.sleep(delay)
+
+    def _backoff_cap(self) -> float:
+        return min(BACKOFF_MAX_SECONDS, self.policy.refresh_interval_seconds)
 
 
 def _ms(started: float) -> int:
@@ -95,25 +334,51 @@ def _ms(started: float) -> int:
 
 
 class KeyStore:
-    """Every provider's keys, by provider name."""
+    """Every provider's keys, by provider name: the seam the identity stage calls."""
 
     def __init__(
         self,
         providers: tuple[ProviderSettings, ...],
-        fetcher: HttpFetcher | None,
+        *,
+        fetcher: Fetcher | None,
+        cache: SharedKeyCache | None,
+        readiness: Literal["all", "any"] = "all",
         clock: Callable[[], float] = time.time,
+        on_change: Callable[[], None] = lambda: None,
     ) -> None:
+        self._readiness = readiness
+        self._on_change = on_change
         self._providers: Mapping[str, ProviderKeys] = {
-            p.name: ProviderKeys(p, fetcher, clock) for p in providers
+            p.name: ProviderKeys(p, fetcher, cache, clock=clock, on_change=self._changed) for p in providers
         }
+        self._tasks: list[asyncio.Task[None]] = []
 
-    async def key_set(self, provider: str) -> KeySet:
-        return await self._providers[provider].get()
+    def _changed(self) -> None:
+        self._on_change()
 
-    async def prefetch(self) -> None:
-        """Fetch every remote provider's keys concurrently; failures are logged, not raised."""
-        remote = [p for p in self._providers.values() if p.keys is None]
-        await asyncio.gather(*(p.fetch() for p in remote), return_exceptions=True)
+    async def key_for(self, provider: str, kid: str | None, alg: str) -> VerificationKey:
+        return await self._providers[provider].key_for(kid, alg)
+
+    def start(self) -> None:
+        """Start every remote provider's fetch-and-refresh loop (the start-up fetches run concurrently)."""
+        for keys in self._providers.values():
+            if keys.provider.static_keys is None:
+                self._tasks.append(keys.start())
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for keys in self._providers.values():
+            keys.cancel_fetch()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks.clear()
 
     def ready(self) -> bool:
-        return all(p.keys is not None for p in self._providers.values())
+        usable = [p.usable() for p in self._providers.values()]
+        return all(usable) if self._readiness == "all" else any(usable)
+
+    def stats(self) -> Mapping[str, KeyStats]:
+        return {name: p.stats for name, p in self._providers.items()}
+
+    def provider(self, name: str) -> ProviderKeys:
+        return self._providers[name]

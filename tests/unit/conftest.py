@@ -12,7 +12,7 @@ from jwt.algorithms import get_default_algorithms
 
 from ext_authz import settings
 from ext_authz.errors import KeysUnavailable
-from ext_authz.keys.jwks import KeySet, parse_jwks
+from ext_authz.keys.jwks import KeySet, VerificationKey, parse_jwks, select_key
 from tests.support.idp import SigningKey, b64url, generate_key
 
 NOW = 1_800_000_000.0
@@ -25,10 +25,10 @@ class StaticResolver:
     def __init__(self, sets: Mapping[str, KeySet]) -> None:
         self.sets = dict(sets)
 
-    async def key_set(self, provider: str) -> KeySet:
+    async def key_for(self, provider: str, kid: str | None, alg: str) -> VerificationKey:
         if provider not in self.sets:
             raise KeysUnavailable(retry_after_seconds=7)
-        return self.sets[provider]
+        return select_key(self.sets[provider].candidates(kid, alg), kid)
 
 
 class Keys:

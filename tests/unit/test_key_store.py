@@ -1,0 +1,294 @@
+"""The key cache with an injected clock and a scripted fetcher: rotation, rate limits, outages,
+staleness, Cache-Control and the shared cache's lock and adoption."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import ssl
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from ext_authz import errors
+from ext_authz.keys.cache import CachedDocument, SharedKeyCache, cache_key
+from ext_authz.keys.fetch import Document, FetchError
+from ext_authz.keys.store import ProviderKeys
+from ext_authz.settings import JwksCacheSettings, ProviderSettings
+from tests.support.idp import SigningKey, generate_key
+from tests.unit.conftest import ISSUER, NOW, Keys, make_settings
+
+JWKS_URI = "https://idp.example.com/jwks"
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = NOW
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class ScriptedFetcher:
+    """Serves whatever ``document`` is (a JWKS dict, a FetchError to raise, or a callable)."""
+
+    def __init__(self, document: object) -> None:
+        self.document = document
+        self.max_age: float | None = None
+        self.delay = 0.0
+        self.jwks_fetches = 0
+        self.discoveries = 0
+
+    async def get_json(self, url: str, *, ssl_context: ssl.SSLContext) -> Document:
+        self.jwks_fetches += 1
+        if self.delay:
+            await asyncio.sleep(self.delay)
+        if isinstance(self.document, FetchError):
+            raise self.document
+        return Document(self.document, self.max_age)
+
+    async def discover_jwks_uri(self, issuer: str, *, ssl_context: ssl.SSLContext) -> str:
+        self.discoveries += 1
+        return JWKS_URI
+
+
+def provider(**policy: Any) -> ProviderSettings:
+    return make_settings(provider={"jwks_uri": JWKS_URI, **policy}).providers[0]
+
+
+def jwks(*keys: SigningKey) -> dict[str, Any]:
+    return {"keys": [k.jwk() for k in keys]}
+
+
+def make(
+    fetcher: ScriptedFetcher,
+    clock: Clock,
+    cache: SharedKeyCache | None = None,
+    on_change: Callable[[], None] = lambda: None,
+    **policy: Any,
+) -> ProviderKeys:
+    return ProviderKeys(
+        provider(**policy), fetcher, cache, clock=clock, on_change=on_change, jitter=lambda low, high: high
+    )
+
+
+async def started(keys: ProviderKeys) -> ProviderKeys:
+    assert await keys._refresh(from_idp=True) in ("installed", "failed")
+    return keys
+
+
+async def test_first_fetch_and_lookup(keys: Keys) -> None:
+    fetcher = ScriptedFetcher(jwks(keys.rsa, keys.ec))
+    store = await started(make(fetcher, Clock()))
+    assert (await store.key_for("rsa-1", "RS256")).kid == "rsa-1"
+    assert (await store.key_for("ec-1", "ES256")).kid == "ec-1"
+    assert store.stats.fetches["ok"] == 1 and store.stats.key_count == 2
+
+
+async def test_requests_wait_for_the_first_fetch(keys: Keys) -> None:
+    fetcher = ScriptedFetcher(jwks(keys.rsa))
+    fetcher.delay = 0.05
+    store = make(fetcher, Clock())
+    store._refresh(from_idp=True)  # as start() does
+    assert (await store.key_for("rsa-1", "RS256")).kid == "rsa-1"
+    assert fetcher.jwks_fetches == 1
+
+
+async def test_no_keys_is_503_with_retry_after(keys: Keys) -> None:
+    fetcher = ScriptedFetcher(FetchError("http_error", "HTTP 500"))
+    store = await started(make(fetcher, Clock()))
+    with pytest.raises(errors.KeysUnavailable) as caught:
+        await store.key_for("rsa-1", "RS256")
+    assert caught.value.retry_after_seconds >= 1
+    assert store.stats.fetches["http_error"] == 1
+    assert not store.usable()
+
+
+async def test_rotation_refetch_single_flight_and_rate_limited(keys: Keys) -> None:
+    clock = Clock()
+    fetcher = ScriptedFetcher(jwks(keys.rsa))
+    store = await started(make(fetcher, clock, refetch_min_interval_seconds=30))
+    new = SigningKey("rsa-2", "RS256", keys.other_rsa.private_key)
+    fetcher.document = jwks(keys.rsa, new)
+    fetcher.delay = 0.01
+    # Many concurrent requests for unknown kids share one refetch.
+    results = await asyncio.gather(
+        *(store.key_for(kid, "RS256") for kid in ["rsa-2"] * 5 + [f"random-{i}" for i in range(100)]),
+        return_exceptions=True,
+    )
+    assert fetcher.jwks_fetches == 2  # start-up + one refetch
+    assert all(getattr(r, "kid", None) == "rsa-2" for r in results[:5])
+    assert all(isinstance(r, errors.UnknownKey) for r in results[5:])
+    assert store.stats.kid_refetches["fetched"] == 1
+    # Remembered unknown kids and the rate limit cost nothing more.
+    for kid in ("random-1", "another", "yet-another"):
+        with pytest.raises(errors.UnknownKey):
+            await store.key_for(kid, "RS256")
+    assert fetcher.jwks_fetches == 2
+    assert store.stats.kid_refetches["suppressed"] == 2
+    # After the interval, one more refetch is allowed.
+    clock.now += 31
+    with pytest.raises(errors.UnknownKey):
+        await store.key_for("another", "RS256")
+    assert fetcher.jwks_fetches == 3
+
+
+async def test_kid_without_refetch_when_no_kid_or_static(keys: Keys) -> None:
+    fetcher = ScriptedFetcher(jwks(keys.rsa))
+    store = await started(make(fetcher, Clock()))
+    with pytest.raises(errors.UnknownKey):
+        await store.key_for(None, "ES256")
+    assert fetcher.jwks_fetches == 1
+
+
+async def test_failed_refresh_keeps_good_keys_until_max_stale(keys: Keys) -> None:
+    clock = Clock()
+    fetcher = ScriptedFetcher(jwks(keys.rsa))
+    store = await started(make(fetcher, clock, max_stale_seconds=100))
+    failures: list[object] = [
+        FetchError("http_error", "HTTP 500"),
+        FetchError("invalid", "response is not JSON"),
+        {"keys": []},
+        {"keys": [{"kty": "oct", "k": "c2VjcmV0"}]},
+        ["not", "a", "jwks"],
+    ]
+    for failure in failures:
+        fetcher.document = failure
+        clock.now += 10
+        assert await store._refresh(from_idp=True) == "failed"
+        assert (await store.key_for("rsa-1", "RS256")).kid == "rsa-1"
+    clock.now += 51  # 101 s after the last good fetch
+    assert not store.usable()
+    with pytest.raises(errors.KeysUnavailable):
+        await store.key_for("rsa-1", "RS256")
+    fetcher.document = jwks(keys.rsa)
+    assert await store._refresh(from_idp=True) == "installed"
+    assert store.usable()
+
+
+async def test_failed_refetch_of_unknown_kid_is_503(keys: Keys) -> None:
+    clock = Clock()
+    fetcher = ScriptedFetcher(jwks(keys.rsa))
+    store = await started(make(fetcher, clock))
+    fetcher.document = FetchError("timeout", "slow")
+    with pytest.raises(errors.KeysUnavailable):
+        await store.key_for("rsa-2", "RS256")
+    # Rate-limited afterwards, but the token may be fine: still 503, not 401.
+    with pytest.raises(errors.KeysUnavailable):
+        await store.key_for("rsa-3", "RS256")
+    assert fetcher.jwks_fetches == 2
+
+
+async def test_slow_fetch_is_bounded(keys: Keys) -> None:
+    clock = Clock()
+    fetcher = ScriptedFetcher(jwks(keys.rsa))
+    store = await started(make(fetcher, clock, fetch_timeout_seconds=0.1))
+    fetcher.delay = 10
+    loop = asyncio.get_running_loop()
+    began = loop.time()
+    with pytest.raises(errors.KeysUnavailable):
+        await store.key_for("rsa-2", "RS256")
+    assert loop.time() - began < 1
+    assert (await store.key_for("rsa-1", "RS256")).kid == "rsa-1"
+    store.cancel_fetch()
+
+
+async def test_removed_key_stops_at_next_refresh(keys: Keys) -> None:
+    fetcher = ScriptedFetcher(jwks(keys.rsa, keys.ec))
+    store = await started(make(fetcher, Clock(), refetch_min_interval_seconds=3600))
+    fetcher.document = jwks(keys.ec)
+    assert await store._refresh(from_idp=True) == "installed"
+    with pytest.raises(errors.UnknownKey):
+        await store.key_for("rsa-1", "RS256")
+
+
+@pytest.mark.parametrize(
+    ("max_age", "expected"),
+    [(None, 600), (1, 60), (300, 300), (100_000, 3600), (0, 60)],
+)
+async def test_refresh_schedule_honours_cache_control(
+    keys: Keys, max_age: float | None, expected: float
+) -> None:
+    fetcher = ScriptedFetcher(jwks(keys.rsa))
+    fetcher.max_age = max_age
+    store = await started(make(fetcher, Clock()))
+    assert store._next_refresh_at - NOW == expected
+
+
+async def test_discovery_runs_on_every_fetch(keys: Keys) -> None:
+    p = dataclasses.replace(provider(), jwks_uri=None)  # no jwks_uri: discovery
+    fetcher = ScriptedFetcher(jwks(keys.rsa))
+    store = ProviderKeys(p, fetcher, None, clock=Clock(), on_change=lambda: None)
+    await started(store)
+    await store._refresh(from_idp=True)
+    assert fetcher.discoveries == 2 and fetcher.jwks_fetches == 2
+
+
+async def test_on_change_is_called(keys: Keys) -> None:
+    calls: list[bool] = []
+    fetcher = ScriptedFetcher(jwks(keys.rsa))
+    store = make(fetcher, Clock(), on_change=lambda: calls.append(True))
+    await started(store)
+    assert calls
+
+
+# ---- the shared cache ----
+
+
+def memory_cache() -> SharedKeyCache:
+    return SharedKeyCache(JwksCacheSettings())
+
+
+async def test_second_process_adopts_the_shared_document(keys: Keys) -> None:
+    cache = memory_cache()
+    first_fetcher, second_fetcher = ScriptedFetcher(jwks(keys.rsa)), ScriptedFetcher(jwks(keys.rsa))
+    await started(make(first_fetcher, Clock(), cache))
+    second = await started(make(second_fetcher, Clock(), cache))
+    assert (first_fetcher.jwks_fetches, second_fetcher.jwks_fetches) == (1, 0)
+    assert second.stats.fetches["shared"] == 1
+    assert (await second.key_for("rsa-1", "RS256")).kid == "rsa-1"
+
+
+async def test_waits_for_the_lock_holder_then_adopts(keys: Keys) -> None:
+    cache = memory_cache()
+    clock = Clock()
+    key = cache_key(ISSUER, JWKS_URI)
+    assert await cache.acquire("lock", key, 5) is True  # another process is fetching
+    fetcher = ScriptedFetcher(jwks(keys.rsa))
+    store = make(fetcher, clock, cache, fetch_timeout_seconds=2)
+    refresh = asyncio.ensure_future(store._refresh(from_idp=True))
+    await asyncio.sleep(0.12)
+    await cache.put(key, CachedDocument(jwks(keys.rsa), clock() + 1, None), ttl_seconds=60)
+    assert await refresh == "installed"
+    assert fetcher.jwks_fetches == 0
+
+
+async def test_fetches_itself_when_the_lock_holder_never_delivers(keys: Keys) -> None:
+    cache = memory_cache()
+    assert await cache.acquire("lock", cache_key(ISSUER, JWKS_URI), 5) is True
+    fetcher = ScriptedFetcher(jwks(keys.rsa))
+    store = await started(make(fetcher, Clock(), cache, fetch_timeout_seconds=0.2))
+    assert fetcher.jwks_fetches == 1 and store.usable()
+
+
+async def test_redis_down_falls_back_to_direct_fetch(keys: Keys) -> None:
+    # Nothing listens on port 1: every cache operation fails at once.
+    cache = SharedKeyCache(JwksCacheSettings("redis", "redis://127.0.0.1:1/0", 0.2))
+    fetcher = ScriptedFetcher(jwks(keys.rsa))
+    store = await started(make(fetcher, Clock(), cache))
+    assert fetcher.jwks_fetches == 1
+    assert (await store.key_for("rsa-1", "RS256")).kid == "rsa-1"
+    await cache.close()
+
+
+async def test_stale_shared_document_is_not_adopted(keys: Keys) -> None:
+    cache = memory_cache()
+    clock = Clock()
+    old = SigningKey("old", "RS256", generate_key("RS256"))
+    entry = CachedDocument(jwks(old), clock() - 700, None)  # older than the 600 s interval
+    await cache.put(cache_key(ISSUER, JWKS_URI), entry, ttl_seconds=60)
+    fetcher = ScriptedFetcher(jwks(keys.rsa))
+    store = await started(make(fetcher, clock, cache))
+    assert fetcher.jwks_fetches == 1
+    assert (await store.key_for("rsa-1", "RS256")).kid == "rsa-1"
