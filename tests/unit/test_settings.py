@@ -271,6 +271,64 @@ BAD_CONFIGS: list[tuple[str, object, str, str]] = [
     ("require typo", config(rules=[{"require": {"scope": ["a"]}}]), "rules[0].require.scope", "unknown key"),
     ("realm quote", config(realm='a"b'), "realm", "contain no"),
     ("token size", config(max_token_bytes=10), "max_token_bytes", "between"),
+    (
+        "refresh zero",
+        config(providers=[provider(refresh_interval_seconds=0)]),
+        "providers[0].refresh_interval_seconds",
+        "between",
+    ),
+    (
+        "refetch negative",
+        config(providers=[provider(refetch_min_interval_seconds=-1)]),
+        "providers[0].refetch_min_interval_seconds",
+        "between",
+    ),
+    (
+        "timeout zero",
+        config(providers=[provider(fetch_timeout_seconds=0)]),
+        "providers[0].fetch_timeout_seconds",
+        "between",
+    ),
+    (
+        "stale string",
+        config(providers=[provider(max_stale_seconds="1d")]),
+        "providers[0].max_stale_seconds",
+        "number",
+    ),
+    (
+        "cc bounds",
+        config(providers=[provider(cache_control_min_seconds=100, cache_control_max_seconds=10)]),
+        "providers[0].cache_control_min_seconds",
+        "must not exceed",
+    ),
+    (
+        "ca file",
+        config(providers=[provider(ca_file="/nonexistent/ca.pem")]),
+        "providers[0].ca_file",
+        "cannot load",
+    ),
+    ("readiness", config(readiness="some"), "readiness", "all"),
+    ("cache backend", config(jwks_cache={"backend": "memcached"}), "jwks_cache.backend", "memory or redis"),
+    ("cache no url", config(jwks_cache={"backend": "redis"}), "jwks_cache.url", "required"),
+    (
+        "cache bad url",
+        config(jwks_cache={"backend": "redis", "url": "http://x"}),
+        "jwks_cache.url",
+        "redis://",
+    ),
+    (
+        "cache bad db",
+        config(jwks_cache={"backend": "redis", "url": "redis://h:6379/x"}),
+        "jwks_cache.url",
+        "database",
+    ),
+    ("cache memory url", config(jwks_cache={"url": "redis://h"}), "jwks_cache.url", "only the redis"),
+    (
+        "cache typo",
+        config(jwks_cache={"backend": "redis", "uri": "redis://h"}),
+        "jwks_cache.uri",
+        "unknown key",
+    ),
 ]
 
 
@@ -283,7 +341,50 @@ def test_bad_config_names_key_path(document: object, key_path: str, message: str
     assert message in error.message
 
 
-def test_http_issuer_allowed_on_loopback_or_when_asked() -> None:
+def test_key_policy_defaults_and_cache() -> None:
+    s = parse(config())
+    policy = s.providers[0].keys
+    assert (policy.refresh_interval_seconds, policy.refetch_min_interval_seconds) == (600, 30)
+    assert (policy.fetch_timeout_seconds, policy.max_stale_seconds) == (5, 86400)
+    assert (policy.cache_control_min_seconds, policy.cache_control_max_seconds) == (60, 3600)
+    assert policy.ca_file is None
+    assert s.readiness == "all"
+    assert s.jwks_cache.backend == "memory"
+    redis = parse(config(readiness="any", jwks_cache={"backend": "redis", "url": "redis://:pw@cache:6380/2"}))
+    assert redis.readiness == "any"
+    assert redis.jwks_cache.url == "redis://:pw@cache:6380/2"
+
+
+def test_ca_file_is_loaded(tmp_path: Path) -> None:
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "test CA")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(1)
+        .not_valid_before(now)
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    (tmp_path / "ca.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    s = parse(config(providers=[provider(ca_file="ca.pem")]), base_dir=tmp_path)
+    assert s.providers[0].keys.ca_file == str(tmp_path / "ca.pem")
+    (tmp_path / "bad.pem").write_text("not a certificate")
+    assert (
+        error_of(config(providers=[provider(ca_file="bad.pem")]), tmp_path).key_path == "providers[0].ca_file"
+    )
+
     for issuer in ("http://127.0.0.1:8080", "http://localhost/", "http://[::1]:80/"):
         assert parse(config(providers=[provider(issuer=issuer)])).providers[0].issuer == issuer
     insecure = parse(config(providers=[provider(issuer="http://idp.internal/", allow_insecure_http=True)]))
