@@ -1,0 +1,133 @@
+"""Typed readers for the configuration file: each raises ConfigError naming the key path."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import NoReturn
+
+# RFC 9110 §5.6.2 token characters, lower-case (Envoy lower-cases header names).
+HEADER_NAME = re.compile(r"^[a-z0-9!#$%&'*+.^_`|~-]+$")
+METHOD = re.compile(r"^[A-Z][A-Z0-9_-]*$")
+# Headers an authorizer must never set or remove on the upstream request.
+RESERVED_HEADERS = frozenset(
+    {"host", "connection", "keep-alive", "proxy-connection", "te", "transfer-encoding", "upgrade",
+     "content-length", "trailer"}
+)  # fmt: skip
+CLAIM_SEGMENT = re.compile(r"""\[(?:"((?:[^"\\]|\\.)*)"|'((?:[^'\\]|\\.)*)')\]|([^.\[\]]+)""")
+
+
+class ConfigError(Exception):
+    """A configuration problem at ``key_path``."""
+
+    def __init__(self, key_path: str, message: str) -> None:
+        super().__init__(f"{key_path}: {message}" if key_path else message)
+        self.key_path = key_path
+        self.message = message
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimHeader:
+    header: str
+    claim: str  # as written, for logs
+    path: tuple[str, ...]  # parsed claim path
+
+
+def fail(path: str, message: str) -> NoReturn:
+    raise ConfigError(path, message)
+
+
+def type_name(value: object) -> str:
+    return {dict: "a mapping", list: "a list", str: "a string", bool: "a boolean", type(None): "null"}.get(
+        type(value), "a number" if isinstance(value, int | float) else type(value).__name__
+    )
+
+
+def mapping(value: object, path: str, known: Sequence[str]) -> Mapping[str, object]:
+    if not isinstance(value, dict):
+        fail(path, f"must be a mapping, not {type_name(value)}")
+    for key in value:
+        if not isinstance(key, str) or key not in known:
+            fail(f"{path}.{key}" if path else str(key), f"unknown key (known keys: {', '.join(known)})")
+    return value
+
+
+def string(value: object, path: str, *, allow_empty: bool = False) -> str:
+    if not isinstance(value, str):
+        fail(path, f"must be a string, not {type_name(value)}")
+    if not allow_empty and not value.strip():
+        fail(path, "must not be empty")
+    return value
+
+
+def boolean(value: object, path: str) -> bool:
+    if not isinstance(value, bool):
+        fail(path, f"must be true or false, not {type_name(value)}")
+    return value
+
+
+def number(value: object, path: str, low: float, high: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        fail(path, f"must be a number, not {type_name(value)}")
+    if not low <= value <= high:
+        fail(path, f"must be between {low:g} and {high:g}")
+    return float(value)
+
+
+def listof(value: object, path: str, *, allow_empty: bool = False) -> list[object]:
+    if not isinstance(value, list):
+        fail(path, f"must be a list, not {type_name(value)}")
+    if not value and not allow_empty:
+        fail(path, "must not be empty")
+    return value
+
+
+def str_list(value: object, path: str, *, allow_empty: bool = False) -> tuple[str, ...]:
+    items = tuple(
+        string(v, f"{path}[{i}]") for i, v in enumerate(listof(value, path, allow_empty=allow_empty))
+    )
+    for i, item in enumerate(items):
+        if item in items[:i]:
+            fail(f"{path}[{i}]", f"duplicate value {item!r}")
+    return items
+
+
+def header_name(value: object, path: str) -> str:
+    name = string(value, path).lower()
+    if name.startswith(":"):
+        fail(path, "pseudo-headers cannot be used")
+    if not HEADER_NAME.match(name):
+        fail(path, f"{name!r} is not a valid HTTP header name")
+    return name
+
+
+def parse_claim_path(text: str, path: str) -> tuple[str, ...]:
+    """``a.b`` or ``["https://example.com/roles"]`` (a bracketed, quoted segment may hold dots)."""
+    segments: list[str] = []
+    pos = 0
+    while pos < len(text):
+        if segments and text[pos] == ".":
+            pos += 1
+        m = CLAIM_SEGMENT.match(text, pos)
+        if not m or m.end() == pos:
+            fail(path, f"invalid claim path {text!r}")
+        quoted = m.group(1) if m.group(1) is not None else m.group(2)
+        segments.append(re.sub(r"\\(.)", r"\1", quoted) if quoted is not None else m.group(3))
+        pos = m.end()
+    if not segments or any(s == "" for s in segments):
+        fail(path, f"invalid claim path {text!r}")
+    return tuple(segments)
+
+
+def claim_header(raw: object, path: str) -> ClaimHeader:
+    c = mapping(raw, path, ("header", "claim"))
+    for key in ("header", "claim"):
+        if key not in c:
+            fail(f"{path}.{key}", "is required")
+    claim = string(c["claim"], f"{path}.claim")
+    return ClaimHeader(
+        header=header_name(c["header"], f"{path}.header"),
+        claim=claim,
+        path=parse_claim_path(claim, f"{path}.claim"),
+    )
