@@ -1,22 +1,42 @@
 """Stage 3: which rule applies to a request, and does the principal satisfy it. Pure.
 
-Rules are compiled once from the settings; matching normalises the path once per request so that
-``/public/../admin`` or ``/public/%2e%2e/admin`` is judged as ``/admin`` (RFC 3986 §6.2.2: percent-
-decoding of unreserved characters, then removal of dot segments), and ``//admin`` as ``/admin``.
+Rules come compiled from ``policy.py``. Matching normalises the path once per request so that
+``/public/../admin`` or ``/public/%2e%2e/admin`` is judged as ``/admin`` (RFC 3986 §6.2.2:
+percent-decoding of unreserved characters, then removal of dot segments), and ``//admin`` as
+``/admin``. Template parameters are percent-decoded after matching.
+
+Every check can also report what it looked at (``explain``) for ``ext-authz explain``; the
+request path never builds those descriptions.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from urllib.parse import unquote
 
 from ext_authz import errors
+from ext_authz.claims import claim_value
 from ext_authz.model import Principal, Request
-from ext_authz.settings import RuleSettings
+from ext_authz.policy import (
+    AllOf,
+    AnyOf,
+    Claim,
+    Expression,
+    Match,
+    Not,
+    Providers,
+    Requirement,
+    Roles,
+    RuleSettings,
+    Scopes,
+)
+from ext_authz.settings import ClaimLocations, ProviderSettings
 
 _UNRESERVED_ESCAPE = re.compile(r"%(2[dDeE]|3[0-9]|[46][1-9a-fA-F]|[57][0-9aA]|5[fF]|7[eE])")
 _SLASHES = re.compile(r"/{2,}")
+NO_LOCATIONS = ClaimLocations((), (), ())
 
 
 def normalise_path(path: str) -> str:
@@ -46,68 +66,251 @@ def normalise_path(path: str) -> str:
     return "/".join(output) or "/"
 
 
+def host_name(authority: str) -> str:
+    """The host of an :authority value, lower-case, without port."""
+    host = authority.strip().lower()
+    if host.startswith("["):
+        return host.partition("]")[0] + "]"
+    name, sep, port = host.rpartition(":")
+    return name if sep and port.isdigit() else host
+
+
 @dataclass(frozen=True, slots=True)
-class CompiledRule:
-    name: str
-    anonymous: bool
-    scopes: tuple[str, ...]
-    providers: frozenset[str] | None
-    methods: frozenset[str] | None
-    exact_paths: frozenset[str]
-    path_prefixes: tuple[str, ...]
-    any_path: bool
+class RequestView:
+    """What rules look at, computed once per request."""
+
+    request: Request
+    method: str
+    path: str
+    host: str
 
     @classmethod
-    def compile(cls, rule: RuleSettings) -> CompiledRule:
-        paths = rule.paths
-        return cls(
-            name=rule.name,
-            anonymous=rule.anonymous,
-            scopes=rule.scopes,
-            providers=rule.providers,
-            methods=rule.methods,
-            exact_paths=frozenset(p for p in paths or () if not p.endswith("*")),
-            path_prefixes=tuple(p[:-1] for p in paths or () if p.endswith("*")),
-            any_path=paths is None,
-        )
+    def of(cls, request: Request) -> RequestView:
+        return cls(request, request.method.upper(), normalise_path(request.path), host_name(request.host))
 
-    def matches(self, method: str, path: str) -> bool:
-        if self.methods is not None and method not in self.methods:
-            return False
-        return self.any_path or path in self.exact_paths or path.startswith(self.path_prefixes)
 
-    def check(self, principal: Principal) -> None:
-        """Raise the reason the principal does not satisfy this rule's requirements."""
-        if self.providers is not None and principal.provider not in self.providers:
-            raise errors.IssuerNotAccepted()
-        if self.scopes:
-            granted = granted_scopes(principal.claims)
-            if not all(scope in granted for scope in self.scopes):
-                raise errors.InsufficientScope(self.scopes)
+# ---- match ----
+
+
+def match_params(match: Match, view: RequestView) -> dict[str, str] | None:
+    """The template parameters when every condition holds, else None."""
+    if match.methods is not None and view.method not in match.methods:
+        return None
+    if (match.hosts is not None or match.host_suffixes) and not _host_ok(match, view.host):
+        return None
+    headers = view.request.headers
+    for condition in match.headers:
+        if not _header_ok(condition.kind, headers.get(condition.name), condition.value, condition.regex):
+            return None
+    for key, value in match.context:
+        if view.request.context.get(key) != value:
+            return None
+    if match.paths is None:
+        return {}
+    for pattern in match.paths:
+        params = pattern.match(view.path)
+        if params is not None:
+            return {k: unquote(v) for k, v in params.items()} if params else params
+    return None
+
+
+def _host_ok(match: Match, host: str) -> bool:
+    if match.hosts and host in match.hosts:
+        return True
+    return any(host.endswith(suffix) and len(host) > len(suffix) for suffix in match.host_suffixes)
+
+
+def _header_ok(kind: str, actual: str | None, value: str | None, regex: re.Pattern[str] | None) -> bool:
+    if kind == "present":
+        return actual is not None
+    if kind == "absent":
+        return actual is None
+    if actual is None:
+        return False
+    if kind == "equals":
+        return actual == value
+    assert regex is not None
+    return regex.fullmatch(actual) is not None
+
+
+def explain_match(match: Match, view: RequestView) -> list[tuple[str, bool]]:
+    """Each condition of ``match`` and whether it holds (for ``explain``)."""
+    steps: list[tuple[str, bool]] = []
+    if match.methods is not None:
+        steps.append((f"method {view.method} in {sorted(match.methods)}", view.method in match.methods))
+    if match.hosts is not None or match.host_suffixes:
+        wanted = sorted(match.hosts or ()) + [f"*{s}" for s in match.host_suffixes]
+        steps.append((f"host {view.host!r} in {wanted}", _host_ok(match, view.host)))
+    for c in match.headers:
+        steps.append((c.describe(), _header_ok(c.kind, view.request.headers.get(c.name), c.value, c.regex)))
+    for key, value in match.context:
+        steps.append((f"context {key} = {value!r}", view.request.context.get(key) == value))
+    if match.paths is not None:
+        hit = any(p.match(view.path) is not None for p in match.paths)
+        steps.append((f"path {view.path!r} matches {[p.text for p in match.paths]}", hit))
+    if not steps:
+        steps.append(("matches every request", True))
+    return steps
+
+
+# ---- require ----
+
+
+def _same(actual: object, expected: object) -> bool:
+    """JSON equality: true is not 1, 1 is 1.0."""
+    if isinstance(actual, bool) or isinstance(expected, bool):
+        return isinstance(actual, bool) and isinstance(expected, bool) and actual == expected
+    if isinstance(actual, int | float) and isinstance(expected, int | float):
+        return actual == expected
+    return type(actual) is type(expected) and actual == expected
+
+
+def _claim_has(value: object, expected: object) -> bool:
+    if isinstance(value, list):
+        return any(_same(v, expected) for v in value)
+    return _same(value, expected)
+
+
+def _strings_at(claims: Mapping[str, object], paths: tuple[tuple[str, ...], ...], *, split: bool) -> set[str]:
+    found: set[str] = set()
+    for path in paths:
+        value = claim_value(claims, path)
+        if isinstance(value, str):
+            found.update(value.split() if split else (value,))
+        elif isinstance(value, list):
+            found.update(v for v in value if isinstance(v, str))
+    return found
+
+
+def granted_scopes(claims: Mapping[str, object], locations: ClaimLocations) -> frozenset[str]:
+    """OAuth scopes at the provider's scope claims: space-separated strings or arrays."""
+    return frozenset(_strings_at(claims, locations.scopes, split=True))
+
+
+@dataclass(slots=True)
+class Context:
+    """What requirements look at for one request and principal."""
+
+    principal: Principal
+    locations: ClaimLocations
+    view: RequestView
+    params: Mapping[str, str]
+    _cel_data: dict[str, object] | None = field(default=None)
+
+    def cel_data(self) -> dict[str, object]:
+        if self._cel_data is None:
+            request = self.view.request
+            self._cel_data = {
+                "claims": dict(self.principal.claims),
+                "request": {
+                    "method": self.view.method,
+                    "path": self.view.path,
+                    "host": self.view.host,
+                    "headers": dict(request.headers),
+                },
+                "params": dict(self.params),
+            }
+        return self._cel_data
+
+
+def holds(requirement: Requirement, ctx: Context) -> bool:
+    claims = ctx.principal.claims
+    if isinstance(requirement, AllOf):
+        return all(holds(child, ctx) for child in requirement.children)
+    if isinstance(requirement, AnyOf):
+        return any(holds(child, ctx) for child in requirement.children)
+    if isinstance(requirement, Not):
+        return not holds(requirement.child, ctx)
+    if isinstance(requirement, Providers):
+        return ctx.principal.provider in requirement.names
+    if isinstance(requirement, Scopes):
+        granted = granted_scopes(claims, ctx.locations)
+        return all(scope in granted for scope in requirement.scopes)
+    if isinstance(requirement, Claim):
+        value = claim_value(claims, requirement.path)
+        if requirement.mode == "all_of":
+            return all(_claim_has(value, v) for v in requirement.values)
+        return any(_claim_has(value, v) for v in requirement.values)
+    if isinstance(requirement, Roles):
+        paths = ctx.locations.roles if requirement.kind == "roles" else ctx.locations.groups
+        present = _strings_at(claims, paths, split=False)
+        return any(v in present for v in requirement.values)
+    return _expression_holds(requirement, ctx)
+
+
+def _expression_holds(expression: Expression, ctx: Context) -> bool:
+    try:
+        value = expression.program.eval(data=ctx.cel_data())
+        return value.type().name().upper() == "BOOL" and value.plain_value() is True
+    except Exception:  # a CEL runtime error (a missing claim, a type mismatch) is "does not hold"
+        return False
+
+
+def describe(requirement: Requirement) -> str:
+    if isinstance(requirement, AllOf):
+        return "all of" if requirement.children else "a valid token"
+    if isinstance(requirement, AnyOf):
+        return "any of"
+    if isinstance(requirement, Not):
+        return "not"
+    if isinstance(requirement, Providers):
+        return f"provider in {sorted(requirement.names)}"
+    if isinstance(requirement, Scopes):
+        return f"scopes {list(requirement.scopes)}"
+    if isinstance(requirement, Claim):
+        values = [v for v in requirement.values]
+        shown = repr(values[0]) if requirement.mode == "equals" else f"{requirement.mode} {values!r}"
+        return f"claim {requirement.claim} = {shown}"
+    if isinstance(requirement, Roles):
+        return f"{requirement.kind} any of {list(requirement.values)}"
+    return f"expression {requirement.text}"
+
+
+def explain_requirement(
+    requirement: Requirement, ctx: Context, depth: int = 0
+) -> list[tuple[int, str, bool]]:
+    steps = [(depth, describe(requirement), holds(requirement, ctx))]
+    if isinstance(requirement, AllOf | AnyOf):
+        for child in requirement.children:
+            steps += explain_requirement(child, ctx, depth + 1)
+    elif isinstance(requirement, Not):
+        steps += explain_requirement(requirement.child, ctx, depth + 1)
+    return steps
+
+
+# ---- rules ----
+
+
+@dataclass(frozen=True, slots=True)
+class Matched:
+    rule: RuleSettings
+    params: Mapping[str, str]
 
 
 class Rules:
     """The ordered rules of a config: the first that matches applies."""
 
-    def __init__(self, rules: tuple[RuleSettings, ...]) -> None:
-        self._rules = tuple(CompiledRule.compile(r) for r in rules)
+    def __init__(self, rules: tuple[RuleSettings, ...], providers: tuple[ProviderSettings, ...]) -> None:
+        self.rules = rules
+        self._locations = {p.name: p.claims for p in providers}
 
-    def match(self, request: Request) -> CompiledRule | None:
-        method = request.method.upper()
-        path = normalise_path(request.path)
-        for rule in self._rules:
-            if rule.matches(method, path):
-                return rule
+    def match(self, view: RequestView) -> Matched | None:
+        for rule in self.rules:
+            params = match_params(rule.match, view)
+            if params is not None:
+                return Matched(rule, params)
         return None
 
+    def context(self, matched: Matched, principal: Principal, view: RequestView) -> Context:
+        return Context(principal, self._locations.get(principal.provider, NO_LOCATIONS), view, matched.params)
 
-def granted_scopes(claims: Mapping[str, object]) -> frozenset[str]:
-    """OAuth scopes from ``scope`` (RFC 8693: space-separated) and ``scp`` (string or array)."""
-    granted: set[str] = set()
-    for name in ("scope", "scp"):
-        value = claims.get(name)
-        if isinstance(value, str):
-            granted.update(value.split())
-        elif isinstance(value, list):
-            granted.update(v for v in value if isinstance(v, str))
-    return frozenset(granted)
+    def check(self, matched: Matched, ctx: Context) -> None:
+        """Raise the reason the principal does not satisfy the rule's requirements."""
+        for requirement in matched.rule.require.children:
+            if holds(requirement, ctx):
+                continue
+            if isinstance(requirement, Providers):
+                raise errors.IssuerNotAccepted()
+            if isinstance(requirement, Scopes):
+                raise errors.InsufficientScope(requirement.scopes)
+            raise errors.RequirementNotMet()

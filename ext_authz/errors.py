@@ -177,6 +177,11 @@ class AccessDenied(AuthError):
     description = "access to this resource is denied"
 
 
+class RequirementNotMet(AccessDenied):
+    code = "requirement_not_met"
+    description = "the token does not grant access to this resource"
+
+
 class NoMatchingRule(AccessDenied):
     code = "no_matching_rule"
     description = "no rule allows this request"

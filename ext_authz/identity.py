@@ -27,6 +27,7 @@ from typing import Protocol
 from jwt.algorithms import Algorithm, get_default_algorithms
 
 from ext_authz import errors
+from ext_authz.claims import claim_value
 from ext_authz.keys.jwks import VerificationKey
 from ext_authz.model import Credential, Principal
 from ext_authz.settings import ProviderSettings, normalise_token_type
@@ -198,7 +199,7 @@ class Verifier:
             assert isinstance(value, int | float)
             if value > now + skew:
                 raise error()
-        self._check_audience(provider, claims.get("aud"))
+        self._check_audience(provider, claim_value(claims, provider.claims.audience))
 
     @staticmethod
     def _check_audience(provider: ProviderSettings, aud: object) -> None:

@@ -1,21 +1,26 @@
 """The decision core: request in, decision out. Imports no grpc, no protobuf, no HTTP client.
 
 Stages: rule match → credential → identity → requirements → answer. Expected denials are values;
-an AuthError raised by a stage is turned into a Deny here and never travels further.
+an AuthError raised by a stage is turned into a Deny here and never travels further. A rule in
+dry-run mode computes and logs its decision but lets the request through.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 
 from ext_authz import errors
-from ext_authz.authorization import Rules
+from ext_authz.authorization import Matched, RequestView, Rules
 from ext_authz.credentials import CredentialFinder
 from ext_authz.identity import KeyResolver, Verifier
-from ext_authz.model import Decision, Principal, Request, TokenLocation
+from ext_authz.model import Decision, Deny, Principal, Request, TokenLocation
+from ext_authz.policy import DEFAULT_RULE
 from ext_authz.response import Answers
 from ext_authz.settings import Settings
+
+log = logging.getLogger(__name__)
 
 
 def token_locations(settings: Settings) -> list[TokenLocation]:
@@ -32,33 +37,65 @@ class Pipeline:
         self, settings: Settings, keys: KeyResolver, *, clock: Callable[[], float] = time.time
     ) -> None:
         self.settings = settings
-        self._rules = Rules(settings.rules)
-        self._finder = CredentialFinder(token_locations(settings))
-        self._verifier = Verifier(
+        self.rules = Rules(settings.rules, settings.providers)
+        self.finder = CredentialFinder(token_locations(settings))
+        self.verifier = Verifier(
             settings.providers, keys, max_token_bytes=settings.max_token_bytes, clock=clock
         )
         self.answers = Answers(settings)
 
+    async def identify(self, request: Request) -> tuple[Principal | None, errors.AuthError | None]:
+        """The verified principal, or why the request's credentials do not yield one."""
+        try:
+            credential = self.finder.find(request)
+            if credential is None:
+                return None, None
+            return await self.verifier.verify(credential), None
+        except errors.AuthError as error:
+            return None, error
+
     async def decide(self, request: Request) -> Decision:
-        rule = self._rules.match(request)
-        if rule is None:
-            return self.answers.deny(errors.NoMatchingRule())
-        principal: Principal | None = None
-        try:
-            credential = self._finder.find(request)
-            if credential is not None:
-                principal = await self._verifier.verify(credential)
-        except errors.AuthError as error:
-            if rule.anonymous:
-                # An anonymous route ignores a bad token: the request goes on without identity.
-                return self.answers.allow(request, None, rule.name)
-            return self.answers.deny(error, rule.name)
+        view = RequestView.of(request)
+        matched = self.rules.match(view)
+        if matched is None:
+            denial = self.answers.deny(errors.NoMatchingRule())
+            if self.settings.dry_run:
+                return self._dry_run(denial, request, await self.identify(request), Matched(DEFAULT_RULE, {}))
+            return denial
+        identity = await self.identify(request)
+        principal, error = identity
+        rule = matched.rule
         if rule.anonymous:
-            return self.answers.allow(request, principal, rule.name)
-        if principal is None:
-            return self.answers.deny(errors.MissingToken(), rule.name)
-        try:
-            rule.check(principal)
-        except errors.AuthError as error:
-            return self.answers.deny(error, rule.name, principal.provider)
-        return self.answers.allow(request, principal, rule.name)
+            # An anonymous route ignores a bad token: the request goes on without identity.
+            return self.answers.allow(request, principal, rule)
+        decision: Decision
+        if error is not None:
+            decision = self.answers.deny(error, rule)
+        elif principal is None:
+            decision = self.answers.deny(errors.MissingToken(), rule)
+        else:
+            try:
+                self.rules.check(matched, self.rules.context(matched, principal, view))
+                decision = self.answers.allow(request, principal, rule)
+            except errors.AuthError as failed:
+                decision = self.answers.deny(failed, rule, principal.provider)
+        if isinstance(decision, Deny) and rule.dry_run:
+            return self._dry_run(decision, request, identity, matched)
+        return decision
+
+    def _dry_run(
+        self,
+        denial: Deny,
+        request: Request,
+        identity: tuple[Principal | None, errors.AuthError | None],
+        matched: Matched,
+    ) -> Decision:
+        """Let the request through, recording the denial it would have had."""
+        would = {"status": denial.status, "code": denial.code}
+        log.warning(
+            "dry-run: request allowed that would be denied",
+            extra={
+                "fields": {"rule": matched.rule.name, "dry_run_status": denial.status, "reason": denial.code}
+            },
+        )
+        return self.answers.allow(request, identity[0], matched.rule, {"dry_run_denial": would})

@@ -12,23 +12,15 @@ import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from ext_authz.claims import claim_value
 from ext_authz.credentials import cookie_header_without
 from ext_authz.errors import AuthError, InsufficientScope, KeysUnavailable
 from ext_authz.model import Allow, Deny, Principal, Request
-from ext_authz.settings import ClaimHeader, Settings
+from ext_authz.settings import ClaimHeader, RuleSettings, Settings
 
 log = logging.getLogger(__name__)
 
 MAX_HEADER_VALUE_BYTES = 8 * 1024
-
-
-def claim_value(claims: Mapping[str, object], path: tuple[str, ...]) -> object:
-    value: object = claims
-    for segment in path:
-        if not isinstance(value, Mapping):
-            return None
-        value = value.get(segment)
-    return value
 
 
 def _scalar_text(value: object) -> str | None:
@@ -77,16 +69,24 @@ class Answers:
             owned.update(c.header for c in p.claim_to_headers)
             if p.payload_header:
                 owned.add(p.payload_header)
+        for rule in settings.rules:
+            owned.update(c.header for c in rule.claim_to_headers)
         self.owned_headers = frozenset(owned)
 
-    def allow(self, request: Request, principal: Principal | None, rule: str) -> Allow:
+    def allow(
+        self,
+        request: Request,
+        principal: Principal | None,
+        rule: RuleSettings,
+        extra_metadata: Mapping[str, object] | None = None,
+    ) -> Allow:
         to_set: list[tuple[str, str]] = []
-        metadata: dict[str, object] = {"rule": rule}
+        metadata: dict[str, object] = {"rule": rule.name, **(extra_metadata or {})}
         to_remove: list[str] = []
         params_to_remove: list[str] = []
         if principal is not None:
             headers = self._providers[principal.provider]
-            for claim_header in headers.claims:
+            for claim_header in headers.claims + rule.claim_to_headers:
                 text = header_value(claim_value(principal.claims, claim_header.path))
                 if text is None:
                     continue
@@ -112,7 +112,7 @@ class Answers:
             headers_to_remove=tuple(dict.fromkeys(to_remove)),
             query_params_to_remove=tuple(dict.fromkeys(params_to_remove)),
             metadata=metadata,
-            rule=rule,
+            rule=rule.name,
             provider=principal.provider if principal else None,
         )
 
@@ -139,22 +139,26 @@ class Answers:
             else:
                 to_remove.append("cookie")
 
-    def deny(self, error: AuthError, rule: str = "", provider: str | None = None) -> Deny:
+    def deny(self, error: AuthError, rule: RuleSettings | None = None, provider: str | None = None) -> Deny:
         headers: list[tuple[str, str]] = []
-        if error.status in (400, 401) or error.rfc6750_error == "insufficient_scope":
+        status, body_error, description = error.status, error.body_error, error.detail
+        custom = rule.deny if rule is not None else None
+        if custom is not None and error.status == 403:
+            # The rule's own answer (say 404, to hide that the resource exists): no challenge.
+            status, body_error, description = custom.status, "access_denied", custom.message
+        elif error.status in (400, 401) or error.rfc6750_error == "insufficient_scope":
             headers.append(("www-authenticate", self._challenge(error)))
         if isinstance(error, KeysUnavailable):
             headers.append(("retry-after", str(error.retry_after_seconds)))
         headers.append(("content-type", "application/json"))
         headers.append(("cache-control", "no-store"))
-        body = json.dumps({"error": error.body_error, "error_description": error.detail})
         return Deny(
-            status=error.status,
+            status=status,
             grpc_code=error.grpc_code,
             code=error.code,
             headers=tuple(headers),
-            body=body,
-            rule=rule,
+            body=json.dumps({"error": body_error, "error_description": description}),
+            rule=rule.name if rule is not None else "",
             provider=provider,
         )
 

@@ -19,7 +19,6 @@ from urllib.parse import urlsplit
 import yaml
 
 from ext_authz.configreader import (
-    METHOD,
     RESERVED_HEADERS,
     ClaimHeader,
     ConfigError,
@@ -35,8 +34,9 @@ from ext_authz.configreader import (
     string,
 )
 from ext_authz.keys.jwks import SUPPORTED_ALGORITHMS, JWKSError, KeySet, parse_jwks
+from ext_authz.policy import DEFAULT_RULE, RuleSettings, parse_rules
 
-__all__ = ["ClaimHeader", "ConfigError", "parse_claim_path"]
+__all__ = ["ClaimHeader", "ConfigError", "RuleSettings", "parse_claim_path"]
 
 DEFAULT_ALGORITHMS = (
     "RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA",
@@ -68,6 +68,31 @@ class KeyPolicy:
 
 
 @dataclass(frozen=True, slots=True)
+class ClaimLocations:
+    """Where a provider's tokens carry scopes, roles, groups and the audience (IdPs differ)."""
+
+    scopes: tuple[tuple[str, ...], ...]
+    roles: tuple[tuple[str, ...], ...]
+    groups: tuple[tuple[str, ...], ...]
+    audience: tuple[str, ...] = ("aud",)
+
+
+# Claim paths per IdP; `scopes_claim`, `roles_claim`, `groups_claim` override them.
+PRESETS: Mapping[str, Mapping[str, tuple[str, ...]]] = {
+    "generic": {"scopes": ("scope", "scp"), "roles": ("roles",), "groups": ("groups",)},
+    # Auth0: RBAC permissions beside scopes; roles only as a namespaced custom claim (set roles_claim).
+    "auth0": {"scopes": ("scope", "permissions"), "roles": (), "groups": ()},
+    "okta": {"scopes": ("scp",), "roles": (), "groups": ("groups",)},
+    # Keycloak: client roles sit at resource_access.<client>.roles (add them to roles_claim).
+    "keycloak": {"scopes": ("scope",), "roles": ("realm_access.roles",), "groups": ("groups",)},
+    # Cognito: access tokens carry client_id instead of aud (set audience_claim: client_id).
+    "cognito": {"scopes": ("scope",), "roles": ("cognito:roles",), "groups": ("cognito:groups",)},
+    "entra": {"scopes": ("scp",), "roles": ("roles",), "groups": ("groups",)},
+    "google": {"scopes": (), "roles": (), "groups": ()},
+}
+
+
+@dataclass(frozen=True, slots=True)
 class JwksCacheSettings:
     backend: Literal["memory", "redis"] = "memory"
     url: str | None = None
@@ -94,16 +119,7 @@ class ProviderSettings:
     payload_header: str | None
     allow_insecure_http: bool
     keys: KeyPolicy
-
-
-@dataclass(frozen=True, slots=True)
-class RuleSettings:
-    name: str  # "rules[2]", for logs and metadata
-    paths: tuple[str, ...] | None  # None: every path
-    methods: frozenset[str] | None  # None: every method
-    anonymous: bool
-    scopes: tuple[str, ...]
-    providers: frozenset[str] | None  # None: any provider
+    claims: ClaimLocations
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,6 +131,7 @@ class Settings:
     max_token_bytes: int
     readiness: Literal["all", "any"] = "all"
     jwks_cache: JwksCacheSettings = JwksCacheSettings()
+    dry_run: bool = False  # top-level `mode: dry_run`: every rule, and requests no rule matches
     source: str = "<config>"
 
 
@@ -170,7 +187,8 @@ _PROVIDER_KEYS = (
     "token_types", "require_typ", "from_headers", "from_cookies", "from_params", "claim_to_headers",
     "forward_token", "payload_header", "allow_insecure_http", "refresh_interval_seconds",
     "refetch_min_interval_seconds", "fetch_timeout_seconds", "max_stale_seconds",
-    "cache_control_min_seconds", "cache_control_max_seconds", "ca_file",
+    "cache_control_min_seconds", "cache_control_max_seconds", "ca_file", "preset", "scopes_claim",
+    "roles_claim", "groups_claim", "audience_claim",
 )  # fmt: skip
 
 
@@ -259,6 +277,32 @@ def _provider(raw: object, path: str, base_dir: Path) -> ProviderSettings:
         payload_header=payload_header,
         allow_insecure_http=insecure,
         keys=_key_policy(p, path, base_dir),
+        claims=_claim_locations(p, path),
+    )
+
+
+def _claim_locations(p: Mapping[str, object], path: str) -> ClaimLocations:
+    preset_name = p.get("preset", "generic")
+    if preset_name not in PRESETS:
+        fail(f"{path}.preset", f"must be one of {', '.join(n for n in PRESETS if n != 'generic')}")
+    preset = PRESETS[str(preset_name)]
+
+    def paths(kind: str) -> tuple[tuple[str, ...], ...]:
+        key = f"{kind}_claim"
+        raw = p.get(key, list(preset[kind]))
+        names = (
+            (string(raw, f"{path}.{key}"),)
+            if isinstance(raw, str)
+            else str_list(raw, f"{path}.{key}", allow_empty=True)
+        )
+        return tuple(parse_claim_path(n, f"{path}.{key}") for n in names)
+
+    audience = string(p.get("audience_claim", "aud"), f"{path}.audience_claim")
+    return ClaimLocations(
+        scopes=paths("scopes"),
+        roles=paths("roles"),
+        groups=paths("groups"),
+        audience=parse_claim_path(audience, f"{path}.audience_claim"),
     )
 
 
@@ -334,57 +378,7 @@ def _header_source(raw: object, path: str) -> HeaderSource:
     return HeaderSource(name=header_name(h["name"], f"{path}.name"), prefix=prefix)
 
 
-def _path_pattern(value: object, path: str) -> str:
-    pattern = string(value, path)
-    if not pattern.startswith("/"):
-        fail(path, f"{pattern!r} must start with '/'")
-    if "*" in pattern[:-1]:
-        fail(path, f"{pattern!r}: '*' is only allowed at the end (a prefix match)")
-    if "?" in pattern or "#" in pattern:
-        fail(path, f"{pattern!r}: the query string is not part of the path")
-    return pattern
-
-
-def _rule(raw: object, path: str, provider_names: frozenset[str]) -> RuleSettings:
-    r = mapping(raw, path, ("match", "allow", "require"))
-    if ("allow" in r) == ("require" in r):
-        fail(path, "give exactly one of 'allow: anonymous' or 'require: {...}'")
-    m = mapping(r.get("match", {}), f"{path}.match", ("paths", "methods"))
-    paths = None
-    if "paths" in m:
-        paths = tuple(
-            _path_pattern(v, f"{path}.match.paths[{i}]")
-            for i, v in enumerate(listof(m["paths"], f"{path}.match.paths"))
-        )
-    methods = None
-    if "methods" in m:
-        names = str_list(m["methods"], f"{path}.match.methods")
-        for i, method in enumerate(names):
-            if not METHOD.match(method.upper()):
-                fail(f"{path}.match.methods[{i}]", f"{method!r} is not an HTTP method")
-        methods = frozenset(n.upper() for n in names)
-    if "allow" in r:
-        if r["allow"] != "anonymous":
-            fail(f"{path}.allow", "the only value is 'anonymous' (use 'require' for token rules)")
-        return RuleSettings(path, paths, methods, anonymous=True, scopes=(), providers=None)
-    req = mapping(
-        r["require"] if r["require"] is not None else {}, f"{path}.require", ("scopes", "providers")
-    )
-    scopes = str_list(req.get("scopes", []), f"{path}.require.scopes", allow_empty=True)
-    for i, scope in enumerate(scopes):
-        if any(ch.isspace() or ch in '"\\' for ch in scope):
-            fail(f"{path}.require.scopes[{i}]", "a scope contains no white space, '\"' or '\\'")
-    providers = None
-    if "providers" in req:
-        listed = str_list(req["providers"], f"{path}.require.providers")
-        for i, name in enumerate(listed):
-            if name not in provider_names:
-                fail(f"{path}.require.providers[{i}]", f"no provider is named {name!r}")
-        providers = frozenset(listed)
-    return RuleSettings(path, paths, methods, anonymous=False, scopes=scopes, providers=providers)
-
-
-_TOP_KEYS = ("listen", "realm", "providers", "rules", "max_token_bytes", "readiness", "jwks_cache")
+_TOP_KEYS = ("listen", "realm", "providers", "rules", "max_token_bytes", "readiness", "jwks_cache", "mode")
 
 
 def parse(document: object, *, base_dir: Path = Path("."), source: str = "<config>") -> Settings:
@@ -401,11 +395,15 @@ def parse(document: object, *, base_dir: Path = Path("."), source: str = "<confi
     )
     _check_providers_together(providers)
     names = frozenset(p.name for p in providers)
+    mode = top.get("mode", "enforce")
+    if mode not in ("enforce", "dry_run"):
+        fail("mode", "must be enforce or dry_run (decisions are computed and logged, requests allowed)")
     if "rules" in top:
-        rules = tuple(_rule(r, f"rules[{i}]", names) for i, r in enumerate(listof(top["rules"], "rules")))
+        rules = parse_rules(top["rules"], names, dry_run=mode == "dry_run")
     else:
         # No rules: every request needs a valid token from any provider.
-        rules = (RuleSettings("default", None, None, anonymous=False, scopes=(), providers=None),)
+        rules = (replace(DEFAULT_RULE, dry_run=mode == "dry_run"),)
+    _check_owned_headers(providers, rules)
     max_token_bytes = int(
         number(top.get("max_token_bytes", DEFAULT_MAX_TOKEN_BYTES), "max_token_bytes", 256, 1 << 20)
     )
@@ -413,7 +411,9 @@ def parse(document: object, *, base_dir: Path = Path("."), source: str = "<confi
     if readiness not in ("all", "any"):
         fail("readiness", "must be all (every provider has keys) or any (at least one has)")
     jwks_cache = _jwks_cache(top.get("jwks_cache", {}))
-    return Settings(listen, realm, providers, rules, max_token_bytes, readiness, jwks_cache, source)
+    return Settings(
+        listen, realm, providers, rules, max_token_bytes, readiness, jwks_cache, mode == "dry_run", source
+    )
 
 
 def _check_providers_together(providers: tuple[ProviderSettings, ...]) -> None:
@@ -426,13 +426,27 @@ def _check_providers_together(providers: tuple[ProviderSettings, ...]) -> None:
             fail(f"providers[{i}].issuer", "another provider has the same issuer (tokens are routed by iss)")
         seen_names.add(p.name)
         seen_issuers.add(p.issuer)
+
+
+def _check_owned_headers(providers: tuple[ProviderSettings, ...], rules: tuple[RuleSettings, ...]) -> None:
+    """Identity headers ext-authz sets must not be headers that carry tokens, nor reserved ones."""
     sources = {h.name for p in providers for h in p.from_headers}
-    for i, p in enumerate(providers):
-        for target in [c.header for c in p.claim_to_headers] + (
-            [p.payload_header] if p.payload_header else []
-        ):
+    owners = [
+        (
+            f"providers[{i}].claim_to_headers",
+            [c.header for c in p.claim_to_headers] + [p.payload_header or ""],
+        )
+        for i, p in enumerate(providers)
+    ]
+    owners += [
+        (f"rules[{i}].claim_to_headers", [c.header for c in r.claim_to_headers]) for i, r in enumerate(rules)
+    ]
+    for where, targets in owners:
+        for target in filter(None, targets):
             if target in sources:
-                fail(f"providers[{i}].claim_to_headers", f"header {target!r} also carries tokens")
+                fail(where, f"header {target!r} also carries tokens")
+            if target in RESERVED_HEADERS:
+                fail(where, f"header {target!r} cannot be set by an authorizer")
 
 
 class _StrictLoader(yaml.SafeLoader):

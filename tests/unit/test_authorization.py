@@ -1,4 +1,5 @@
-"""Stage 3: rule matching, path normalisation and requirements."""
+"""Stage 3, table-driven: every matcher and requirement, path tricks, and the claim shapes of
+real IdPs through their presets."""
 
 from __future__ import annotations
 
@@ -7,8 +8,9 @@ from typing import Any
 import pytest
 
 from ext_authz import errors
-from ext_authz.authorization import Rules, granted_scopes, normalise_path
+from ext_authz.authorization import Context, RequestView, Rules, explain_match, host_name, normalise_path
 from ext_authz.model import Credential, Principal, Request
+from ext_authz.settings import Settings
 from tests.unit.conftest import make_settings
 
 
@@ -36,61 +38,294 @@ def test_normalise_path(raw: str, normal: str) -> None:
     assert normalise_path(raw) == normal
 
 
-RULES: list[Any] = [
-    {"match": {"paths": ["/healthz", "/public/*"]}, "allow": "anonymous"},
-    {"match": {"paths": ["/admin/*"], "methods": ["POST", "DELETE"]}, "require": {"scopes": ["admin"]}},
-    {"match": {"paths": ["/internal"]}, "require": {"providers": ["idp"]}},
-    {"match": {"methods": ["GET"]}, "require": {}},
+@pytest.mark.parametrize(
+    ("authority", "host"),
+    [("API.example.com:8443", "api.example.com"), ("a.b", "a.b"), ("[::1]:80", "[::1]"), ("h:x", "h:x")],
+)
+def test_host_name(authority: str, host: str) -> None:
+    assert host_name(authority) == host
+
+
+def rules_of(*rules: Any, **provider: Any) -> tuple[Rules, Settings]:
+    s = make_settings(rules=list(rules), provider=provider)
+    return Rules(s.rules, s.providers), s
+
+
+def view(
+    path: str = "/",
+    method: str = "GET",
+    host: str = "api.example.com",
+    context: dict[str, str] | None = None,
+    **headers: str,
+) -> RequestView:
+    h = {k.replace("_", "-"): v for k, v in headers.items()}
+    return RequestView.of(Request(method, path, host=host, headers=h, context=context or {}))
+
+
+MATCH_CASES: list[tuple[str, dict[str, Any], RequestView, dict[str, str] | None]] = [
+    ("every request", {}, view(), {}),
+    ("method", {"methods": ["GET", "head"]}, view(method="HEAD"), {}),
+    ("method other", {"methods": ["GET"]}, view(method="POST"), None),
+    ("exact path", {"paths": ["/a"]}, view("/a"), {}),
+    ("exact path is not prefix", {"paths": ["/a"]}, view("/a/b"), None),
+    ("prefix", {"paths": ["/a/*"]}, view("/a/b/c"), {}),
+    ("prefix needs its slash", {"paths": ["/a/*"]}, view("/a"), None),
+    ("prefix without slash", {"paths": ["/api*"]}, view("/api-v2"), {}),
+    ("template", {"paths": ["/users/{id}"]}, view("/users/alice"), {"id": "alice"}),
+    ("template decodes", {"paths": ["/users/{id}"]}, view("/users/auth0%7C123"), {"id": "auth0|123"}),
+    ("template one segment", {"paths": ["/users/{id}"]}, view("/users/a/b"), None),
+    ("template empty segment", {"paths": ["/users/{id}"]}, view("/users/"), None),
+    (
+        "template prefix",
+        {"paths": ["/orgs/{org}/projects/{project}/*"]},
+        view("/orgs/o1/projects/p2/files/x"),
+        {"org": "o1", "project": "p2"},
+    ),
+    ("template traversal", {"paths": ["/users/{id}"]}, view("/users/alice/../bob"), {"id": "bob"}),
+    ("template regex chars", {"paths": ["/v1.0/{x}"]}, view("/v1x0/y"), None),
+    ("host exact", {"hosts": ["api.example.com"]}, view(host="API.example.com:443"), {}),
+    ("host other", {"hosts": ["api.example.com"]}, view(host="evil.com"), None),
+    ("host wildcard", {"hosts": ["*.example.com"]}, view(host="a.b.example.com"), {}),
+    ("host wildcard not apex", {"hosts": ["*.example.com"]}, view(host="example.com"), None),
+    ("host wildcard not lookalike", {"hosts": ["*.example.com"]}, view(host="evilexample.com"), None),
+    ("header equals", {"headers": {"x-env": "prod"}}, view(x_env="prod"), {}),
+    ("header equals other", {"headers": {"x-env": "prod"}}, view(x_env="dev"), None),
+    ("header present", {"headers": {"x-debug": {"present": True}}}, view(x_debug=""), {}),
+    ("header present missing", {"headers": {"x-debug": {"present": True}}}, view(), None),
+    ("header absent", {"headers": {"x-debug": {"present": False}}}, view(), {}),
+    ("header regex", {"headers": {"x-ver": {"regex": "v[0-9]+"}}}, view(x_ver="v12"), {}),
+    ("header regex is full", {"headers": {"x-ver": {"regex": "v[0-9]+"}}}, view(x_ver="v12-beta"), None),
+    ("context", {"context": {"rule": "admin-api"}}, view(context={"rule": "admin-api"}), {}),
+    ("context other", {"context": {"rule": "admin-api"}}, view(context={"rule": "x"}), None),
+    ("all conditions", {"paths": ["/a"], "methods": ["GET"], "hosts": ["h"]}, view("/a", host="h"), {}),
+    (
+        "all conditions one fails",
+        {"paths": ["/a"], "methods": ["GET"], "hosts": ["h"]},
+        view("/a", host="x"),
+        None,
+    ),
 ]
 
 
 @pytest.mark.parametrize(
-    ("method", "path", "rule"),
-    [
-        ("GET", "/healthz", "rules[0]"),
-        ("POST", "/healthz", "rules[0]"),
-        ("GET", "/public/", "rules[0]"),
-        ("GET", "/public/a/b", "rules[0]"),
-        ("GET", "/public", "rules[3]"),
-        ("GET", "/healthz/x", "rules[3]"),
-        ("post", "/admin/users", "rules[1]"),
-        ("GET", "/admin/users", "rules[3]"),
-        ("POST", "/public/../admin/x", "rules[1]"),
-        ("POST", "/public/%2e%2e/admin/x", "rules[1]"),
-        ("POST", "//admin/x", "rules[1]"),
-        ("PUT", "/internal", "rules[2]"),
-        ("PUT", "/other", None),
-        ("", "", None),
-    ],
+    ("match", "request_view", "params"), [c[1:] for c in MATCH_CASES], ids=[c[0] for c in MATCH_CASES]
 )
-def test_first_match_wins(method: str, path: str, rule: str | None) -> None:
-    rules = Rules(make_settings(rules=RULES).rules)
-    matched = rules.match(Request(method, path))
-    assert (matched.name if matched else None) == rule
+def test_matchers(match: dict[str, Any], request_view: RequestView, params: dict[str, str] | None) -> None:
+    rules, _ = rules_of({"match": match, "require": {}})
+    matched = rules.match(request_view)
+    assert (matched.params if matched else None) == params
+    steps = explain_match(rules.rules[0].match, request_view)
+    assert all(ok for _, ok in steps) == (params is not None)
 
 
-def principal(provider: str = "idp", **claims: object) -> Principal:
+TRAVERSAL = [
+    "/public/../admin/x",
+    "/public/%2e%2e/admin/x",
+    "/public/.%2E/admin/x",
+    "/public/./../admin/x",
+    "//admin/x",
+    "/public//../admin/x",
+    "/%2e%2e/admin/x",
+    "/%61dmin/x",
+]
+
+
+@pytest.mark.parametrize("path", TRAVERSAL)
+def test_traversal_cannot_reach_an_anonymous_rule(path: str) -> None:
+    rules, _ = rules_of(
+        {"match": {"paths": ["/public/*"]}, "allow": "anonymous"},
+        {"match": {"paths": ["/admin/*"]}, "require": {"scopes": ["admin"]}},
+        {"require": {}},
+    )
+    matched = rules.match(view(path))
+    assert matched is not None and matched.rule.name == "rules[1]"
+
+
+def principal(claims: dict[str, Any], provider: str = "idp") -> Principal:
     return Principal(provider, claims, "", Credential("t", ()))
 
 
-def test_requirements() -> None:
-    rules = Rules(make_settings(rules=RULES).rules)
-    admin = rules.match(Request("POST", "/admin/x"))
-    assert admin is not None
-    admin.check(principal(scope="read admin"))
-    admin.check(principal(scp=["admin"]))
-    with pytest.raises(errors.InsufficientScope) as caught:
-        admin.check(principal(scope="read"))
-    assert caught.value.scopes == ("admin",) and caught.value.status == 403
-    internal = rules.match(Request("GET", "/internal"))
-    assert internal is not None
-    internal.check(principal())
-    with pytest.raises(errors.IssuerNotAccepted):
-        internal.check(principal("other"))
+def holds(
+    require: dict[str, Any], claims: dict[str, Any], request_view: RequestView | None = None, **provider: Any
+) -> bool:
+    rules, _ = rules_of({"match": {"paths": ["/users/{id}", "/*"]}, "require": require}, **provider)
+    v = request_view or view("/users/alice")
+    matched = rules.match(v)
+    assert matched is not None
+    ctx = rules.context(matched, principal(claims), v)
+    try:
+        rules.check(matched, ctx)
+    except errors.AuthError:
+        return False
+    return True
 
 
-def test_granted_scopes() -> None:
-    assert granted_scopes({"scope": "a  b"}) == {"a", "b"}
-    assert granted_scopes({"scp": "a b"}) == {"a", "b"}
-    assert granted_scopes({"scp": ["a", 1, "c"], "scope": "b"}) == {"a", "b", "c"}
-    assert granted_scopes({"scope": 5}) == frozenset()
+REQUIREMENT_CASES: list[tuple[str, dict[str, Any], dict[str, Any], bool]] = [
+    ("any valid token", {}, {}, True),
+    ("scopes string", {"scopes": ["read", "write"]}, {"scope": "write read"}, True),
+    ("scopes missing one", {"scopes": ["read", "write"]}, {"scope": "read"}, False),
+    ("scopes scp array", {"scopes": ["read"]}, {"scp": ["read"]}, True),
+    ("scopes scp string", {"scopes": ["read"]}, {"scp": "read x"}, True),
+    ("claim equals", {"claims": {"tenant": "t1"}}, {"tenant": "t1"}, True),
+    ("claim differs", {"claims": {"tenant": "t1"}}, {"tenant": "t2"}, False),
+    ("claim missing", {"claims": {"tenant": "t1"}}, {}, False),
+    ("claim array contains", {"claims": {"groups": "admins"}}, {"groups": ["users", "admins"]}, True),
+    ("claim array lacks", {"claims": {"groups": "admins"}}, {"groups": ["users"]}, False),
+    ("claim bool strict", {"claims": {"email_verified": True}}, {"email_verified": "true"}, False),
+    ("claim bool", {"claims": {"email_verified": True}}, {"email_verified": True}, True),
+    ("claim 1 is not true", {"claims": {"email_verified": True}}, {"email_verified": 1}, False),
+    ("claim number", {"claims": {"level": 3}}, {"level": 3.0}, True),
+    ("claim number string", {"claims": {"level": 3}}, {"level": "3"}, False),
+    (
+        "claim dotted",
+        {"claims": {"realm_access.roles": "admin"}},
+        {"realm_access": {"roles": ["admin"]}},
+        True,
+    ),
+    (
+        "claim bracket",
+        {"claims": {'["https://example.com/roles"]': "admin"}},
+        {"https://example.com/roles": ["admin"]},
+        True,
+    ),
+    ("claim any_of", {"claims": {"tier": {"any_of": ["gold", "silver"]}}}, {"tier": "silver"}, True),
+    ("claim any_of none", {"claims": {"tier": {"any_of": ["gold", "silver"]}}}, {"tier": "bronze"}, False),
+    ("claim all_of", {"claims": {"groups": {"all_of": ["a", "b"]}}}, {"groups": ["b", "c", "a"]}, True),
+    ("claim all_of lacks", {"claims": {"groups": {"all_of": ["a", "b"]}}}, {"groups": ["a"]}, False),
+    ("roles generic", {"roles": ["admin", "ops"]}, {"roles": ["ops"]}, True),
+    ("roles none", {"roles": ["admin"]}, {"roles": ["user"]}, False),
+    ("roles single string", {"roles": ["admin"]}, {"roles": "admin"}, True),
+    ("groups generic", {"groups": ["eng"]}, {"groups": ["eng"]}, True),
+    ("any_of", {"any_of": [{"roles": ["admin"]}, {"scopes": ["write"]}]}, {"scope": "write"}, True),
+    ("any_of none", {"any_of": [{"roles": ["admin"]}, {"scopes": ["write"]}]}, {"scope": "read"}, False),
+    (
+        "all_of",
+        {"all_of": [{"roles": ["admin"]}, {"scopes": ["write"]}]},
+        {"scope": "write", "roles": ["admin"]},
+        True,
+    ),
+    ("all_of one", {"all_of": [{"roles": ["admin"]}, {"scopes": ["write"]}]}, {"scope": "write"}, False),
+    ("not", {"not": {"claims": {"suspended": True}}}, {"suspended": False}, True),
+    ("not holds", {"not": {"claims": {"suspended": True}}}, {"suspended": True}, False),
+    ("expression owner", {"expression": "claims.sub == params.id"}, {"sub": "alice"}, True),
+    ("expression not owner", {"expression": "claims.sub == params.id"}, {"sub": "bob"}, False),
+    (
+        "expression request",
+        {"expression": 'request.method == "GET" && request.host == "api.example.com"'},
+        {},
+        True,
+    ),
+    ("expression missing claim is false", {"expression": 'claims.missing == "x"'}, {}, False),
+    ("expression in list", {"expression": '"admin" in claims.roles'}, {"roles": ["admin"]}, True),
+    ("provider", {"providers": ["idp"]}, {}, True),
+    (
+        "combined",
+        {"scopes": ["read"], "claims": {"tenant": "t1"}, "expression": "claims.sub == params.id"},
+        {"scope": "read", "tenant": "t1", "sub": "alice"},
+        True,
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("require", "claims", "ok"), [c[1:] for c in REQUIREMENT_CASES], ids=[c[0] for c in REQUIREMENT_CASES]
+)
+def test_requirements(require: dict[str, Any], claims: dict[str, Any], ok: bool) -> None:
+    assert holds(require, claims) is ok
+
+
+def test_failure_reasons() -> None:
+    rules, _ = rules_of(
+        {"match": {"paths": ["/scoped"]}, "require": {"scopes": ["admin"], "roles": ["x"]}},
+        {"match": {"paths": ["/provider"]}, "require": {"providers": ["idp"]}},
+        {"match": {"paths": ["/claims"]}, "require": {"claims": {"a": "b"}}},
+    )
+
+    def reason(path: str, claims: dict[str, Any], provider: str = "idp") -> type[errors.AuthError]:
+        v = view(path)
+        matched = rules.match(v)
+        assert matched is not None
+        with pytest.raises(errors.AuthError) as caught:
+            rules.check(matched, rules.context(matched, principal(claims, provider), v))
+        return type(caught.value)
+
+    assert reason("/scoped", {}) is errors.InsufficientScope
+    assert reason("/scoped", {"scope": "admin"}) is errors.RequirementNotMet
+    assert reason("/provider", {}, provider="other") is errors.IssuerNotAccepted
+    assert reason("/claims", {}) is errors.RequirementNotMet
+
+
+# One token shaped like each mainstream IdP's, read through its preset.
+IDP_SHAPES: list[tuple[str, dict[str, Any], dict[str, Any], dict[str, Any]]] = [
+    (
+        "auth0",
+        {"preset": "auth0", "roles_claim": '["https://example.com/roles"]'},
+        {
+            "scope": "openid read:orders",
+            "permissions": ["write:orders"],
+            "https://example.com/roles": ["admin"],
+        },
+        {"scopes": ["read:orders", "write:orders"], "roles": ["admin"]},
+    ),
+    (
+        "okta",
+        {"preset": "okta"},
+        {"scp": ["orders.read"], "groups": ["Everyone", "Admins"]},
+        {"scopes": ["orders.read"], "groups": ["Admins"]},
+    ),
+    (
+        "keycloak",
+        {"preset": "keycloak", "roles_claim": ["realm_access.roles", "resource_access.orders-api.roles"]},
+        {
+            "scope": "openid profile",
+            "realm_access": {"roles": ["offline_access"]},
+            "resource_access": {"orders-api": {"roles": ["order-admin"]}},
+        },
+        {"scopes": ["profile"], "roles": ["order-admin"]},
+    ),
+    (
+        "cognito",
+        {"preset": "cognito"},
+        {"scope": "orders/read", "cognito:groups": ["admins"], "client_id": "abc"},
+        {"scopes": ["orders/read"], "groups": ["admins"]},
+    ),
+    (
+        "entra",
+        {"preset": "entra"},
+        {"scp": "Orders.Read User.Read", "roles": ["Orders.Admin"], "groups": ["0d1f-guid"]},
+        {"scopes": ["Orders.Read"], "roles": ["Orders.Admin"], "groups": ["0d1f-guid"]},
+    ),
+    (
+        "google",
+        {"preset": "google"},
+        {"hd": "example.com", "email_verified": True},
+        {"claims": {"hd": "example.com", "email_verified": True}},
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("provider", "claims", "require"), [c[1:] for c in IDP_SHAPES], ids=[c[0] for c in IDP_SHAPES]
+)
+def test_idp_shapes(provider: dict[str, Any], claims: dict[str, Any], require: dict[str, Any]) -> None:
+    assert holds(require, claims, **provider)
+    # The same requirement fails when the claims lack what it asks for.
+    emptied: dict[str, Any] = {
+        k: ([] if isinstance(v, list) else "" if isinstance(v, str) else v) for k, v in claims.items()
+    }
+    emptied = {k: v for k, v in emptied.items() if k not in ("hd", "email_verified")}
+    assert not holds(require, emptied, **provider)
+
+
+def test_cognito_audience_claim() -> None:
+    s = make_settings(provider={"preset": "cognito", "audience_claim": "client_id"})
+    assert s.providers[0].claims.audience == ("client_id",)
+
+
+def test_context_builds_cel_data_once() -> None:
+    rules, _ = rules_of({"require": {"expression": "claims.sub == 'alice'"}})
+    v = view()
+    matched = rules.match(v)
+    assert matched is not None
+    ctx: Context = rules.context(matched, principal({"sub": "alice"}), v)
+    assert ctx.cel_data() is ctx.cel_data()

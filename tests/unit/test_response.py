@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 
 from ext_authz import errors
+from ext_authz.claims import claim_value
 from ext_authz.model import Credential, Principal, Request, TokenLocation
-from ext_authz.response import Answers, claim_value, header_value, is_safe_header_value
+from ext_authz.policy import DEFAULT_RULE
+from ext_authz.response import Answers, header_value, is_safe_header_value
 from tests.unit.conftest import make_settings
 
 CLAIM_HEADERS = [
@@ -20,6 +23,9 @@ CLAIM_HEADERS = [
     {"header": "x-verified", "claim": "email_verified"},
     {"header": "x-bad", "claim": "bad"},
 ]
+
+
+RULE = replace(DEFAULT_RULE, name="rules[0]")
 
 
 def answers(**provider: object) -> Answers:
@@ -58,7 +64,7 @@ def test_allow_sets_claims_and_strips_forgeries() -> None:
     }
     forged = {"x-user-id": "mallory", "x-email": "forged@example.com", "x-bad": "1", "x-other": "kept"}
     allow = answers(payload_header="x-jwt-payload").allow(
-        Request("GET", "/", headers=forged), principal(claims), "rules[0]"
+        Request("GET", "/", headers=forged), principal(claims), RULE
     )
     assert dict(allow.headers_to_set) == {
         "x-user-id": "alice",
@@ -76,9 +82,7 @@ def test_allow_sets_claims_and_strips_forgeries() -> None:
 
 def test_anonymous_allow_removes_every_owned_header() -> None:
     forged = {"x-user-id": "mallory", "x-jwt-payload": "e30", "x-other": "kept"}
-    allow = answers(payload_header="x-jwt-payload").allow(
-        Request("GET", "/", headers=forged), None, "rules[0]"
-    )
+    allow = answers(payload_header="x-jwt-payload").allow(Request("GET", "/", headers=forged), None, RULE)
     assert allow.headers_to_set == ()
     assert set(allow.headers_to_remove) == {"x-user-id", "x-jwt-payload"}
     assert allow.metadata == {"rule": "rules[0]"}
@@ -95,7 +99,7 @@ def test_forward_token_false_removes_the_carrier() -> None:
             TokenLocation("cookie", "session"),
             TokenLocation("param", "access_token"),
         ),
-        "r",
+        RULE,
     )
     assert "authorization" in allow.headers_to_remove
     assert ("cookie", "a=1") in allow.headers_to_set
@@ -103,7 +107,7 @@ def test_forward_token_false_removes_the_carrier() -> None:
     only_cookie = a.allow(
         Request("GET", "/", headers={"cookie": "session=tok"}),
         principal({"sub": "alice"}, TokenLocation("cookie", "session")),
-        "r",
+        RULE,
     )
     assert "cookie" in only_cookie.headers_to_remove
 
@@ -138,7 +142,7 @@ def test_forward_token_false_removes_the_carrier() -> None:
     ],
 )
 def test_denials(error: errors.AuthError, status: int, challenge: str | None, body_error: str) -> None:
-    deny = answers().deny(error, "rules[1]")
+    deny = answers().deny(error, RULE)
     headers = dict(deny.headers)
     assert deny.status == status
     assert headers.get("www-authenticate") == challenge
@@ -153,3 +157,26 @@ def test_denials(error: errors.AuthError, status: int, challenge: str | None, bo
 def test_realm_is_configurable() -> None:
     deny = Answers(make_settings(realm="orders")).deny(errors.MissingToken())
     assert dict(deny.headers)["www-authenticate"] == 'Bearer realm="orders"'
+
+
+def test_rule_deny_replaces_403_answers() -> None:
+    from ext_authz.policy import DenySettings
+
+    rule = replace(RULE, deny=DenySettings(404, "no such order"))
+    for error in (errors.RequirementNotMet(), errors.InsufficientScope(("admin",))):
+        deny = answers().deny(error, rule)
+        assert deny.status == 404
+        assert "www-authenticate" not in dict(deny.headers)
+        assert json.loads(deny.body) == {"error": "access_denied", "error_description": "no such order"}
+    # A 401 stays a 401: the client must learn to authenticate.
+    assert answers().deny(errors.MissingToken(), rule).status == 401
+
+
+def test_rule_claim_headers_are_added_and_owned() -> None:
+    from ext_authz.configreader import ClaimHeader
+
+    rule = replace(RULE, claim_to_headers=(ClaimHeader("x-org", "org", ("org",)),))
+    a = Answers(make_settings(provider={"claim_to_headers": CLAIM_HEADERS}))
+    assert "x-org" not in a.owned_headers  # owned only when a rule of the config declares it
+    allow = a.allow(Request("GET", "/"), principal({"sub": "alice", "org": "o1"}), rule)
+    assert ("x-org", "o1") in allow.headers_to_set

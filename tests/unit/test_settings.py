@@ -46,7 +46,8 @@ def test_defaults() -> None:
     assert p.forward_token and p.payload_header is None and p.jwks_uri is None
     # No rules: one rule that requires any valid token on every request.
     (rule,) = s.rules
-    assert rule.paths is None and rule.methods is None and not rule.anonymous and rule.providers is None
+    assert rule.match.paths is None and rule.match.methods is None and not rule.anonymous
+    assert rule.require.children == ()
 
 
 def test_full_example_from_the_readme() -> None:
@@ -92,9 +93,9 @@ def test_full_example_from_the_readme() -> None:
         ("realm_access", "roles"),
         ("https://example.com/roles",),
     ]
-    assert s.rules[1].methods == frozenset({"POST", "PUT"})
-    assert s.rules[2].providers == frozenset({"idp"})
-    assert s.rules[3].paths is None and s.rules[3].scopes == ()
+    assert s.rules[1].match.methods == frozenset({"POST", "PUT"})
+    assert s.rules[1].scopes == ("admin",)
+    assert s.rules[3].match.paths is None and s.rules[3].scopes == ()
 
 
 BAD_CONFIGS: list[tuple[str, object, str, str]] = [

@@ -1,0 +1,404 @@
+"""The ``rules:`` section: parsed, validated and compiled once (path templates, header regexes, CEL).
+
+A rule is ``match`` (all conditions must hold) plus either ``allow: anonymous`` or ``require``
+(a tree of requirements, all of which must hold). Everything a request needs is prepared here;
+``authorization.py`` only evaluates.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from cel_expr_python import cel
+
+from ext_authz.configreader import (
+    METHOD,
+    ClaimHeader,
+    boolean,
+    claim_header,
+    fail,
+    header_name,
+    listof,
+    mapping,
+    number,
+    parse_claim_path,
+    str_list,
+    string,
+)
+
+_PARAM = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
+_HOST = re.compile(r"^(\*\.)?[a-z0-9]([a-z0-9-]*[a-z0-9])?(\.[a-z0-9]([a-z0-9-]*[a-z0-9])?)*\.?$")
+
+# ---- match ----
+
+
+@dataclass(frozen=True, slots=True)
+class PathPattern:
+    """``/exact``, ``/prefix/*``, or a template with ``{name}`` segments (``/users/{id}/*``)."""
+
+    text: str
+    exact: str | None = None
+    prefix: str | None = None
+    template: re.Pattern[str] | None = None
+
+    def match(self, path: str) -> dict[str, str] | None:
+        """The template parameters (empty for exact and prefix patterns), None if no match."""
+        if self.exact is not None:
+            return {} if path == self.exact else None
+        if self.prefix is not None:
+            return {} if path.startswith(self.prefix) else None
+        assert self.template is not None
+        m = self.template.fullmatch(path)
+        return m.groupdict() if m else None
+
+
+@dataclass(frozen=True, slots=True)
+class HeaderCondition:
+    name: str
+    kind: Literal["equals", "present", "absent", "regex"]
+    value: str | None = None
+    regex: re.Pattern[str] | None = None
+
+    def describe(self) -> str:
+        if self.kind == "equals":
+            return f"header {self.name} = {self.value!r}"
+        if self.kind == "regex":
+            return f"header {self.name} ~ {self.value!r}"
+        return f"header {self.name} {self.kind}"
+
+
+@dataclass(frozen=True, slots=True)
+class Match:
+    paths: tuple[PathPattern, ...] | None = None
+    methods: frozenset[str] | None = None
+    hosts: frozenset[str] | None = None  # exact host names, lower-case, no port
+    host_suffixes: tuple[str, ...] = ()  # from "*.example.com": ".example.com"
+    headers: tuple[HeaderCondition, ...] = ()
+    context: tuple[tuple[str, str], ...] = ()
+
+
+# ---- require ----
+
+
+@dataclass(frozen=True, slots=True)
+class Providers:
+    names: frozenset[str]
+
+
+@dataclass(frozen=True, slots=True)
+class Scopes:
+    scopes: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    """A claim equals a value (or, when it is an array, contains it); any_of / all_of of values."""
+
+    claim: str
+    path: tuple[str, ...]
+    mode: Literal["equals", "any_of", "all_of"]
+    values: tuple[object, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Roles:
+    """Any of these roles or groups, read at the token provider's claim locations."""
+
+    kind: Literal["roles", "groups"]
+    values: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Expression:
+    text: str
+    program: Any  # a compiled cel_expr_python Expression
+
+
+@dataclass(frozen=True, slots=True)
+class AllOf:
+    children: tuple[Requirement, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class AnyOf:
+    children: tuple[Requirement, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Not:
+    child: Requirement
+
+
+Requirement = Providers | Scopes | Claim | Roles | Expression | AllOf | AnyOf | Not
+
+
+@dataclass(frozen=True, slots=True)
+class DenySettings:
+    status: int
+    message: str
+
+
+@dataclass(frozen=True, slots=True)
+class RuleSettings:
+    name: str  # the rule's `name`, else "rules[2]"
+    match: Match
+    anonymous: bool
+    require: AllOf  # empty for anonymous rules and `require: {}`
+    claim_to_headers: tuple[ClaimHeader, ...] = ()
+    deny: DenySettings | None = None
+    dry_run: bool = False
+
+    @property
+    def scopes(self) -> tuple[str, ...]:
+        """Scopes required at the top level (the ones an insufficient_scope answer names)."""
+        return tuple(s for child in self.require.children if isinstance(child, Scopes) for s in child.scopes)
+
+
+DEFAULT_RULE = RuleSettings("default", Match(), anonymous=False, require=AllOf(()))
+
+# ---- parsing ----
+
+_CEL_ENV: Any = None
+
+
+def _cel_env() -> Any:
+    global _CEL_ENV
+    if _CEL_ENV is None:
+        dyn_map = cel.Type.Map(cel.Type.STRING, cel.Type.DYN)
+        _CEL_ENV = cel.NewEnv(
+            variables={
+                "claims": dyn_map,
+                "request": dyn_map,
+                "params": cel.Type.Map(cel.Type.STRING, cel.Type.STRING),
+            }
+        )
+    return _CEL_ENV
+
+
+def compile_expression(text: str, path: str) -> Expression:
+    try:
+        program = _cel_env().compile(text)
+    except RuntimeError as exc:
+        message = str(exc).replace("INVALID_ARGUMENT: ", "").split(" [INVALID_ARGUMENT]")[0]
+        fail(path, f"CEL does not compile: {message}")
+    returns = program.return_type().name()
+    if returns not in ("bool", "dyn", "BOOL", "DYN"):
+        fail(path, f"a CEL expression must give a boolean, this one gives {returns.lower()}")
+    return Expression(text, program)
+
+
+def path_pattern(value: object, path: str) -> PathPattern:
+    text = string(value, path)
+    if not text.startswith("/"):
+        fail(path, f"{text!r} must start with '/'")
+    if "*" in text[:-1]:
+        fail(path, f"{text!r}: '*' is only allowed at the end (a prefix match)")
+    if "?" in text or "#" in text:
+        fail(path, f"{text!r}: the query string is not part of the path")
+    body = text[:-1] if text.endswith("*") else text
+    if "{" not in body and "}" not in body:
+        return PathPattern(text, prefix=body) if text.endswith("*") else PathPattern(text, exact=text)
+    regex, names, pos = "", [], 0
+    for m in _PARAM.finditer(body):
+        literal = body[pos : m.start()]
+        if "{" in literal or "}" in literal:
+            fail(path, f"{text!r}: a parameter is written {{name}} with a letter, digits or '_'")
+        if not literal.endswith("/") or (m.end() < len(body) and body[m.end()] != "/"):
+            fail(path, f"{text!r}: a parameter must be a whole path segment")
+        if m.group(1) in names:
+            fail(path, f"{text!r}: parameter {m.group(1)!r} appears twice")
+        names.append(m.group(1))
+        regex += re.escape(literal) + f"(?P<{m.group(1)}>[^/]+)"
+        pos = m.end()
+    rest = body[pos:]
+    if "{" in rest or "}" in rest:
+        fail(path, f"{text!r}: a parameter is written {{name}} with a letter, digits or '_'")
+    regex += re.escape(rest) + (".*" if text.endswith("*") else "")
+    return PathPattern(text, template=re.compile(regex, re.DOTALL))
+
+
+def _match(raw: object, path: str) -> Match:
+    m = mapping(raw if raw is not None else {}, path, ("paths", "methods", "hosts", "headers", "context"))
+    paths = None
+    if "paths" in m:
+        paths = tuple(
+            path_pattern(v, f"{path}.paths[{i}]") for i, v in enumerate(listof(m["paths"], f"{path}.paths"))
+        )
+    methods = None
+    if "methods" in m:
+        names = str_list(m["methods"], f"{path}.methods")
+        for i, method in enumerate(names):
+            if not METHOD.match(method.upper()):
+                fail(f"{path}.methods[{i}]", f"{method!r} is not an HTTP method")
+        methods = frozenset(n.upper() for n in names)
+    hosts, suffixes = None, []
+    if "hosts" in m:
+        exact = set()
+        for i, host in enumerate(str_list(m["hosts"], f"{path}.hosts")):
+            host = host.lower().rstrip(".")
+            if not _HOST.match(host):
+                fail(f"{path}.hosts[{i}]", f"{host!r} is not a host name or *.domain (no port)")
+            if host.startswith("*."):
+                suffixes.append(host[1:])
+            else:
+                exact.add(host)
+        hosts = frozenset(exact)
+    headers = tuple(
+        _header_condition(name, value, f"{path}.headers")
+        for name, value in mapping(m.get("headers", {}), f"{path}.headers", _AnyKey()).items()
+    )
+    context = tuple(
+        (string(k, f"{path}.context"), _scalar_text(v, f"{path}.context.{k}"))
+        for k, v in mapping(m.get("context", {}), f"{path}.context", _AnyKey()).items()
+    )
+    return Match(paths, methods, hosts, tuple(suffixes), headers, context)
+
+
+class _AnyKey(tuple[str, ...]):
+    """A ``known`` argument for ``mapping`` that accepts every string key."""
+
+    def __contains__(self, key: object) -> bool:
+        return isinstance(key, str)
+
+
+def _scalar_text(value: object, path: str) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float | str):
+        return str(value)
+    fail(path, "must be a string")
+
+
+def _header_condition(name: str, value: object, path: str) -> HeaderCondition:
+    header = header_name(name, f"{path}.{name}")
+    where = f"{path}.{name}"
+    if not isinstance(value, dict):
+        return HeaderCondition(header, "equals", _scalar_text(value, where))
+    spec = mapping(value, where, ("present", "regex"))
+    if len(spec) != 1:
+        fail(where, "give one of: a value, {present: true|false}, {regex: ...}")
+    if "present" in spec:
+        return HeaderCondition(
+            header, "present" if boolean(spec["present"], f"{where}.present") else "absent"
+        )
+    pattern = string(spec["regex"], f"{where}.regex")
+    try:
+        return HeaderCondition(header, "regex", pattern, re.compile(pattern))
+    except re.error as exc:
+        fail(f"{where}.regex", f"not a valid regular expression: {exc}")
+
+
+_REQUIRE_KEYS = ("providers", "scopes", "claims", "roles", "groups", "any_of", "all_of", "not", "expression")
+
+
+def _require(raw: object, path: str, provider_names: frozenset[str]) -> AllOf:
+    r = mapping(raw if raw is not None else {}, path, _REQUIRE_KEYS)
+    children: list[Requirement] = []
+    if "providers" in r:
+        listed = str_list(r["providers"], f"{path}.providers")
+        for i, name in enumerate(listed):
+            if name not in provider_names:
+                fail(f"{path}.providers[{i}]", f"no provider is named {name!r}")
+        children.append(Providers(frozenset(listed)))
+    if "scopes" in r:
+        scopes = str_list(r["scopes"], f"{path}.scopes", allow_empty=True)
+        for i, scope in enumerate(scopes):
+            if any(ch.isspace() or ch in '"\\' for ch in scope):
+                fail(f"{path}.scopes[{i}]", "a scope contains no white space, '\"' or '\\'")
+        if scopes:
+            children.append(Scopes(scopes))
+    if "claims" in r:
+        for claim, expected in mapping(r["claims"], f"{path}.claims", _AnyKey()).items():
+            children.append(_claim(claim, expected, f"{path}.claims.{claim}"))
+    for kind in ("roles", "groups"):
+        if kind in r:
+            children.append(Roles(kind, str_list(r[kind], f"{path}.{kind}")))
+    for combinator in ("any_of", "all_of"):
+        if combinator in r:
+            items = listof(r[combinator], f"{path}.{combinator}")
+            parts = tuple(
+                _require(item, f"{path}.{combinator}[{i}]", provider_names) for i, item in enumerate(items)
+            )
+            children.append(AnyOf(parts) if combinator == "any_of" else AllOf(parts))
+    if "not" in r:
+        children.append(Not(_require(r["not"], f"{path}.not", provider_names)))
+    if "expression" in r:
+        children.append(
+            compile_expression(string(r["expression"], f"{path}.expression"), f"{path}.expression")
+        )
+    return AllOf(tuple(children))
+
+
+def _claim_value(value: object, path: str) -> object:
+    if isinstance(value, str | bool) or (isinstance(value, int | float) and not isinstance(value, bool)):
+        return value
+    fail(path, "an expected claim value is a string, number or boolean")
+
+
+def _claim(claim: str, expected: object, path: str) -> Claim:
+    segments = parse_claim_path(claim, path)
+    if isinstance(expected, dict):
+        spec = mapping(expected, path, ("any_of", "all_of"))
+        if len(spec) != 1:
+            fail(path, "give a value, {any_of: [...]} or {all_of: [...]}")
+        ((mode, values),) = spec.items()
+        items = tuple(
+            _claim_value(v, f"{path}.{mode}[{i}]") for i, v in enumerate(listof(values, f"{path}.{mode}"))
+        )
+        return Claim(claim, segments, mode, items)  # type: ignore[arg-type]
+    if isinstance(expected, list):
+        fail(path, "for several values write {any_of: [...]} or {all_of: [...]}")
+    return Claim(claim, segments, "equals", (_claim_value(expected, path),))
+
+
+_RULE_KEYS = ("name", "match", "allow", "require", "claim_to_headers", "deny", "mode")
+
+
+def parse_rule(raw: object, path: str, provider_names: frozenset[str], *, dry_run: bool) -> RuleSettings:
+    r = mapping(raw, path, _RULE_KEYS)
+    if ("allow" in r) == ("require" in r):
+        fail(path, "give exactly one of 'allow: anonymous' or 'require: {...}'")
+    name = string(r["name"], f"{path}.name") if "name" in r else path
+    match = _match(r.get("match"), f"{path}.match")
+    claim_headers = tuple(
+        claim_header(c, f"{path}.claim_to_headers[{i}]")
+        for i, c in enumerate(
+            listof(r.get("claim_to_headers", []), f"{path}.claim_to_headers", allow_empty=True)
+        )
+    )
+    deny = None
+    if "deny" in r:
+        d = mapping(r["deny"], f"{path}.deny", ("status", "message"))
+        status = int(number(d.get("status", 403), f"{path}.deny.status", 400, 599))
+        if status != d.get("status", 403):
+            fail(f"{path}.deny.status", "must be a whole number")
+        message = string(d.get("message", "access to this resource is denied"), f"{path}.deny.message")
+        if not message.isprintable():
+            fail(f"{path}.deny.message", "must be printable text")
+        deny = DenySettings(status, message)
+    if "mode" in r and r["mode"] not in ("enforce", "dry_run"):
+        fail(f"{path}.mode", "must be enforce or dry_run")
+    rule_dry_run = r.get("mode", "dry_run" if dry_run else "enforce") == "dry_run"
+    if "allow" in r:
+        if r["allow"] != "anonymous":
+            fail(f"{path}.allow", "the only value is 'anonymous' (use 'require' for token rules)")
+        if deny is not None:
+            fail(f"{path}.deny", "an anonymous rule denies nothing")
+        return RuleSettings(name, match, True, AllOf(()), claim_headers, None, rule_dry_run)
+    require = _require(r["require"], f"{path}.require", provider_names)
+    return RuleSettings(name, match, False, require, claim_headers, deny, rule_dry_run)
+
+
+def parse_rules(raw: object, provider_names: frozenset[str], *, dry_run: bool) -> tuple[RuleSettings, ...]:
+    rules = tuple(
+        parse_rule(r, f"rules[{i}]", provider_names, dry_run=dry_run)
+        for i, r in enumerate(listof(raw, "rules"))
+    )
+    seen: dict[str, int] = {}
+    for i, rule in enumerate(rules):
+        if rule.name in seen:
+            fail(f"rules[{i}].name", f"another rule (rules[{seen[rule.name]}]) has the name {rule.name!r}")
+        seen[rule.name] = i
+    return rules
