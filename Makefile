@@ -26,6 +26,10 @@ typecheck: $(STAMP)
 unit: $(STAMP)
 	$(PY) -m pytest
 
+# Benchmarks: ratios measured in one run (never part of `make test`).
+bench: $(STAMP)
+	$(PY) -m tests.bench.bench_rules
+
 # Regenerates ext_authz/_proto from protos/ (a test checks the committed files match).
 protos: $(STAMP)
 	$(PY) protos/generate.py .

@@ -195,22 +195,22 @@ class Context:
     locations: ClaimLocations
     view: RequestView
     params: Mapping[str, str]
-    _cel_data: dict[str, object] | None = field(default=None)
+    _request_data: dict[str, object] | None = field(default=None)
 
-    def cel_data(self) -> dict[str, object]:
-        if self._cel_data is None:
-            request = self.view.request
-            self._cel_data = {
-                "claims": dict(self.principal.claims),
-                "request": {
-                    "method": self.view.method,
-                    "path": self.view.path,
-                    "host": self.view.host,
-                    "headers": dict(request.headers),
-                },
-                "params": dict(self.params),
+    def cel_data(self, claims_used: frozenset[str] | None) -> dict[str, object]:
+        if self._request_data is None:
+            self._request_data = {
+                "method": self.view.method,
+                "path": self.view.path,
+                "host": self.view.host,
+                "headers": dict(self.view.request.headers),
             }
-        return self._cel_data
+        claims = self.principal.claims
+        if claims_used is None:
+            selected = dict(claims)
+        else:
+            selected = {name: claims[name] for name in claims_used if name in claims}
+        return {"claims": selected, "request": self._request_data, "params": dict(self.params)}
 
 
 def holds(requirement: Requirement, ctx: Context) -> bool:
@@ -240,7 +240,7 @@ def holds(requirement: Requirement, ctx: Context) -> bool:
 
 def _expression_holds(expression: Expression, ctx: Context) -> bool:
     try:
-        value = expression.program.eval(data=ctx.cel_data())
+        value = expression.program.eval(data=ctx.cel_data(expression.claims_used))
         return value.type().name().upper() == "BOOL" and value.plain_value() is True
     except Exception:  # a CEL runtime error (a missing claim, a type mismatch) is "does not hold"
         return False

@@ -114,6 +114,25 @@ class Roles:
 class Expression:
     text: str
     program: Any  # a compiled cel_expr_python Expression
+    # The top-level claims the expression reads (None: it may read any), so that evaluation
+    # converts only those to CEL values: the cost does not grow with unrelated claims.
+    claims_used: frozenset[str] | None = None
+
+
+_CLAIMS_REF = re.compile(
+    r"""\bclaims\b(?:\s*\.\s*([A-Za-z_][A-Za-z0-9_]*)|\s*\[\s*(?:"([^"\\]*)"|'([^'\\]*)')\s*\])?"""
+)
+
+
+def claims_used(text: str) -> frozenset[str] | None:
+    """Top-level claim names an expression reads, when every use of ``claims`` names one."""
+    names: set[str] = set()
+    for m in _CLAIMS_REF.finditer(text):
+        name = m.group(1) or m.group(2) or m.group(3)
+        if name is None:
+            return None  # `claims` used as a whole (size(claims), claims[x], ...)
+        names.add(name)
+    return frozenset(names)
 
 
 @dataclass(frozen=True, slots=True)
@@ -186,7 +205,7 @@ def compile_expression(text: str, path: str) -> Expression:
     returns = program.return_type().name()
     if returns not in ("bool", "dyn", "BOOL", "DYN"):
         fail(path, f"a CEL expression must give a boolean, this one gives {returns.lower()}")
-    return Expression(text, program)
+    return Expression(text, program, claims_used(text))
 
 
 def path_pattern(value: object, path: str) -> PathPattern:

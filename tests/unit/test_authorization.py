@@ -322,10 +322,30 @@ def test_cognito_audience_claim() -> None:
     assert s.providers[0].claims.audience == ("client_id",)
 
 
-def test_context_builds_cel_data_once() -> None:
+@pytest.mark.parametrize(
+    ("text", "used"),
+    [
+        ("claims.sub == params.id", {"sub"}),
+        (
+            'claims["cognito:groups"].exists(g, g == "a") && claims . tenant == "t"',
+            {"cognito:groups", "tenant"},
+        ),
+        ("size(claims) > 2", None),
+        ("claims[request.method] == 1", None),
+        ("request.method == 'GET'", set()),
+    ],
+)
+def test_expressions_convert_only_the_claims_they_read(text: str, used: set[str] | None) -> None:
+    from ext_authz.policy import claims_used
+
+    assert claims_used(text) == (None if used is None else frozenset(used))
+
+
+def test_cel_data_narrows_claims() -> None:
     rules, _ = rules_of({"require": {"expression": "claims.sub == 'alice'"}})
     v = view()
     matched = rules.match(v)
     assert matched is not None
-    ctx: Context = rules.context(matched, principal({"sub": "alice"}), v)
-    assert ctx.cel_data() is ctx.cel_data()
+    ctx: Context = rules.context(matched, principal({"sub": "alice", "groups": ["x"] * 100}), v)
+    assert ctx.cel_data(frozenset({"sub"}))["claims"] == {"sub": "alice"}
+    assert len(ctx.cel_data(None)["claims"]) == 2  # type: ignore[arg-type]
