@@ -72,7 +72,9 @@ def host_name(authority: str) -> str:
     if host.startswith("["):
         return host.partition("]")[0] + "]"
     name, sep, port = host.rpartition(":")
-    return name if sep and port.isdigit() else host
+    if sep and port.isdigit():
+        host = name
+    return host.rstrip(".")  # "example.com." is the same DNS name as "example.com"
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,16 +1,23 @@
-"""Command line: ``ext-authz serve``, ``ext-authz check-config``. Exit 2 on any configuration error."""
+"""Command line: ``ext-authz serve``, ``check-config``, ``explain``, ``test``.
+
+Exit 2 on any configuration or usage error. ``explain`` exits 0 whatever the decision; ``test``
+exits 1 when a case fails.
+"""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import sys
 from collections.abc import Sequence
 
-from ext_authz import __version__, logs, settings
+from ext_authz import __version__, explain, logs, policytest, settings
 from ext_authz.server import ServeError, serve
 
 EXIT_CONFIG = 2
+EXIT_TEST_FAILED = 1
+STDIN = "-"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -23,6 +30,31 @@ def _parser() -> argparse.ArgumentParser:
     serve_cmd.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     check_cmd = commands.add_parser("check-config", help="validate a config file and exit")
     check_cmd.add_argument("file", metavar="FILE")
+
+    explain_cmd = commands.add_parser(
+        "explain", help="show how one request is decided: rules, token, requirements, answer"
+    )
+    explain_cmd.add_argument("--config", required=True, metavar="FILE", help="the YAML config file")
+    explain_cmd.add_argument("--method", default="GET", help="the request method (default GET)")
+    explain_cmd.add_argument("--path", required=True, help="the request path, optionally with ?query")
+    explain_cmd.add_argument("--host", default="", help="the request's :authority (host[:port])")
+    explain_cmd.add_argument(
+        "--header", action="append", default=[], metavar="'NAME: VALUE'", help="a request header (repeatable)"
+    )
+    explain_cmd.add_argument(
+        "--context", action="append", default=[], metavar="KEY=VALUE", help="a context extension (repeatable)"
+    )
+    explain_cmd.add_argument(
+        "--token", metavar="TOKEN", help="a bearer token, put where its provider reads tokens; - reads stdin"
+    )
+    explain_cmd.add_argument(
+        "--jwks", metavar="FILE", help="verify with this JWKS file for every provider (offline)"
+    )
+    explain_cmd.add_argument("--json", action="store_true", help="print one JSON object")
+
+    test_cmd = commands.add_parser("test", help="run policy test cases against a config (for CI)")
+    test_cmd.add_argument("cases", metavar="CASES.yaml", help="the case file")
+    test_cmd.add_argument("--config", required=True, metavar="FILE", help="the YAML config file")
     return parser
 
 
@@ -34,8 +66,60 @@ def _load(file: str) -> settings.Settings:
         raise SystemExit(EXIT_CONFIG) from None
 
 
+def _quiet_logs() -> None:
+    """Warnings (a failed key fetch, an unusable key) as JSON lines on stderr; the output itself
+    shows dry-run denials, so their log lines are left out."""
+    logs.configure("warning")
+    logging.getLogger("ext_authz.pipeline").setLevel(logging.ERROR)
+
+
+def _explain(args: argparse.Namespace) -> int:
+    loaded = _load(args.config)
+    try:
+        headers = [explain.parse_header(h) for h in args.header]
+        context = dict(explain.parse_context(c) for c in args.context)
+        keys = explain.load_jwks_file(args.jwks) if args.jwks is not None else None
+    except explain.UsageError as exc:
+        print(f"ext-authz: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    request = explain.build_request(args.method, args.path, host=args.host, headers=headers, context=context)
+    if args.token is not None:
+        token = (sys.stdin.read() if args.token == STDIN else args.token).strip()
+        scheme, _, rest = token.partition(" ")
+        if scheme.lower() == "bearer":  # pasted with its scheme: a JWT itself has no space
+            token = rest.strip()
+        if not token:
+            print("ext-authz: --token: the token is empty", file=sys.stderr)
+            return EXIT_CONFIG
+        provider = explain.provider_for_token(loaded, token)
+        request = explain.with_token(request, explain.token_location(provider), token)
+    _quiet_logs()
+    result = asyncio.run(explain.run(loaded, request, keys))
+    print(explain.render_json(result) if args.json else explain.render_text(result), end="")
+    return 0
+
+
+def _test(args: argparse.Namespace) -> int:
+    loaded = _load(args.config)
+    try:
+        cases = policytest.load_cases(args.cases, loaded)
+    except settings.ConfigError as exc:
+        print(f"ext-authz: case file error: {args.cases}: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    _quiet_logs()
+    outcomes = asyncio.run(policytest.run_cases(loaded, cases))
+    for outcome in outcomes:
+        print(outcome.line)
+    print(policytest.summary(outcomes))
+    return 0 if all(o.passed for o in outcomes) else EXIT_TEST_FAILED
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "explain":
+        return _explain(args)
+    if args.command == "test":
+        return _test(args)
     if args.command == "check-config":
         loaded = _load(args.file)
         print(f"{args.file}: ok ({len(loaded.providers)} providers, {len(loaded.rules)} rules)")

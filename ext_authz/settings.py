@@ -441,6 +441,17 @@ def _check_owned_headers(providers: tuple[ProviderSettings, ...], rules: tuple[R
     owners += [
         (f"rules[{i}].claim_to_headers", [c.header for c in r.claim_to_headers]) for i, r in enumerate(rules)
     ]
+    provider_set = {c.header: p.name for p in providers for c in p.claim_to_headers}
+    for i, rule in enumerate(rules):
+        targets = [c.header for c in rule.claim_to_headers]
+        for target in targets:
+            if targets.count(target) > 1:
+                fail(f"rules[{i}].claim_to_headers", f"header {target!r} is set twice")
+            if target in provider_set:
+                fail(
+                    f"rules[{i}].claim_to_headers",
+                    f"header {target!r} is already set by provider {provider_set[target]!r}",
+                )
     for where, targets in owners:
         for target in filter(None, targets):
             if target in sources:

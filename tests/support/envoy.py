@@ -23,7 +23,7 @@ import tempfile
 import time
 import urllib.parse
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -46,6 +46,9 @@ _METADATA_VALUE = (
     "provider=%DYNAMIC_METADATA(envoy.filters.http.ext_authz:provider)% "
     "rule=%DYNAMIC_METADATA(envoy.filters.http.ext_authz:rule)%"
 )
+
+# The ext_authz filter's namespace in Envoy's dynamic metadata (what ext-authz's Check answer fills).
+AUTHZ_METADATA_NAMESPACE = "envoy.filters.http.ext_authz"
 
 # Same rules as envoy.yaml: the authorizer may set/overwrite ordinary headers (x-user-id, ...)
 # but any attempt to change routing (host, :authority, :scheme, :method), a system header
@@ -98,6 +101,25 @@ def _static_cluster(name: str, host: str, port: int, *, http2: bool) -> dict[str
     return cluster
 
 
+def _route(
+    prefix: str, headers_to_add: list[dict[str, Any]], context: Mapping[str, str] | None = None
+) -> dict[str, Any]:
+    route: dict[str, Any] = {
+        "match": {"prefix": prefix},
+        "route": {"cluster": BACKEND_CLUSTER},
+        "request_headers_to_add": [dict(h) for h in headers_to_add],
+    }
+    if context is not None:
+        # Sent to ext-authz as CheckRequest.attributes.context_extensions for this route only.
+        route["typed_per_filter_config"] = {
+            "envoy.filters.http.ext_authz": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.http.ext_authz.v3.ExtAuthzPerRoute",
+                "check_settings": {"context_extensions": dict(context)},
+            }
+        }
+    return route
+
+
 def envoy_config(
     authz_address: str,
     backend_port: int,
@@ -105,8 +127,16 @@ def envoy_config(
     encode_raw_headers: bool = False,
     authz_timeout: str = TEST_AUTHZ_TIMEOUT,
     access_log: bool = True,
+    route_context_extensions: Mapping[str, Mapping[str, str]] | None = None,
+    metadata_headers: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
-    """The bootstrap config (as a dict) used by `start_envoy`."""
+    """The bootstrap config (as a dict) used by `start_envoy`.
+
+    Opt-in, for rule tests: `route_context_extensions` maps a path prefix to the
+    `check_settings.context_extensions` of a route of its own (placed before the catch-all `/`
+    route), and `metadata_headers` maps a request header name to a key of the ext_authz dynamic
+    metadata that every route copies into that header for the backend (`-` when absent).
+    """
     authz_host, authz_port = _split_host_port(authz_address)
     ext_authz: dict[str, Any] = {
         "@type": "type.googleapis.com/envoy.extensions.filters.http.ext_authz.v3.ExtAuthz",
@@ -118,6 +148,23 @@ def envoy_config(
         "encode_raw_headers": encode_raw_headers,
         "decoder_header_mutation_rules": dict(DECODER_HEADER_MUTATION_RULES),
     }
+    # Shows the backend what ext-authz put in dynamic_metadata.
+    headers_to_add: list[dict[str, Any]] = [
+        {
+            "header": {"key": AUTHZ_METADATA_HEADER, "value": _METADATA_VALUE},
+            "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
+        }
+    ]
+    for header, key in (metadata_headers or {}).items():
+        headers_to_add.append(
+            {
+                "header": {"key": header, "value": f"%DYNAMIC_METADATA({AUTHZ_METADATA_NAMESPACE}:{key})%"},
+                "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
+            }
+        )
+    contexts = route_context_extensions or {}
+    routes = [_route(prefix, headers_to_add, context) for prefix, context in contexts.items()]
+    routes.append(_route("/", headers_to_add))
     hcm: dict[str, Any] = {
         "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3"
         ".HttpConnectionManager",
@@ -134,19 +181,7 @@ def envoy_config(
                 {
                     "name": "all",
                     "domains": ["*"],
-                    "routes": [
-                        {
-                            "match": {"prefix": "/"},
-                            "route": {"cluster": BACKEND_CLUSTER},
-                            # Shows the backend what ext-authz put in dynamic_metadata.
-                            "request_headers_to_add": [
-                                {
-                                    "header": {"key": AUTHZ_METADATA_HEADER, "value": _METADATA_VALUE},
-                                    "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
-                                }
-                            ],
-                        }
-                    ],
+                    "routes": routes,
                 }
             ],
         },
@@ -282,8 +317,13 @@ def start_envoy(
     encode_raw_headers: bool = False,
     authz_timeout: str = TEST_AUTHZ_TIMEOUT,
     timeout: float = DEFAULT_READY_TIMEOUT,
+    route_context_extensions: Mapping[str, Mapping[str, str]] | None = None,
+    metadata_headers: Mapping[str, str] | None = None,
 ) -> EnvoyProcess:
-    """Start Envoy and return once its listener accepts connections and the server is LIVE."""
+    """Start Envoy and return once its listener accepts connections and the server is LIVE.
+
+    `route_context_extensions` and `metadata_headers`: see `envoy_config`.
+    """
     workdir = Path(tempfile.mkdtemp(prefix="ext-authz-envoy-"))
     config = write_envoy_config(
         workdir / "envoy.yaml",
@@ -291,6 +331,8 @@ def start_envoy(
         backend_port,
         encode_raw_headers=encode_raw_headers,
         authz_timeout=authz_timeout,
+        route_context_extensions=route_context_extensions,
+        metadata_headers=metadata_headers,
     )
     admin_path = workdir / "admin-address"
     argv = [
@@ -403,14 +445,20 @@ def send(
     *,
     body: bytes | None = None,
     timeout: float = 10.0,
+    host: str | None = None,
 ) -> HttpResponse:
-    """One HTTP/1.1 request with exactly the given header lines (duplicates are sent as is)."""
+    """One HTTP/1.1 request with exactly the given header lines (duplicates are sent as is).
+
+    `host` replaces the Host header http.client would send (the address connected to).
+    """
     parts = urllib.parse.urlsplit(base_url)
     assert parts.hostname is not None
     assert parts.port is not None
     conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=timeout)
     try:
-        conn.putrequest(method, path, skip_accept_encoding=True)
+        conn.putrequest(method, path, skip_host=host is not None, skip_accept_encoding=True)
+        if host is not None:
+            conn.putheader("Host", host)
         for name, value in headers:
             conn.putheader(name, value)
         if body is not None:
@@ -456,18 +504,24 @@ class Gateway:
         headers: Sequence[tuple[str, str]] = (),
         *,
         token: str | None = None,
+        host: str | None = None,
     ) -> Exchange:
         trace = uuid.uuid4().hex
         lines = [(TRACE_HEADER, trace)]
         if token is not None:
             lines.append(("Authorization", f"Bearer {token}"))
         lines.extend(headers)
-        response = send(self.envoy.base_url, method, path, lines)
+        response = send(self.envoy.base_url, method, path, lines, host=host)
         reached = [r for r in self.echo.requests if r.header_values(TRACE_HEADER) == [trace]]
         assert len(reached) <= 1, f"backend got the request {len(reached)} times"
         return Exchange(response, reached[0] if reached else None)
 
     def get(
-        self, path: str, headers: Sequence[tuple[str, str]] = (), *, token: str | None = None
+        self,
+        path: str,
+        headers: Sequence[tuple[str, str]] = (),
+        *,
+        token: str | None = None,
+        host: str | None = None,
     ) -> Exchange:
-        return self.request("GET", path, headers, token=token)
+        return self.request("GET", path, headers, token=token, host=host)

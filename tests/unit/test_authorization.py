@@ -40,7 +40,14 @@ def test_normalise_path(raw: str, normal: str) -> None:
 
 @pytest.mark.parametrize(
     ("authority", "host"),
-    [("API.example.com:8443", "api.example.com"), ("a.b", "a.b"), ("[::1]:80", "[::1]"), ("h:x", "h:x")],
+    [
+        ("API.example.com:8443", "api.example.com"),
+        ("a.b", "a.b"),
+        ("a.b.", "a.b"),
+        ("a.b.:443", "a.b"),
+        ("[::1]:80", "[::1]"),
+        ("h:x", "h:x"),
+    ],
 )
 def test_host_name(authority: str, host: str) -> None:
     assert host_name(authority) == host

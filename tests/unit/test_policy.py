@@ -174,6 +174,17 @@ def test_bad_rule(rule: Any, key_path: str, message: str) -> None:
     assert message in error.message
 
 
+def test_rule_header_already_set_by_a_provider() -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse(
+            {
+                "providers": [{**PROVIDER, "claim_to_headers": [{"header": "x-user-id", "claim": "sub"}]}],
+                "rules": [{"require": {}, "claim_to_headers": [{"header": "X-User-Id", "claim": "email"}]}],
+            }
+        )
+    assert caught.value.key_path == "rules[0].claim_to_headers" and "provider 'idp'" in caught.value.message
+
+
 def test_duplicate_rule_names() -> None:
     error = error_of({"name": "a", "require": {}}, {"name": "a", "require": {}})
     assert error.key_path == "rules[1].name" and "rules[0]" in error.message
