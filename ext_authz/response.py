@@ -20,8 +20,6 @@ from ext_authz.settings import ClaimHeader, RuleSettings, Settings
 
 log = logging.getLogger(__name__)
 
-MAX_HEADER_VALUE_BYTES = 8 * 1024
-
 
 def _scalar_text(value: object) -> str | None:
     if isinstance(value, str):
@@ -41,9 +39,9 @@ def header_value(value: object) -> str | None:
     return _scalar_text(value)
 
 
-def is_safe_header_value(value: str) -> bool:
+def is_safe_header_value(value: str, max_bytes: int = 8192) -> bool:
     """Envoy fails the request on CR, LF or NUL; other controls are illegal too (RFC 9110 §5.5)."""
-    if len(value.encode("utf-8", "surrogatepass")) > MAX_HEADER_VALUE_BYTES:
+    if len(value.encode("utf-8", "surrogatepass")) > max_bytes:
         return False
     return not any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in value) and value == value.strip(" \t")
 
@@ -60,6 +58,7 @@ class Answers:
 
     def __init__(self, settings: Settings) -> None:
         self._realm = settings.realm
+        self._max_header_bytes = settings.max_header_value_bytes
         self._providers = {
             p.name: _ProviderHeaders(p.claim_to_headers, p.payload_header, p.forward_token)
             for p in settings.providers
@@ -90,7 +89,7 @@ class Answers:
                 text = header_value(claim_value(principal.claims, claim_header.path))
                 if text is None:
                     continue
-                if not is_safe_header_value(text):
+                if not is_safe_header_value(text, self._max_header_bytes):
                     log.warning(
                         "claim not emitted: not a legal header value",
                         extra={"fields": {"header": claim_header.header, "claim": claim_header.claim}},

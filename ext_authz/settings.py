@@ -132,6 +132,7 @@ class Settings:
     readiness: Literal["all", "any"] = "all"
     jwks_cache: JwksCacheSettings = JwksCacheSettings()
     dry_run: bool = False  # top-level `mode: dry_run`: every rule, and requests no rule matches
+    max_header_value_bytes: int = 8192  # a longer identity header value is left out (and logged)
     source: str = "<config>"
 
 
@@ -378,7 +379,17 @@ def _header_source(raw: object, path: str) -> HeaderSource:
     return HeaderSource(name=header_name(h["name"], f"{path}.name"), prefix=prefix)
 
 
-_TOP_KEYS = ("listen", "realm", "providers", "rules", "max_token_bytes", "readiness", "jwks_cache", "mode")
+_TOP_KEYS = (
+    "listen",
+    "realm",
+    "providers",
+    "rules",
+    "max_token_bytes",
+    "readiness",
+    "jwks_cache",
+    "mode",
+    "max_header_value_bytes",
+)
 
 
 def parse(document: object, *, base_dir: Path = Path("."), source: str = "<config>") -> Settings:
@@ -411,8 +422,20 @@ def parse(document: object, *, base_dir: Path = Path("."), source: str = "<confi
     if readiness not in ("all", "any"):
         fail("readiness", "must be all (every provider has keys) or any (at least one has)")
     jwks_cache = _jwks_cache(top.get("jwks_cache", {}))
+    max_header_value_bytes = int(
+        number(top.get("max_header_value_bytes", 8192), "max_header_value_bytes", 64, 60 * 1024)
+    )
     return Settings(
-        listen, realm, providers, rules, max_token_bytes, readiness, jwks_cache, mode == "dry_run", source
+        listen,
+        realm,
+        providers,
+        rules,
+        max_token_bytes,
+        readiness,
+        jwks_cache,
+        mode == "dry_run",
+        max_header_value_bytes,
+        source,
     )
 
 
