@@ -27,7 +27,15 @@ def _parser() -> argparse.ArgumentParser:
     serve_cmd = commands.add_parser("serve", help="run the gRPC Check service")
     serve_cmd.add_argument("--config", required=True, metavar="FILE", help="the YAML config file")
     serve_cmd.add_argument("--listen", metavar="HOST:PORT", help="override the config's listen address")
-    serve_cmd.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    serve_cmd.add_argument(
+        "--log-level", choices=["debug", "info", "warning", "error"], help="override the config's log.level"
+    )
+    serve_cmd.add_argument(
+        "--drain-seconds",
+        type=float,
+        metavar="S",
+        help="override shutdown.drain_seconds (e.g. 0 when nothing routes traffic here)",
+    )
     check_cmd = commands.add_parser("check-config", help="validate a config file and exit")
     check_cmd.add_argument("file", metavar="FILE")
 
@@ -131,9 +139,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         except settings.ConfigError as exc:
             print(f"ext-authz: {exc}", file=sys.stderr)
             return EXIT_CONFIG
-    logs.configure(args.log_level)
+    if args.drain_seconds is not None and not 0 <= args.drain_seconds <= 600:
+        print("ext-authz: --drain-seconds: must be between 0 and 600", file=sys.stderr)
+        return EXIT_CONFIG
+    logs.configure(args.log_level or loaded.log.level)
     try:
-        asyncio.run(serve(loaded, listen=args.listen))
+        asyncio.run(
+            serve(loaded, listen=args.listen, config_path=args.config, drain_seconds=args.drain_seconds)
+        )
     except ServeError as exc:
         print(f"ext-authz: {exc}", file=sys.stderr)
         return 1

@@ -33,3 +33,7 @@ def configure(level: str = "info") -> None:
     root.setLevel(level.upper())
     # aiohttp and grpc log at info about their own internals; keep ours readable.
     logging.getLogger("aiohttp").setLevel(logging.WARNING)
+
+
+def set_level(level: str) -> None:
+    logging.getLogger().setLevel(level.upper())

@@ -69,6 +69,9 @@ class Allow:
     metadata: Mapping[str, object] = field(default_factory=dict)
     rule: str = ""
     provider: str | None = None
+    subject: str | None = None
+    # Why the request is allowed, for logs and metrics: "token", "anonymous", "dry_run:<code>".
+    reason: str = "token"
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,6 +85,7 @@ class Deny:
     body: str
     rule: str = ""
     provider: str | None = None
+    subject: str | None = None
 
 
 Decision = Allow | Deny

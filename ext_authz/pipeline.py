@@ -78,7 +78,7 @@ class Pipeline:
                 self.rules.check(matched, self.rules.context(matched, principal, view))
                 decision = self.answers.allow(request, principal, rule)
             except errors.AuthError as failed:
-                decision = self.answers.deny(failed, rule, principal.provider)
+                decision = self.answers.deny(failed, rule, principal)
         if isinstance(decision, Deny) and rule.dry_run:
             return self._dry_run(decision, request, identity, matched)
         return decision
@@ -98,4 +98,6 @@ class Pipeline:
                 "fields": {"rule": matched.rule.name, "dry_run_status": denial.status, "reason": denial.code}
             },
         )
-        return self.answers.allow(request, identity[0], matched.rule, {"dry_run_denial": would})
+        return self.answers.allow(
+            request, identity[0], matched.rule, {"dry_run_denial": would}, reason=f"dry_run:{denial.code}"
+        )

@@ -78,6 +78,7 @@ class Answers:
         principal: Principal | None,
         rule: RuleSettings,
         extra_metadata: Mapping[str, object] | None = None,
+        reason: str | None = None,
     ) -> Allow:
         to_set: list[tuple[str, str]] = []
         metadata: dict[str, object] = {"rule": rule.name, **(extra_metadata or {})}
@@ -113,6 +114,8 @@ class Answers:
             metadata=metadata,
             rule=rule.name,
             provider=principal.provider if principal else None,
+            subject=principal.subject if principal else None,
+            reason=reason or ("token" if principal else "anonymous"),
         )
 
     @staticmethod
@@ -138,7 +141,9 @@ class Answers:
             else:
                 to_remove.append("cookie")
 
-    def deny(self, error: AuthError, rule: RuleSettings | None = None, provider: str | None = None) -> Deny:
+    def deny(
+        self, error: AuthError, rule: RuleSettings | None = None, principal: Principal | None = None
+    ) -> Deny:
         headers: list[tuple[str, str]] = []
         status, body_error, description = error.status, error.body_error, error.detail
         custom = rule.deny if rule is not None else None
@@ -158,7 +163,8 @@ class Answers:
             headers=tuple(headers),
             body=json.dumps({"error": body_error, "error_description": description}),
             rule=rule.name if rule is not None else "",
-            provider=provider,
+            provider=principal.provider if principal else None,
+            subject=principal.subject if principal else None,
         )
 
     def _challenge(self, error: AuthError) -> str:

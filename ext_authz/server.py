@@ -1,20 +1,39 @@
-"""Lifecycle: start-up → serve → graceful shutdown on SIGTERM or SIGINT."""
+"""Lifecycle: start-up → serve (reloading the config on SIGHUP or when its file changes) →
+graceful shutdown on SIGTERM or SIGINT.
+
+Shutdown: health (gRPC and /readyz) turns NOT_SERVING at once; Checks are still answered for
+``shutdown.drain_seconds`` so that Envoy and Kubernetes stop sending; then the server stops
+accepting and waits for Checks in flight up to ``shutdown.grace_seconds``.
+
+Reload: the new file is validated; keys of new or changed providers are fetched first (bounded by
+their fetch timeout); then the new config replaces the old one in one step (keys of unchanged
+providers are kept). An invalid file leaves the old config in force. Each Check runs wholly under
+one config.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import signal
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 
+from ext_authz import logs, settings
 from ext_authz._proto.envoy.service.auth.v3 import external_auth_pb2_grpc
+from ext_authz.admin import AdminServer
+from ext_authz.decisionlog import DecisionLog
 from ext_authz.keys.cache import SharedKeyCache
 from ext_authz.keys.fetch import HttpFetcher
 from ext_authz.keys.store import KeyStore
+from ext_authz.metrics import Metrics
+from ext_authz.model import Decision, Request
 from ext_authz.pipeline import Pipeline
 from ext_authz.settings import Settings
 from ext_authz.transport.health import Health
@@ -22,108 +41,260 @@ from ext_authz.transport.servicer import AuthorizationServicer
 
 log = logging.getLogger(__name__)
 
-SHUTDOWN_GRACE_SECONDS = 5.0
+WATCH_INTERVAL_SECONDS = 1.0
 
 
 class ServeError(Exception):
     """The server could not start (e.g. the address cannot be bound)."""
 
 
+@dataclass(frozen=True, slots=True)
+class Runtime:
+    """Everything built from one config; replaced as a whole on reload."""
+
+    settings: Settings
+    keys: KeyStore
+    pipeline: Pipeline
+    decisions: DecisionLog
+
+
 class Server:
-    """One gRPC server with the Check and health services. ``start`` → ``stop``."""
+    """One gRPC server with the Check and health services, and the optional admin listener."""
 
     def __init__(
-        self, settings: Settings, *, listen: str | None = None, clock: Callable[[], float] = time.time
+        self,
+        settings: Settings,
+        *,
+        listen: str | None = None,
+        clock: Callable[[], float] = time.time,
+        config_path: str | Path | None = None,
+        drain_seconds: float | None = None,
     ) -> None:
-        self.settings = settings
+        self._clock = clock
         self._address = listen or settings.listen
-        needs_fetch = any(p.static_keys is None for p in settings.providers)
-        self._fetcher = HttpFetcher() if needs_fetch else None
-        self._cache = SharedKeyCache(settings.jwks_cache) if needs_fetch else None
-        self.keys = KeyStore(
-            settings.providers,
-            fetcher=self._fetcher,
-            cache=self._cache,
-            readiness=settings.readiness,
-            clock=clock,
-            on_change=self._keys_changed,
-        )
-        self.pipeline = Pipeline(settings, self.keys, clock=clock)
+        self._config_path = Path(config_path) if config_path is not None else None
+        self._config_digest = _digest(self._config_path)
+        self._drain_override = drain_seconds
+        self._fetcher = HttpFetcher()
+        self._cache = SharedKeyCache(settings.jwks_cache)
+        self.runtime = self._build(settings, reuse=None)
+        self.metrics = Metrics(lambda: self.runtime.keys.stats(), clock)
         self.health = Health()
+        self.servicer = AuthorizationServicer(self.runtime.pipeline, observer=self._observe)
         # gRPC enables SO_REUSEPORT by default: a second server on a busy port would bind silently
         # and take half the connections. One process owns its port.
         self._grpc = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
         add_servicer = external_auth_pb2_grpc.add_AuthorizationServicer_to_server
-        add_servicer(AuthorizationServicer(self.pipeline), self._grpc)  # type: ignore[no-untyped-call]
+        add_servicer(self.servicer, self._grpc)  # type: ignore[no-untyped-call]
         self.health.register(self._grpc)
+        self.admin = (
+            AdminServer(settings.admin, ready=self.ready, metrics=self.metrics.exposition)
+            if settings.admin
+            else None
+        )
         self._serving: bool | None = None
-        self._health_updates: set[asyncio.Task[None]] = set()
+        self._draining = False
+        self._background: set[asyncio.Task[object]] = set()
+        self._reload_lock = asyncio.Lock()
+
+    @property
+    def settings(self) -> Settings:
+        return self.runtime.settings
+
+    @property
+    def keys(self) -> KeyStore:
+        return self.runtime.keys
+
+    @property
+    def pipeline(self) -> Pipeline:
+        return self.runtime.pipeline
+
+    def _build(self, new: Settings, reuse: KeyStore | None) -> Runtime:
+        keys = KeyStore(
+            new.providers,
+            fetcher=self._fetcher,
+            cache=self._cache,
+            readiness=new.readiness,
+            clock=self._clock,
+            on_change=self._keys_changed,
+            reuse=reuse,
+        )
+        return Runtime(new, keys, Pipeline(new, keys, clock=self._clock), DecisionLog(new.log))
+
+    # ---- lifecycle ----
 
     async def start(self) -> str:
         """Bind and start serving; returns the bound HOST:PORT. Raises ServeError."""
         try:
             port = self._grpc.add_insecure_port(self._address)
         except RuntimeError as exc:
-            await self._close_fetcher()
+            await self._close()
             raise ServeError(f"cannot listen on {self._address}: {exc}") from None
         await self.health.set_serving(False)  # grpc's servicer starts as SERVING: not before keys are in
         await self._grpc.start()
+        if self.admin is not None:
+            try:
+                await self.admin.start()
+            except OSError as exc:
+                await self._grpc.stop(0)
+                await self._close()
+                raise ServeError(f"cannot listen on {self.settings.admin} (admin): {exc.strerror}") from None
         bound = f"{self._address.rpartition(':')[0]}:{port}"
         log.info("serving", extra={"fields": {"address": bound, "providers": len(self.settings.providers)}})
         self.keys.start()
         self._keys_changed()  # providers with inline keys may be ready already
+        if self._config_path is not None:
+            self._spawn(self._watch_config(), "config-watch")
         return bound
+
+    def ready(self) -> bool:
+        return not self._draining and self.keys.ready()
 
     def _keys_changed(self) -> None:
         """Keys arrived, failed or went stale: bring gRPC health in line with the readiness policy."""
-        ready = self.keys.ready()
+        ready = self.ready()
         if ready == self._serving:
             return
         self._serving = ready
         log.info("ready" if ready else "not ready", extra={"fields": {"readiness": self.settings.readiness}})
-        task = asyncio.get_running_loop().create_task(self.health.set_serving(ready))
-        self._health_updates.add(task)
-        task.add_done_callback(self._health_updates.discard)
+        self._spawn(self.health.set_serving(ready), "health")
 
-    async def stop(self, grace_seconds: float = SHUTDOWN_GRACE_SECONDS) -> None:
-        log.info("shutting down", extra={"fields": {"grace_seconds": grace_seconds}})
+    def _spawn(self, coroutine: object, name: str) -> None:
+        task: asyncio.Task[object] = asyncio.get_running_loop().create_task(coroutine, name=name)  # type: ignore[arg-type]
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def stop(self, drain_seconds: float | None = None, grace_seconds: float | None = None) -> None:
+        """Drain, then stop accepting and wait for Checks in flight; see the module docstring."""
+        shutdown = self.settings.shutdown
+        if drain_seconds is None:
+            drain_seconds = (
+                self._drain_override if self._drain_override is not None else shutdown.drain_seconds
+            )
+        if grace_seconds is None:
+            grace_seconds = shutdown.grace_seconds
+        log.info(
+            "draining", extra={"fields": {"drain_seconds": drain_seconds, "grace_seconds": grace_seconds}}
+        )
+        self._draining = True
         self._serving = False
         await self.health.set_serving(False)
+        if drain_seconds > 0:
+            await asyncio.sleep(drain_seconds)
         await self._grpc.stop(grace_seconds)
+        for task in list(self._background):
+            task.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
         await self.keys.stop()
-        await self._close_fetcher()
+        await self._close()
         log.info("stopped")
 
-    async def _close_fetcher(self) -> None:
-        if self._fetcher is not None:
-            await self._fetcher.close()
-        if self._cache is not None:
-            await self._cache.close()
+    async def _close(self) -> None:
+        if self.admin is not None:
+            await self.admin.stop()
+        await self._fetcher.close()
+        await self._cache.close()
+
+    # ---- observing decisions ----
+
+    def _observe(self, request: Request, request_id: str, decision: Decision, seconds: float) -> None:
+        self.metrics.record(decision, seconds)
+        self.runtime.decisions.record(request, request_id, decision, round(seconds * 1e6))
+
+    # ---- reload ----
+
+    async def reload(self, reason: str = "signal") -> bool:
+        """Load the config file again and switch to it if valid. True when the new config is in force."""
+        if self._config_path is None:
+            return False
+        async with self._reload_lock:
+            self._config_digest = _digest(self._config_path)
+            try:
+                new = settings.load(self._config_path)
+            except settings.ConfigError as exc:
+                self.metrics.reloads.labels("invalid").inc()
+                log.error(
+                    "config reload rejected: the old config stays in force",
+                    extra={"fields": {"reason": reason, "file": str(self._config_path), "error": str(exc)}},
+                )
+                return False
+            for key, old_value, new_value in (
+                ("listen", self.settings.listen, new.listen),
+                ("admin", self.settings.admin, new.admin),
+                ("jwks_cache", self.settings.jwks_cache, new.jwks_cache),
+            ):
+                if old_value != new_value:
+                    log.warning("a changed setting needs a restart", extra={"fields": {"key": key}})
+            old = self.runtime
+            runtime = self._build(new, reuse=old.keys)
+            runtime.keys.start()  # only new or changed providers fetch
+            await runtime.keys.first_fetches()
+            self.runtime = runtime
+            self.servicer.pipeline = runtime.pipeline
+            await old.keys.stop(keep=runtime.keys)
+            logs.set_level(new.log.level)
+            self.metrics.reloads.labels("ok").inc()
+            log.info("config reloaded", extra={"fields": {"reason": reason, "providers": len(new.providers)}})
+            self._keys_changed()
+            return True
+
+    async def _watch_config(self) -> None:
+        """Notice a changed file (an edit, or Kubernetes' symlink swap of a ConfigMap) within seconds."""
+        assert self._config_path is not None
+        while True:
+            await asyncio.sleep(WATCH_INTERVAL_SECONDS)
+            digest = await asyncio.to_thread(_digest, self._config_path)
+            if digest is not None and digest != self._config_digest:
+                await self.reload("file changed")
 
 
-async def serve(settings: Settings, *, listen: str | None = None) -> None:
-    """Serve until SIGTERM or SIGINT, then stop gracefully."""
+def _digest(path: Path | None) -> str | None:
+    if path is None:
+        return None
+    try:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    except OSError:
+        return None
+
+
+async def serve(
+    loaded: Settings,
+    *,
+    listen: str | None = None,
+    config_path: str | Path | None = None,
+    drain_seconds: float | None = None,
+) -> None:
+    """Serve until SIGTERM or SIGINT, then stop gracefully; SIGHUP reloads the config."""
     stop = asyncio.Event()
     # Handlers go in before the "serving" line: a SIGTERM right after it must drain, not kill.
-    with _signals_set(stop):
-        server = Server(settings, listen=listen)
+    with _signals_set(stop) as hangup:
+        server = Server(loaded, listen=listen, config_path=config_path, drain_seconds=drain_seconds)
         await server.start()
-        await stop.wait()
+        while not stop.is_set():
+            waiters = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(hangup.wait())]
+            await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+            for waiter in waiters:
+                waiter.cancel()
+            if hangup.is_set() and not stop.is_set():
+                hangup.clear()
+                await server.reload("SIGHUP")
         await server.stop()
 
 
 @contextlib.contextmanager
-def _signals_set(stop: asyncio.Event) -> Iterator[None]:
+def _signals_set(stop: asyncio.Event) -> Iterator[asyncio.Event]:
     loop = asyncio.get_running_loop()
+    hangup = asyncio.Event()
+    handlers = {signal.SIGTERM: stop.set, signal.SIGINT: stop.set, signal.SIGHUP: hangup.set}
     installed = []
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    for sig, handler in handlers.items():
         try:
-            loop.add_signal_handler(sig, stop.set)
+            loop.add_signal_handler(sig, handler)
             installed.append(sig)
         except (NotImplementedError, RuntimeError):  # not the main thread
             pass
     try:
-        yield
+        yield hangup
     finally:
         for sig in installed:
             loop.remove_signal_handler(sig)

@@ -123,6 +123,20 @@ class ProviderSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class LogSettings:
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    decisions: Literal["all", "deny", "none"] = "all"
+    sample_rate: float = 1.0
+    subject: Literal["plain", "hash", "omit"] = "hash"
+
+
+@dataclass(frozen=True, slots=True)
+class ShutdownSettings:
+    drain_seconds: float = 5.0  # keep answering after SIGTERM, so Envoy and Kubernetes stop sending
+    grace_seconds: float = 10.0  # then wait this long for checks in flight
+
+
+@dataclass(frozen=True, slots=True)
 class Settings:
     listen: str
     realm: str
@@ -133,6 +147,9 @@ class Settings:
     jwks_cache: JwksCacheSettings = JwksCacheSettings()
     dry_run: bool = False  # top-level `mode: dry_run`: every rule, and requests no rule matches
     max_header_value_bytes: int = 8192  # a longer identity header value is left out (and logged)
+    admin: str | None = None  # HOST:PORT of the admin HTTP listener (/healthz, /readyz, /metrics)
+    log: LogSettings = LogSettings()
+    shutdown: ShutdownSettings = ShutdownSettings()
     source: str = "<config>"
 
 
@@ -425,6 +442,7 @@ def parse(document: object, *, base_dir: Path = Path("."), source: str = "<confi
     max_header_value_bytes = int(
         number(top.get("max_header_value_bytes", 8192), "max_header_value_bytes", 64, 60 * 1024)
     )
+    admin = listen_address(top["admin"], "admin") if top.get("admin") is not None else None
     return Settings(
         listen,
         realm,
@@ -435,7 +453,34 @@ def parse(document: object, *, base_dir: Path = Path("."), source: str = "<confi
         jwks_cache,
         mode == "dry_run",
         max_header_value_bytes,
+        admin,
+        _log(top.get("log", {})),
+        _shutdown(top.get("shutdown", {})),
         source,
+    )
+
+
+def _choice(value: object, path: str, choices: tuple[str, ...]) -> str:
+    if value not in choices:
+        fail(path, f"must be one of {', '.join(choices)}")
+    return str(value)
+
+
+def _log(raw: object) -> LogSettings:
+    c = mapping(raw, "log", ("level", "decisions", "sample_rate", "subject"))
+    return LogSettings(
+        level=_choice(c.get("level", "info"), "log.level", ("debug", "info", "warning", "error")),  # type: ignore[arg-type]
+        decisions=_choice(c.get("decisions", "all"), "log.decisions", ("all", "deny", "none")),  # type: ignore[arg-type]
+        sample_rate=number(c.get("sample_rate", 1.0), "log.sample_rate", 0, 1),
+        subject=_choice(c.get("subject", "hash"), "log.subject", ("plain", "hash", "omit")),  # type: ignore[arg-type]
+    )
+
+
+def _shutdown(raw: object) -> ShutdownSettings:
+    c = mapping(raw, "shutdown", ("drain_seconds", "grace_seconds"))
+    return ShutdownSettings(
+        drain_seconds=number(c.get("drain_seconds", 5), "shutdown.drain_seconds", 0, 600),
+        grace_seconds=number(c.get("grace_seconds", 10), "shutdown.grace_seconds", 0, 600),
     )
 
 

@@ -21,6 +21,7 @@ fleet fetches from the IdP while the others wait for its result.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import random
@@ -89,6 +90,31 @@ class ProviderKeys:
         self._ssl = None if self._static else ssl.create_default_context(cafile=self.policy.ca_file)
         self._cache_key = cache_key(provider.issuer, provider.jwks_uri)
         self.stats = KeyStats(key_count=len(self._keys) if self._keys else 0)
+        self._task: asyncio.Task[None] | None = None
+        self.first_attempt = asyncio.Event()  # set once the first fetch has succeeded or failed
+        if self._static:
+            self.first_attempt.set()
+
+    def same_source(self, provider: ProviderSettings) -> bool:
+        """Whether a reloaded provider reads the same keys the same way (so these can be kept)."""
+        mine = self.provider
+        return (
+            not self._static
+            and provider.static_keys is None
+            and (mine.issuer, mine.jwks_uri, mine.algorithms, mine.keys, mine.allow_insecure_http)
+            == (
+                provider.issuer,
+                provider.jwks_uri,
+                provider.algorithms,
+                provider.keys,
+                provider.allow_insecure_http,
+            )
+        )
+
+    def rebind(self, provider: ProviderSettings, on_change: Callable[[], None]) -> None:
+        """Serve a reloaded config's (same-source) provider, reporting to its key store."""
+        self.provider = provider
+        self._on_change = on_change
 
     # ---- the request path ----
 
@@ -296,10 +322,19 @@ class ProviderKeys:
             },
         )
 
-    def start(self) -> asyncio.Task[None]:
+    def start(self) -> None:
         """Begin the first fetch now (so that early requests can wait on it) and the refresh loop."""
+        if self._static or self._task is not None:
+            return
         self._refresh(from_idp=True)
-        return asyncio.create_task(self.run(), name=f"keys-loop-{self.provider.name}")
+        self._task = asyncio.create_task(self.run(), name=f"keys-loop-{self.provider.name}")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+        self.cancel_fetch()
 
     def cancel_fetch(self) -> None:
         if self._inflight is not None:
@@ -316,6 +351,7 @@ class ProviderKeys:
                     await asyncio.sleep(delay)
                     continue  # a rotation refetch may have moved the schedule meanwhile
             result = await self._refresh(from_idp=True)
+            self.first_attempt.set()
             if result == "installed":
                 continue
             self._failures += 1
@@ -345,13 +381,19 @@ class KeyStore:
         readiness: Literal["all", "any"] = "all",
         clock: Callable[[], float] = time.time,
         on_change: Callable[[], None] = lambda: None,
+        reuse: KeyStore | None = None,
     ) -> None:
         self._readiness = readiness
         self._on_change = on_change
-        self._providers: Mapping[str, ProviderKeys] = {
-            p.name: ProviderKeys(p, fetcher, cache, clock=clock, on_change=self._changed) for p in providers
-        }
-        self._tasks: list[asyncio.Task[None]] = []
+        providers_keys: dict[str, ProviderKeys] = {}
+        for p in providers:
+            old = reuse._providers.get(p.name) if reuse is not None else None
+            if old is not None and old.same_source(p):
+                old.rebind(p, self._changed)
+                providers_keys[p.name] = old
+            else:
+                providers_keys[p.name] = ProviderKeys(p, fetcher, cache, clock=clock, on_change=self._changed)
+        self._providers: Mapping[str, ProviderKeys] = providers_keys
 
     def _changed(self) -> None:
         self._on_change()
@@ -362,16 +404,21 @@ class KeyStore:
     def start(self) -> None:
         """Start every remote provider's fetch-and-refresh loop (the start-up fetches run concurrently)."""
         for keys in self._providers.values():
-            if keys.provider.static_keys is None:
-                self._tasks.append(keys.start())
+            keys.start()
 
-    async def stop(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        for keys in self._providers.values():
-            keys.cancel_fetch()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        self._tasks.clear()
+    async def first_fetches(self) -> None:
+        """Wait until every provider has made its first fetch attempt (at most its fetch timeout)."""
+        pending = [p for p in self._providers.values() if not p.first_attempt.is_set()]
+        if pending:
+            bound = max(p.policy.fetch_timeout_seconds for p in pending) + 1
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(bound):
+                    await asyncio.gather(*(p.first_attempt.wait() for p in pending))
+
+    async def stop(self, keep: KeyStore | None = None) -> None:
+        """Stop every provider's loop, except those ``keep`` took over on a reload."""
+        kept = set(map(id, keep._providers.values())) if keep is not None else set()
+        await asyncio.gather(*(p.stop() for p in self._providers.values() if id(p) not in kept))
 
     def ready(self) -> bool:
         usable = [p.usable() for p in self._providers.values()]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from google.protobuf import struct_pb2
 
 from ext_authz._proto.envoy.config.core.v3 import base_pb2
@@ -48,7 +50,14 @@ def _header(name: str, value: str) -> base_pb2.HeaderValueOption:
     )
 
 
-def to_response(decision: Decision) -> external_auth_pb2.CheckResponse:
+def _metadata(values: Mapping[str, object]) -> struct_pb2.Struct:
+    metadata = struct_pb2.Struct()
+    metadata.update(values)  # type: ignore[arg-type]  # JSON values only
+    return metadata
+
+
+def to_response(decision: Decision, request_id: str = "") -> external_auth_pb2.CheckResponse:
+    """The answer to Envoy; ``request_id`` (x-request-id) goes into dynamic metadata for access logs."""
     if isinstance(decision, Allow):
         response = external_auth_pb2.CheckResponse(
             status=status_pb2.Status(code=0),
@@ -58,12 +67,11 @@ def to_response(decision: Decision) -> external_auth_pb2.CheckResponse:
                 query_parameters_to_remove=decision.query_params_to_remove,
             ),
         )
-        if decision.metadata:
-            metadata = struct_pb2.Struct()
-            metadata.update(decision.metadata)  # type: ignore[arg-type]  # JSON values only
-            response.dynamic_metadata.CopyFrom(metadata)
+        if decision.metadata or request_id:
+            allowed = {**decision.metadata, "request_id": request_id} if request_id else decision.metadata
+            response.dynamic_metadata.CopyFrom(_metadata(allowed))
         return response
-    return external_auth_pb2.CheckResponse(
+    denied = external_auth_pb2.CheckResponse(
         status=status_pb2.Status(code=decision.grpc_code, message=decision.code),
         denied_response=external_auth_pb2.DeniedHttpResponse(
             status=http_status_pb2.HttpStatus(code=decision.status),  # type: ignore[arg-type]
@@ -71,3 +79,8 @@ def to_response(decision: Decision) -> external_auth_pb2.CheckResponse:
             body=decision.body,
         ),
     )
+    values: dict[str, object] = {"rule": decision.rule, "reason": decision.code}
+    if request_id:
+        values["request_id"] = request_id
+    denied.dynamic_metadata.CopyFrom(_metadata(values))
+    return denied

@@ -208,9 +208,16 @@ def start_ext_authz(
     listen: str = "127.0.0.1:0",
     timeout: float = DEFAULT_READY_TIMEOUT,
     extra_args: Sequence[str] = (),
+    drain_seconds: float | None = 0,
 ) -> ExtAuthzProcess:
-    """Start the server and wait for its `"event": "serving"` log line; return its address."""
+    """Start the server and wait for its `"event": "serving"` log line; return its address.
+
+    ``drain_seconds`` overrides the config's shutdown drain (0 by default: in most tests nothing
+    needs time to stop sending, and a stop should be quick); None keeps the config's value.
+    """
     argv = [venv_python(), "-m", "ext_authz", "serve", "--config", str(config), "--listen", listen]
+    if drain_seconds is not None:
+        argv += ["--drain-seconds", str(drain_seconds)]
     argv.extend(extra_args)
     process = ManagedProcess("ext-authz", argv, env={"PYTHONUNBUFFERED": "1"})
     try:

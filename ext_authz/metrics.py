@@ -1,0 +1,103 @@
+"""Prometheus metrics. Label values are bounded: decisions, status codes, reason codes, and the
+provider and rule names of the config; never a subject, a path or a token."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator, Mapping
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from ext_authz import __version__
+from ext_authz.keys.store import KeyStats
+from ext_authz.model import Allow, Decision
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+class KeyCollector(Collector):
+    """Key fetch counters and key ages, read from the key store at scrape time."""
+
+    def __init__(self, stats: Callable[[], Mapping[str, KeyStats]], clock: Callable[[], float]) -> None:
+        self._stats = stats
+        self._clock = clock
+
+    def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
+        fetches = CounterMetricFamily(
+            "ext_authz_key_fetches", "Key set fetches by outcome", labels=["provider", "outcome"]
+        )
+        refetches = CounterMetricFamily(
+            "ext_authz_kid_refetches",
+            "Unknown-kid refetches: fetched, or suppressed by the rate limit",
+            labels=["provider", "outcome"],
+        )
+        age = GaugeMetricFamily(
+            "ext_authz_key_age_seconds", "Seconds since the keys in use were fetched", labels=["provider"]
+        )
+        now = self._clock()
+        for provider, stats in self._stats().items():
+            for outcome, count in stats.fetches.items():
+                fetches.add_metric([provider, outcome], count)
+            for outcome in ("fetched", "suppressed"):
+                refetches.add_metric([provider, outcome], stats.kid_refetches.get(outcome, 0))
+            if stats.fetched_at is not None:
+                age.add_metric([provider], max(0.0, now - stats.fetched_at))
+        yield fetches
+        yield refetches
+        yield age
+
+
+class Metrics:
+    def __init__(
+        self, key_stats: Callable[[], Mapping[str, KeyStats]], clock: Callable[[], float] = time.time
+    ) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.checks = Counter(
+            "ext_authz_checks",
+            "Check calls by decision",
+            ["decision", "status", "reason", "provider", "rule"],
+            registry=self.registry,
+        )
+        self.duration = Histogram(
+            "ext_authz_check_duration_seconds",
+            "Time to decide one Check",
+            buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0),
+            registry=self.registry,
+        )
+        self.token_cache = Counter(
+            "ext_authz_token_cache_requests",
+            "Verified-token cache lookups",
+            ["result"],
+            registry=self.registry,
+        )
+        self.token_cache_size = Gauge(
+            "ext_authz_token_cache_size", "Verified tokens cached", registry=self.registry
+        )
+        self.reloads = Counter(
+            "ext_authz_config_reloads",
+            "Configuration reloads by outcome",
+            ["outcome"],
+            registry=self.registry,
+        )
+        build = Gauge("ext_authz_build_info", "Build information", ["version"], registry=self.registry)
+        build.labels(__version__).set(1)
+        self.registry.register(KeyCollector(key_stats, clock))
+
+    def record(self, decision: Decision, seconds: float) -> None:
+        if isinstance(decision, Allow):
+            labels = (
+                "allow",
+                "200",
+                decision.reason.partition(":")[0],
+                decision.provider or "",
+                decision.rule,
+            )
+        else:
+            labels = ("deny", str(decision.status), decision.code, decision.provider or "", decision.rule)
+        self.checks.labels(*labels).inc()
+        self.duration.observe(seconds)
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)
