@@ -7,6 +7,7 @@ directory and compares it with the committed files.
 
 from __future__ import annotations
 
+import importlib.util
 import sys
 from importlib import resources
 from pathlib import Path
@@ -22,10 +23,17 @@ def proto_files() -> list[str]:
     return sorted(p.relative_to(PROTO_ROOT).as_posix() for p in PROTO_ROOT.rglob("*.proto"))
 
 
+def googleapis_root() -> str:
+    """Where googleapis-common-protos installed google/rpc/status.proto."""
+    spec = importlib.util.find_spec("google.rpc.status_pb2")
+    assert spec is not None and spec.origin is not None, "googleapis-common-protos is not installed"
+    return str(Path(spec.origin).parent.parent.parent)
+
+
 def generate(out_root: Path) -> None:
     well_known = str(resources.files("grpc_tools") / "_proto")
     for proto in proto_files():
-        args = ["grpc_tools.protoc", f"-I{PROTO_ROOT}", f"-I{well_known}"]
+        args = ["grpc_tools.protoc", f"-I{PROTO_ROOT}", f"-I{well_known}", f"-I{googleapis_root()}"]
         args += [f"--python_out={out_root}", f"--pyi_out={out_root}"]
         if proto in SERVICE_PROTOS:
             args.append(f"--grpc_python_out={out_root}")

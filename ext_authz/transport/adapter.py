@@ -5,11 +5,11 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from google.protobuf import struct_pb2
+from google.rpc import status_pb2
 
 from ext_authz._proto.envoy.config.core.v3 import base_pb2
 from ext_authz._proto.envoy.service.auth.v3 import external_auth_pb2
 from ext_authz._proto.envoy.type.v3 import http_status_pb2
-from ext_authz._proto.google.rpc import status_pb2
 from ext_authz.model import Allow, Decision, Request
 
 # Envoy 1.40 honours only the deprecated `append` on upstream headers (unset = replace), newer Envoy

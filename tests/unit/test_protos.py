@@ -19,6 +19,7 @@ import grpc
 import pytest
 from google.protobuf import descriptor_pool
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
+from google.rpc import status_pb2
 
 # Imported for their side effect too: they register our descriptors in the default pool.
 from ext_authz._proto.envoy.config.core.v3 import address_pb2, base_pb2
@@ -28,7 +29,6 @@ from ext_authz._proto.envoy.service.auth.v3 import (
     external_auth_pb2_grpc,
 )
 from ext_authz._proto.envoy.type.v3 import http_status_pb2
-from ext_authz._proto.google.rpc import status_pb2
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 GENERATOR = REPO_ROOT / "protos" / "generate.py"

@@ -27,11 +27,11 @@ from google.protobuf import any_pb2, descriptor_pool, json_format, struct_pb2, t
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import Message
 from google.protobuf.unknown_fields import UnknownFieldSet
+from google.rpc import status_pb2
 
 from ext_authz._proto.envoy.config.core.v3 import address_pb2, base_pb2
 from ext_authz._proto.envoy.service.auth.v3 import attribute_context_pb2, external_auth_pb2
 from ext_authz._proto.envoy.type.v3 import http_status_pb2
-from ext_authz._proto.google.rpc import status_pb2
 
 # envoy-data-plane 2.2 (betterproto2 0.9) decorates its oneof validators with
 # `@model_validator(mode="after")` on classmethods; pydantic >= 2.12 warns about that

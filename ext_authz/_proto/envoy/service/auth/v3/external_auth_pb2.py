@@ -25,11 +25,11 @@ _sym_db = _symbol_database.Default()
 from ext_authz._proto.envoy.config.core.v3 import base_pb2 as ext__authz_dot___proto_dot_envoy_dot_config_dot_core_dot_v3_dot_base__pb2
 from ext_authz._proto.envoy.service.auth.v3 import attribute_context_pb2 as ext__authz_dot___proto_dot_envoy_dot_service_dot_auth_dot_v3_dot_attribute__context__pb2
 from ext_authz._proto.envoy.type.v3 import http_status_pb2 as ext__authz_dot___proto_dot_envoy_dot_type_dot_v3_dot_http__status__pb2
-from ext_authz._proto.google.rpc import status_pb2 as ext__authz_dot___proto_dot_google_dot_rpc_dot_status__pb2
 from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
+from google.rpc import status_pb2 as google_dot_rpc_dot_status__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n:ext_authz/_proto/envoy/service/auth/v3/external_auth.proto\x12\x15\x65nvoy.service.auth.v3\x1a\x30\x65xt_authz/_proto/envoy/config/core/v3/base.proto\x1a>ext_authz/_proto/envoy/service/auth/v3/attribute_context.proto\x1a\x30\x65xt_authz/_proto/envoy/type/v3/http_status.proto\x1a(ext_authz/_proto/google/rpc/status.proto\x1a\x1cgoogle/protobuf/struct.proto\"K\n\x0c\x43heckRequest\x12;\n\nattributes\x18\x01 \x01(\x0b\x32\'.envoy.service.auth.v3.AttributeContext\"\x87\x01\n\x12\x44\x65niedHttpResponse\x12)\n\x06status\x18\x01 \x01(\x0b\x32\x19.envoy.type.v3.HttpStatus\x12\x38\n\x07headers\x18\x02 \x03(\x0b\x32\'.envoy.config.core.v3.HeaderValueOption\x12\x0c\n\x04\x62ody\x18\x03 \x01(\t\"\xdd\x02\n\x0eOkHttpResponse\x12\x38\n\x07headers\x18\x02 \x03(\x0b\x32\'.envoy.config.core.v3.HeaderValueOption\x12\x35\n\x10\x64ynamic_metadata\x18\x03 \x01(\x0b\x32\x17.google.protobuf.StructB\x02\x18\x01\x12\x19\n\x11headers_to_remove\x18\x05 \x03(\t\x12H\n\x17response_headers_to_add\x18\x06 \x03(\x0b\x32\'.envoy.config.core.v3.HeaderValueOption\x12\x45\n\x17query_parameters_to_set\x18\x07 \x03(\x0b\x32$.envoy.config.core.v3.QueryParameter\x12\"\n\x1aquery_parameters_to_remove\x18\x08 \x03(\tJ\x04\x08\x01\x10\x02J\x04\x08\x04\x10\x05\"\xc0\x02\n\rCheckResponse\x12\"\n\x06status\x18\x01 \x01(\x0b\x32\x12.google.rpc.Status\x12\x44\n\x0f\x64\x65nied_response\x18\x02 \x01(\x0b\x32).envoy.service.auth.v3.DeniedHttpResponseH\x00\x12<\n\x0bok_response\x18\x03 \x01(\x0b\x32%.envoy.service.auth.v3.OkHttpResponseH\x00\x12\x43\n\x0e\x65rror_response\x18\x05 \x01(\x0b\x32).envoy.service.auth.v3.DeniedHttpResponseH\x00\x12\x31\n\x10\x64ynamic_metadata\x18\x04 \x01(\x0b\x32\x17.google.protobuf.StructB\x0f\n\rhttp_response2c\n\rAuthorization\x12R\n\x05\x43heck\x12#.envoy.service.auth.v3.CheckRequest\x1a$.envoy.service.auth.v3.CheckResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n:ext_authz/_proto/envoy/service/auth/v3/external_auth.proto\x12\x15\x65nvoy.service.auth.v3\x1a\x30\x65xt_authz/_proto/envoy/config/core/v3/base.proto\x1a>ext_authz/_proto/envoy/service/auth/v3/attribute_context.proto\x1a\x30\x65xt_authz/_proto/envoy/type/v3/http_status.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x17google/rpc/status.proto\"K\n\x0c\x43heckRequest\x12;\n\nattributes\x18\x01 \x01(\x0b\x32\'.envoy.service.auth.v3.AttributeContext\"\x87\x01\n\x12\x44\x65niedHttpResponse\x12)\n\x06status\x18\x01 \x01(\x0b\x32\x19.envoy.type.v3.HttpStatus\x12\x38\n\x07headers\x18\x02 \x03(\x0b\x32\'.envoy.config.core.v3.HeaderValueOption\x12\x0c\n\x04\x62ody\x18\x03 \x01(\t\"\xdd\x02\n\x0eOkHttpResponse\x12\x38\n\x07headers\x18\x02 \x03(\x0b\x32\'.envoy.config.core.v3.HeaderValueOption\x12\x35\n\x10\x64ynamic_metadata\x18\x03 \x01(\x0b\x32\x17.google.protobuf.StructB\x02\x18\x01\x12\x19\n\x11headers_to_remove\x18\x05 \x03(\t\x12H\n\x17response_headers_to_add\x18\x06 \x03(\x0b\x32\'.envoy.config.core.v3.HeaderValueOption\x12\x45\n\x17query_parameters_to_set\x18\x07 \x03(\x0b\x32$.envoy.config.core.v3.QueryParameter\x12\"\n\x1aquery_parameters_to_remove\x18\x08 \x03(\tJ\x04\x08\x01\x10\x02J\x04\x08\x04\x10\x05\"\xc0\x02\n\rCheckResponse\x12\"\n\x06status\x18\x01 \x01(\x0b\x32\x12.google.rpc.Status\x12\x44\n\x0f\x64\x65nied_response\x18\x02 \x01(\x0b\x32).envoy.service.auth.v3.DeniedHttpResponseH\x00\x12<\n\x0bok_response\x18\x03 \x01(\x0b\x32%.envoy.service.auth.v3.OkHttpResponseH\x00\x12\x43\n\x0e\x65rror_response\x18\x05 \x01(\x0b\x32).envoy.service.auth.v3.DeniedHttpResponseH\x00\x12\x31\n\x10\x64ynamic_metadata\x18\x04 \x01(\x0b\x32\x17.google.protobuf.StructB\x0f\n\rhttp_response2c\n\rAuthorization\x12R\n\x05\x43heck\x12#.envoy.service.auth.v3.CheckRequest\x1a$.envoy.service.auth.v3.CheckResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,14 +38,14 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_OKHTTPRESPONSE'].fields_by_name['dynamic_metadata']._loaded_options = None
   _globals['_OKHTTPRESPONSE'].fields_by_name['dynamic_metadata']._serialized_options = b'\030\001'
-  _globals['_CHECKREQUEST']._serialized_start=321
-  _globals['_CHECKREQUEST']._serialized_end=396
-  _globals['_DENIEDHTTPRESPONSE']._serialized_start=399
-  _globals['_DENIEDHTTPRESPONSE']._serialized_end=534
-  _globals['_OKHTTPRESPONSE']._serialized_start=537
-  _globals['_OKHTTPRESPONSE']._serialized_end=886
-  _globals['_CHECKRESPONSE']._serialized_start=889
-  _globals['_CHECKRESPONSE']._serialized_end=1209
-  _globals['_AUTHORIZATION']._serialized_start=1211
-  _globals['_AUTHORIZATION']._serialized_end=1310
+  _globals['_CHECKREQUEST']._serialized_start=304
+  _globals['_CHECKREQUEST']._serialized_end=379
+  _globals['_DENIEDHTTPRESPONSE']._serialized_start=382
+  _globals['_DENIEDHTTPRESPONSE']._serialized_end=517
+  _globals['_OKHTTPRESPONSE']._serialized_start=520
+  _globals['_OKHTTPRESPONSE']._serialized_end=869
+  _globals['_CHECKRESPONSE']._serialized_start=872
+  _globals['_CHECKRESPONSE']._serialized_end=1192
+  _globals['_AUTHORIZATION']._serialized_start=1194
+  _globals['_AUTHORIZATION']._serialized_end=1293
 # @@protoc_insertion_point(module_scope)

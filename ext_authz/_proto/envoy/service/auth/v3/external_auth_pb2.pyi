@@ -1,8 +1,8 @@
 from ext_authz._proto.envoy.config.core.v3 import base_pb2 as _base_pb2
 from ext_authz._proto.envoy.service.auth.v3 import attribute_context_pb2 as _attribute_context_pb2
 from ext_authz._proto.envoy.type.v3 import http_status_pb2 as _http_status_pb2
-from ext_authz._proto.google.rpc import status_pb2 as _status_pb2
 from google.protobuf import struct_pb2 as _struct_pb2
+from google.rpc import status_pb2 as _status_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
