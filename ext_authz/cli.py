@@ -14,6 +14,7 @@ from collections.abc import Sequence
 
 from ext_authz import __version__, explain, logs, policytest, settings
 from ext_authz.server import ServeError, serve
+from ext_authz.tracing import TracingUnavailable
 
 EXIT_CONFIG = 2
 EXIT_TEST_FAILED = 1
@@ -150,6 +151,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ServeError as exc:
         print(f"ext-authz: {exc}", file=sys.stderr)
         return 1
+    except TracingUnavailable as exc:
+        print(f"ext-authz: config error: {args.config}: tracing.enabled: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
     return 0
 
 

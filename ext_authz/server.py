@@ -36,6 +36,7 @@ from ext_authz.metrics import Metrics
 from ext_authz.model import Decision, Request
 from ext_authz.pipeline import Pipeline
 from ext_authz.settings import Settings
+from ext_authz.tracing import Tracing
 from ext_authz.transport.health import Health
 from ext_authz.transport.servicer import AuthorizationServicer
 
@@ -69,6 +70,7 @@ class Server:
         clock: Callable[[], float] = time.time,
         config_path: str | Path | None = None,
         drain_seconds: float | None = None,
+        tracer_provider: object = None,
     ) -> None:
         self._clock = clock
         self._address = listen or settings.listen
@@ -80,7 +82,10 @@ class Server:
         self.runtime = self._build(settings, reuse=None)
         self.metrics = Metrics(lambda: self.runtime.keys.stats(), clock)
         self.health = Health()
-        self.servicer = AuthorizationServicer(self.runtime.pipeline, observer=self._observe)
+        tracing = (
+            Tracing(settings.tracing.service_name, tracer_provider) if settings.tracing.enabled else None
+        )
+        self.servicer = AuthorizationServicer(self.runtime.pipeline, observer=self._observe, tracing=tracing)
         # gRPC enables SO_REUSEPORT by default: a second server on a busy port would bind silently
         # and take half the connections. One process owns its port.
         self._grpc = grpc.aio.server(options=[("grpc.so_reuseport", 0)])

@@ -131,6 +131,12 @@ class LogSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class TracingSettings:
+    enabled: bool = False
+    service_name: str = "ext-authz"
+
+
+@dataclass(frozen=True, slots=True)
 class ShutdownSettings:
     drain_seconds: float = 5.0  # keep answering after SIGTERM, so Envoy and Kubernetes stop sending
     grace_seconds: float = 10.0  # then wait this long for checks in flight
@@ -150,6 +156,7 @@ class Settings:
     admin: str | None = None  # HOST:PORT of the admin HTTP listener (/healthz, /readyz, /metrics)
     log: LogSettings = LogSettings()
     shutdown: ShutdownSettings = ShutdownSettings()
+    tracing: TracingSettings = TracingSettings()
     source: str = "<config>"
 
 
@@ -397,16 +404,9 @@ def _header_source(raw: object, path: str) -> HeaderSource:
 
 
 _TOP_KEYS = (
-    "listen",
-    "realm",
-    "providers",
-    "rules",
-    "max_token_bytes",
-    "readiness",
-    "jwks_cache",
-    "mode",
-    "max_header_value_bytes",
-)
+    "listen", "realm", "providers", "rules", "max_token_bytes", "max_header_value_bytes", "readiness",
+    "jwks_cache", "mode", "admin", "log", "shutdown", "tracing",
+)  # fmt: skip
 
 
 def parse(document: object, *, base_dir: Path = Path("."), source: str = "<config>") -> Settings:
@@ -456,7 +456,16 @@ def parse(document: object, *, base_dir: Path = Path("."), source: str = "<confi
         admin,
         _log(top.get("log", {})),
         _shutdown(top.get("shutdown", {})),
+        _tracing(top.get("tracing", {})),
         source,
+    )
+
+
+def _tracing(raw: object) -> TracingSettings:
+    c = mapping(raw, "tracing", ("enabled", "service_name"))
+    return TracingSettings(
+        enabled=boolean(c.get("enabled", False), "tracing.enabled"),
+        service_name=string(c.get("service_name", "ext-authz"), "tracing.service_name"),
     )
 
 

@@ -12,6 +12,7 @@ from ext_authz._proto.envoy.service.auth.v3 import external_auth_pb2, external_a
 from ext_authz.errors import InternalError
 from ext_authz.model import Decision, Request
 from ext_authz.pipeline import Pipeline
+from ext_authz.tracing import Tracing
 from ext_authz.transport.adapter import to_request, to_response
 
 log = logging.getLogger(__name__)
@@ -25,9 +26,12 @@ Observer = Callable[[Request, str, Decision, float], None]
 class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):
     """``pipeline`` may be replaced at any time (a config reload): each Check uses one config."""
 
-    def __init__(self, pipeline: Pipeline, observer: Observer | None = None) -> None:
+    def __init__(
+        self, pipeline: Pipeline, observer: Observer | None = None, tracing: Tracing | None = None
+    ) -> None:
         self.pipeline = pipeline
         self.observer = observer
+        self.tracing = tracing
 
     async def Check(
         self, request: external_auth_pb2.CheckRequest, context: grpc.aio.ServicerContext[object, object]
@@ -37,7 +41,12 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):
         adapted = EMPTY_REQUEST
         try:
             adapted = to_request(request)
-            decision = await pipeline.decide(adapted)
+            if self.tracing is None:
+                decision = await pipeline.decide(adapted)
+            else:
+                with self.tracing.check_span(adapted.headers) as span:
+                    decision = await pipeline.decide(adapted)
+                    span.record(decision)
         except Exception:
             # A bug, not a denial reason: fail closed with a clean 500 rather than a gRPC error
             # whose outcome would depend on Envoy's failure_mode_allow.

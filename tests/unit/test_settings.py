@@ -342,6 +342,16 @@ def test_bad_config_names_key_path(document: object, key_path: str, message: str
     assert message in error.message
 
 
+def test_operations_defaults() -> None:
+    s = parse(config())
+    assert s.admin is None
+    assert (s.log.level, s.log.decisions, s.log.sample_rate, s.log.subject) == ("info", "all", 1.0, "hash")
+    assert (s.shutdown.drain_seconds, s.shutdown.grace_seconds) == (5, 10)
+    assert not s.tracing.enabled and s.tracing.service_name == "ext-authz"
+    s = parse(config(admin="127.0.0.1:9002", log={"decisions": "deny", "subject": "omit"}))
+    assert s.admin == "127.0.0.1:9002" and s.log.decisions == "deny" and s.log.subject == "omit"
+
+
 def test_key_policy_defaults_and_cache() -> None:
     s = parse(config())
     policy = s.providers[0].keys
