@@ -330,6 +330,16 @@ BAD_CONFIGS: list[tuple[str, object, str, str]] = [
         "jwks_cache.uri",
         "unknown key",
     ),
+    ("admin", config(admin="9002"), "admin", "HOST:PORT"),
+    ("log level", config(log={"level": "verbose"}), "log.level", "one of"),
+    ("log decisions", config(log={"decisions": "some"}), "log.decisions", "one of"),
+    ("log rate", config(log={"sample_rate": 2}), "log.sample_rate", "between"),
+    ("log subject", config(log={"subject": "sha1"}), "log.subject", "one of"),
+    ("log typo", config(log={"levels": "info"}), "log.levels", "unknown key"),
+    ("drain", config(shutdown={"drain_seconds": -1}), "shutdown.drain_seconds", "between"),
+    ("grace", config(shutdown={"grace_seconds": "10s"}), "shutdown.grace_seconds", "number"),
+    ("tracing", config(tracing={"enabled": "yes"}), "tracing.enabled", "true or false"),
+    ("tracing typo", config(tracing={"enable": True}), "tracing.enable", "unknown key"),
 ]
 
 
