@@ -47,16 +47,15 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from jwt.algorithms import get_default_algorithms
 
 from ext_authz.configreader import (
     METHOD,
-    ConfigError,
     fail,
     header_name,
     listof,
+    load_yaml_file,
     mapping,
     number,
     string,
@@ -211,40 +210,9 @@ def parse_cases(document: object, settings: Settings) -> tuple[Case, ...]:
     return tuple(cases)
 
 
-class _StrictLoader(yaml.SafeLoader):
-    """SafeLoader that refuses duplicate keys (PyYAML would keep the last one silently)."""
-
-
-def _mapping_without_duplicates(loader: _StrictLoader, node: yaml.MappingNode) -> dict[object, object]:
-    loader.flatten_mapping(node)
-    seen: set[object] = set()
-    for key_node, _ in node.value:
-        key = loader.construct_object(key_node, deep=True)
-        if key in seen:
-            mark = key_node.start_mark
-            raise ConfigError("", f"duplicate key {key!r} at line {mark.line + 1}, column {mark.column + 1}")
-        seen.add(key)
-    return loader.construct_mapping(node, deep=True)
-
-
-_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping_without_duplicates)
-
-
 def load_cases(file: str | Path, settings: Settings) -> tuple[Case, ...]:
     """Read and validate a case file. Raises ConfigError (key path '' for file-level problems)."""
-    try:
-        text = Path(file).read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError("", f"cannot read the file: {exc.strerror or exc}") from None
-    except UnicodeDecodeError:
-        raise ConfigError("", "the file is not UTF-8 text") from None
-    try:
-        document = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise ConfigError("", f"not valid YAML{where}: {getattr(exc, 'problem', None) or exc}") from None
-    return parse_cases(document, settings)
+    return parse_cases(load_yaml_file(file), settings)
 
 
 # ---- throwaway keys ----

@@ -16,8 +16,6 @@ from pathlib import Path
 from typing import Literal
 from urllib.parse import urlsplit
 
-import yaml
-
 from ext_authz.configreader import (
     RESERVED_HEADERS,
     ClaimHeader,
@@ -27,6 +25,7 @@ from ext_authz.configreader import (
     fail,
     header_name,
     listof,
+    load_yaml_file,
     mapping,
     number,
     parse_claim_path,
@@ -537,38 +536,7 @@ def _check_owned_headers(providers: tuple[ProviderSettings, ...], rules: tuple[R
                 fail(where, f"header {target!r} cannot be set by an authorizer")
 
 
-class _StrictLoader(yaml.SafeLoader):
-    """SafeLoader that refuses duplicate keys (PyYAML keeps the last one silently)."""
-
-
-def _mapping_without_duplicates(loader: _StrictLoader, node: yaml.MappingNode) -> dict[object, object]:
-    loader.flatten_mapping(node)
-    seen: set[object] = set()
-    for key_node, _ in node.value:
-        key = loader.construct_object(key_node, deep=True)
-        if key in seen:
-            mark = key_node.start_mark
-            raise ConfigError("", f"duplicate key {key!r} at line {mark.line + 1}, column {mark.column + 1}")
-        seen.add(key)
-    return loader.construct_mapping(node, deep=True)
-
-
-_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping_without_duplicates)
-
-
 def load(file: str | Path) -> Settings:
     """Read and validate a config file. Raises ConfigError (key path '' for file-level problems)."""
     path = Path(file)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError("", f"cannot read the file: {exc.strerror or exc}") from None
-    except UnicodeDecodeError:
-        raise ConfigError("", "the file is not UTF-8 text") from None
-    try:
-        document = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise ConfigError("", f"not valid YAML{where}: {getattr(exc, 'problem', None) or exc}") from None
-    return parse(document, base_dir=path.parent, source=str(path))
+    return parse(load_yaml_file(path), base_dir=path.parent, source=str(path))
