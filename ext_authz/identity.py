@@ -31,6 +31,7 @@ from ext_authz.claims import claim_value
 from ext_authz.keys.jwks import VerificationKey
 from ext_authz.model import Credential, Principal
 from ext_authz.settings import ProviderSettings, normalise_token_type
+from ext_authz.tokencache import CachedToken, TokenCache
 
 _B64URL = re.compile(r"^[A-Za-z0-9_-]*$")
 _ALGORITHMS: Mapping[str, Algorithm] = get_default_algorithms()
@@ -125,14 +126,39 @@ class Verifier:
         *,
         max_token_bytes: int,
         clock: Callable[[], float],
+        cache: TokenCache | None = None,
     ) -> None:
         self._by_issuer = {p.issuer: p for p in providers}
+        self._by_name = {p.name: p for p in providers}
         self._keys = keys
         self._max_token_bytes = max_token_bytes
         self._clock = clock
+        self.cache = cache
 
     async def verify(self, credential: Credential) -> Principal:
         """Return the verified Principal or raise an errors.AuthError subclass."""
+        cache = self.cache
+        if cache is None or len(credential.token) > self._max_token_bytes:
+            return await self._verify(credential, None)
+        digest = cache.digest(credential.token)
+        entry = cache.get(digest, self._clock())
+        if entry is None:
+            return await self._verify(credential, digest)
+        provider = self._by_name[entry.provider]
+        if not _location_accepted(provider, credential):
+            raise errors.TokenLocationNotAccepted()
+        # The key must still be the one the provider's current keys give (rotation, max_stale).
+        try:
+            key = await self._keys.key_for(provider.name, entry.kid, entry.alg)
+        except errors.AuthError:
+            cache.discard(digest)
+            raise
+        if key.fingerprint != entry.key_fingerprint:
+            cache.discard(digest)
+            return await self._verify(credential, digest)
+        return Principal(entry.provider, entry.claims, entry.payload_segment, credential)
+
+    async def _verify(self, credential: Credential, digest: bytes | None) -> Principal:
         token = parse_token(credential.token, self._max_token_bytes)
         header, claims = token.header, token.claims
 
@@ -163,6 +189,14 @@ class Verifier:
             raise errors.BadSignature()
 
         self._check_claims(provider, claims)
+        if digest is not None and self.cache is not None:
+            exp = claims["exp"]
+            assert isinstance(exp, int | float)
+            expires = exp + provider.clock_skew_seconds
+            entry = CachedToken(
+                provider.name, claims, token.payload_segment, expires, kid, alg, key.fingerprint
+            )
+            self.cache.put(digest, entry)
         return Principal(
             provider=provider.name,
             claims=claims,

@@ -49,9 +49,29 @@ class KeyCollector(Collector):
         yield age
 
 
+class TokenCacheCollector(Collector):
+    """Verified-token cache lookups and size, read at scrape time."""
+
+    def __init__(self, state: Callable[[], tuple[int, int, int]]) -> None:
+        self._state = state
+
+    def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
+        hits, misses, size = self._state()
+        requests = CounterMetricFamily(
+            "ext_authz_token_cache_requests", "Verified-token cache lookups", labels=["result"]
+        )
+        requests.add_metric(["hit"], hits)
+        requests.add_metric(["miss"], misses)
+        yield requests
+        yield GaugeMetricFamily("ext_authz_token_cache_size", "Verified tokens cached", value=size)
+
+
 class Metrics:
     def __init__(
-        self, key_stats: Callable[[], Mapping[str, KeyStats]], clock: Callable[[], float] = time.time
+        self,
+        key_stats: Callable[[], Mapping[str, KeyStats]],
+        clock: Callable[[], float] = time.time,
+        token_cache: Callable[[], tuple[int, int, int]] = lambda: (0, 0, 0),
     ) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         self.checks = Counter(
@@ -66,15 +86,6 @@ class Metrics:
             buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0),
             registry=self.registry,
         )
-        self.token_cache = Counter(
-            "ext_authz_token_cache_requests",
-            "Verified-token cache lookups",
-            ["result"],
-            registry=self.registry,
-        )
-        self.token_cache_size = Gauge(
-            "ext_authz_token_cache_size", "Verified tokens cached", registry=self.registry
-        )
         self.reloads = Counter(
             "ext_authz_config_reloads",
             "Configuration reloads by outcome",
@@ -84,6 +95,7 @@ class Metrics:
         build = Gauge("ext_authz_build_info", "Build information", ["version"], registry=self.registry)
         build.labels(__version__).set(1)
         self.registry.register(KeyCollector(key_stats, clock))
+        self.registry.register(TokenCacheCollector(token_cache))
 
     def record(self, decision: Decision, seconds: float) -> None:
         if isinstance(decision, Allow):

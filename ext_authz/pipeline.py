@@ -19,6 +19,7 @@ from ext_authz.model import Decision, Deny, Principal, Request, TokenLocation
 from ext_authz.policy import DEFAULT_RULE
 from ext_authz.response import Answers
 from ext_authz.settings import Settings
+from ext_authz.tokencache import CacheCounters, TokenCache
 
 log = logging.getLogger(__name__)
 
@@ -34,13 +35,20 @@ def token_locations(settings: Settings) -> list[TokenLocation]:
 
 class Pipeline:
     def __init__(
-        self, settings: Settings, keys: KeyResolver, *, clock: Callable[[], float] = time.time
+        self,
+        settings: Settings,
+        keys: KeyResolver,
+        *,
+        clock: Callable[[], float] = time.time,
+        cache_counters: CacheCounters | None = None,
     ) -> None:
         self.settings = settings
         self.rules = Rules(settings.rules, settings.providers)
         self.finder = CredentialFinder(token_locations(settings))
+        entries = settings.token_cache_entries
+        cache = TokenCache(entries, cache_counters) if entries else None
         self.verifier = Verifier(
-            settings.providers, keys, max_token_bytes=settings.max_token_bytes, clock=clock
+            settings.providers, keys, max_token_bytes=settings.max_token_bytes, clock=clock, cache=cache
         )
         self.answers = Answers(settings)
 

@@ -36,6 +36,7 @@ from ext_authz.metrics import Metrics
 from ext_authz.model import Decision, Request
 from ext_authz.pipeline import Pipeline
 from ext_authz.settings import Settings
+from ext_authz.tokencache import CacheCounters
 from ext_authz.tracing import Tracing
 from ext_authz.transport.health import Health
 from ext_authz.transport.servicer import AuthorizationServicer
@@ -79,8 +80,9 @@ class Server:
         self._drain_override = drain_seconds
         self._fetcher = HttpFetcher()
         self._cache = SharedKeyCache(settings.jwks_cache)
+        self._token_counters = CacheCounters()
         self.runtime = self._build(settings, reuse=None)
-        self.metrics = Metrics(lambda: self.runtime.keys.stats(), clock)
+        self.metrics = Metrics(lambda: self.runtime.keys.stats(), clock, token_cache=self._token_cache_state)
         self.health = Health()
         tracing = (
             Tracing(settings.tracing.service_name, tracer_provider) if settings.tracing.enabled else None
@@ -124,7 +126,13 @@ class Server:
             on_change=self._keys_changed,
             reuse=reuse,
         )
-        return Runtime(new, keys, Pipeline(new, keys, clock=self._clock), DecisionLog(new.log))
+        pipeline = Pipeline(new, keys, clock=self._clock, cache_counters=self._token_counters)
+        return Runtime(new, keys, pipeline, DecisionLog(new.log))
+
+    def _token_cache_state(self) -> tuple[int, int, int]:
+        """Hits, misses and current size of the verified-token cache."""
+        cache = self.runtime.pipeline.verifier.cache
+        return self._token_counters.hits, self._token_counters.misses, len(cache) if cache else 0
 
     # ---- lifecycle ----
 

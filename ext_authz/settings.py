@@ -156,6 +156,7 @@ class Settings:
     log: LogSettings = LogSettings()
     shutdown: ShutdownSettings = ShutdownSettings()
     tracing: TracingSettings = TracingSettings()
+    token_cache_entries: int = 10_000  # verified tokens kept (0: no cache)
     source: str = "<config>"
 
 
@@ -404,7 +405,7 @@ def _header_source(raw: object, path: str) -> HeaderSource:
 
 _TOP_KEYS = (
     "listen", "realm", "providers", "rules", "max_token_bytes", "max_header_value_bytes", "readiness",
-    "jwks_cache", "mode", "admin", "log", "shutdown", "tracing",
+    "jwks_cache", "mode", "admin", "log", "shutdown", "tracing", "token_cache",
 )  # fmt: skip
 
 
@@ -456,8 +457,14 @@ def parse(document: object, *, base_dir: Path = Path("."), source: str = "<confi
         _log(top.get("log", {})),
         _shutdown(top.get("shutdown", {})),
         _tracing(top.get("tracing", {})),
+        _token_cache(top.get("token_cache", {})),
         source,
     )
+
+
+def _token_cache(raw: object) -> int:
+    c = mapping(raw, "token_cache", ("max_entries",))
+    return int(number(c.get("max_entries", 10_000), "token_cache.max_entries", 0, 10_000_000))
 
 
 def _tracing(raw: object) -> TracingSettings:

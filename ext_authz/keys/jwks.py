@@ -7,10 +7,12 @@ usable, so one odd key published by an IdP never takes the whole provider down.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from jwt import PyJWK
 from jwt.exceptions import PyJWKError
@@ -38,6 +40,8 @@ class VerificationKey:
     # The token `alg` values this key may verify: its type decides, narrowed by the JWK's own `alg`.
     algorithms: frozenset[str]
     key: PublicKey
+    # Identifies the key material across refetches (a refreshed set gives new objects).
+    fingerprint: bytes = b""
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,7 +108,9 @@ def parse_key(jwk: Mapping[str, object]) -> VerificationKey:
         algorithms &= {jwk_alg}
     if not algorithms:
         raise ValueError("key type and alg do not fit together")
-    return VerificationKey(kid=kid, algorithms=algorithms, key=parsed)
+    der = parsed.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    fingerprint = hashlib.sha256(der).digest()
+    return VerificationKey(kid=kid, algorithms=algorithms, key=parsed, fingerprint=fingerprint)
 
 
 def parse_jwks(document: object, *, source: str = "jwks") -> KeySet:
