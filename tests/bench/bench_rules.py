@@ -135,13 +135,17 @@ def main() -> None:
                 headers={**request.headers, "authorization": f"Bearer {token}"},
             )
 
-            def decide(p: Pipeline = pipeline, r: Request = full_request) -> object:
-                return loop.run_until_complete(p.decide(r))
+            async def decide_batch(p: Pipeline = pipeline, r: Request = full_request) -> float:
+                await p.decide(r)  # warm: the first decision verifies, later ones hit the token cache
+                start = time.perf_counter()
+                for _ in range(2000):
+                    await p.decide(r)
+                return (time.perf_counter() - start) / 2000 * 1e6
 
-            decide_us = per_call_us(decide)
+            decide_us = loop.run_until_complete(decide_batch())
             rows.append((n, pad, len(token), results[(n, pad)], decide_us))
     loop.close()
-    print("| rules | token bytes | match + check (us) | whole decision (us) |")
+    print("| rules | token bytes | match + check (us) | whole decision, cached token (us) |")
     print("|---:|---:|---:|---:|")
     for n, _pad, size, rules_us, decide_us in rows:
         print(f"| {n} | {size} | {rules_us:.1f} | {decide_us:.1f} |")
