@@ -64,6 +64,10 @@ class SharedKeyCache:
         else:
             self._cache = SimpleMemoryCache(namespace=NAMESPACE, serializer=StringSerializer())
         self._broken_until = 0.0
+        self.timeout_seconds = settings.timeout_seconds
+
+    def _timeout(self, budget: float | None) -> float:
+        return self.timeout_seconds if budget is None else min(self.timeout_seconds, budget)
 
     async def close(self) -> None:
         with contextlib.suppress(Exception):  # closing a dead connection is not worth a log line
@@ -82,11 +86,11 @@ class SharedKeyCache:
     def _usable(self) -> bool:
         return time.monotonic() >= self._broken_until
 
-    async def get(self, key: str) -> CachedDocument | None:
+    async def get(self, key: str, budget: float | None = None) -> CachedDocument | None:
         if not self._usable():
             return None
         try:
-            raw = await self._cache.get(f"doc:{key}")
+            raw = await self._cache.get(f"doc:{key}", timeout=self._timeout(budget))
         except Exception as exc:
             self._failed("get", exc)
             return None
@@ -104,23 +108,31 @@ class SharedKeyCache:
             )
             return None
 
-    async def put(self, key: str, document: CachedDocument, ttl_seconds: float) -> None:
+    async def put(
+        self, key: str, document: CachedDocument, ttl_seconds: float, budget: float | None = None
+    ) -> None:
         if not self._usable():
             return
         raw = json.dumps(
             {"jwks": document.jwks, "fetched_at": document.fetched_at, "max_age": document.max_age}
         )
         try:
-            await self._cache.set(f"doc:{key}", raw, ttl=max(1, int(ttl_seconds)))
+            await self._cache.set(
+                f"doc:{key}", raw, ttl=max(1, int(ttl_seconds)), timeout=self._timeout(budget)
+            )
         except Exception as exc:
             self._failed("set", exc)
 
-    async def acquire(self, marker: str, key: str, ttl_seconds: float) -> bool | None:
+    async def acquire(
+        self, marker: str, key: str, ttl_seconds: float, budget: float | None = None
+    ) -> bool | None:
         """Set a short-lived marker if absent: True = ours, False = someone else's, None = cache down."""
         if not self._usable():
             return None
         try:
-            await self._cache.add(f"{marker}:{key}", "1", ttl=max(1, round(ttl_seconds)))
+            await self._cache.add(
+                f"{marker}:{key}", "1", ttl=max(1, round(ttl_seconds)), timeout=self._timeout(budget)
+            )
         except ValueError:  # aiocache: the key exists
             return False
         except Exception as exc:
@@ -128,10 +140,10 @@ class SharedKeyCache:
             return None
         return True
 
-    async def release(self, marker: str, key: str) -> None:
+    async def release(self, marker: str, key: str, budget: float | None = None) -> None:
         if not self._usable():
             return
         try:
-            await self._cache.delete(f"{marker}:{key}")
+            await self._cache.delete(f"{marker}:{key}", timeout=self._timeout(budget))
         except Exception as exc:
             self._failed("delete", exc)

@@ -89,6 +89,9 @@ class ProviderKeys:
         self._inflight_from_idp = False
         self._ssl = None if self._static else ssl.create_default_context(cafile=self.policy.ca_file)
         self._cache_key = cache_key(provider.issuer, provider.jwks_uri)
+        # A slow shared cache may take at most this much of a fetch's time budget per operation,
+        # so that a frozen Redis cannot turn a refetch a request waits on into a 503.
+        self._cache_budget = self.policy.fetch_timeout_seconds / 8
         self.stats = KeyStats(key_count=len(self._keys) if self._keys else 0)
         self._task: asyncio.Task[None] | None = None
         self.first_attempt = asyncio.Event()  # set once the first fetch has succeeded or failed
@@ -198,19 +201,19 @@ class ProviderKeys:
         if not from_idp:
             return "unchanged"
         lock_ttl = self.policy.fetch_timeout_seconds + 1
-        lock = await self._cache.acquire("lock", self._cache_key, lock_ttl)
+        lock = await self._cache.acquire("lock", self._cache_key, lock_ttl, budget=self._cache_budget)
         if lock is False and await self._wait_for_peer():
             return "installed"
         try:
             return await self._fetch_from_idp()
         finally:
             if lock:
-                await self._cache.release("lock", self._cache_key)
+                await self._cache.release("lock", self._cache_key, budget=self._cache_budget)
 
     async def _adopt_shared(self) -> bool:
         """Install the shared document if another process fetched it after we did."""
         assert self._cache is not None
-        entry = await self._cache.get(self._cache_key)
+        entry = await self._cache.get(self._cache_key, budget=self._cache_budget)
         if entry is None or (self._fetched_at is not None and entry.fetched_at <= self._fetched_at):
             return False
         if self._clock() - entry.fetched_at >= self._interval(entry.max_age):
@@ -268,7 +271,9 @@ class ProviderKeys:
         self._install(keys, fetched_at, document.max_age, source="idp", started=started)
         if self._cache is not None:
             entry = CachedDocument(document.body, fetched_at, document.max_age)
-            await self._cache.put(self._cache_key, entry, ttl_seconds=self.policy.max_stale_seconds)
+            await self._cache.put(
+                self._cache_key, entry, ttl_seconds=self.policy.max_stale_seconds, budget=self._cache_budget
+            )
         return "installed"
 
     def _interval(self, max_age: float | None) -> float:

@@ -9,7 +9,13 @@ configuration was fetched from, minus the well-known suffix), and tokens minted 
 Key lifecycle for rotation tests: `add_key()` publishes a new key (optionally making it the
 signing default), `rotate()` adds a fresh RSA key and signs with it from then on while the old
 key stays published, `remove_key(kid)` unpublishes a key. Requests are counted per path so tests
-can assert how often the server fetched discovery or keys.
+can assert how often the server fetched discovery or keys (`wait_for_count` waits for a fetch).
+
+Every answer is under the test's control, per path: `fail_path` (an HTTP error status),
+`override` (any status, body and content type: HTML, not JSON, too large, ...), `serve_html`,
+`serve_empty_keys` (a valid but empty JWKS), `delay_path` (the answer starts only after a
+delay; other requests are served meanwhile, and `stop()` wakes every delayed handler at once),
+and `cache_control` (the `Cache-Control` header sent with the JWKS).
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ import time
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Self
 
 import jwt
 from cryptography.hazmat.primitives import serialization
@@ -150,10 +156,25 @@ class TestIssuer(LoopbackHTTPServer):
         self._keys: dict[str, SigningKey] = {}
         self._default_kid = self.add_key(alg)
         self._counts: Counter[str] = Counter()
+        self._counted = threading.Condition(self._lock)  # notified on every request
         self._status_overrides: dict[str, int] = {}
+        self._overrides: dict[str, Answer] = {}
+        self._delays: dict[str, float] = {}
+        self._empty_keys = False
+        self._cache_control: str | None = None
+        # Set by stop(): a delayed handler sleeps on it and gives up at once when it is set.
+        self._stopping = threading.Event()
 
     def handler(self) -> type[http.server.BaseHTTPRequestHandler]:
         return _make_handler(self)
+
+    def start(self) -> Self:
+        self._stopping.clear()
+        return super().start()
+
+    def stop(self) -> None:
+        self._stopping.set()  # first: no handler may still be asleep in a delay
+        super().stop()
 
     @property
     def jwks_uri(self) -> str:
@@ -288,6 +309,24 @@ class TestIssuer(LoopbackHTTPServer):
         with self._lock:
             self._counts.clear()
 
+    def wait_for_count(self, path: str, n: int, timeout: float) -> int:
+        """Wait until `path` has been requested at least `n` times; return the count.
+
+        Raises TimeoutError (with the count reached) when the deadline passes first. A request is
+        counted when it arrives, and its answer is decided at that moment, so once this returns
+        the answer to the n-th request is fixed even if it has not been sent yet.
+        """
+        deadline = time.monotonic() + timeout
+        with self._counted:
+            while self._counts[path] < n:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise TimeoutError(
+                        f"{path} requested {self._counts[path]} times, not {n}, within {timeout:g}s"
+                    )
+                self._counted.wait(remaining)
+            return self._counts[path]
+
     def fail_path(self, path: str, status: int | None) -> None:
         """Answer `path` with `status` (e.g. 500) until called again with None."""
         with self._lock:
@@ -296,17 +335,104 @@ class TestIssuer(LoopbackHTTPServer):
             else:
                 self._status_overrides[path] = status
 
-    def _respond(self, path: str) -> tuple[int, dict[str, Any] | None]:
+    def override(
+        self,
+        path: str,
+        status: int | None,
+        body: bytes = b"",
+        content_type: str = "application/json",
+    ) -> None:
+        """Answer `path` with exactly this status, body and content type until called with None.
+
+        `fail_path` takes precedence over an override of the same path.
+        """
+        with self._lock:
+            if status is None:
+                self._overrides.pop(path, None)
+            else:
+                self._overrides[path] = Answer(status, body, content_type)
+
+    def serve_html(self, path: str, on: bool) -> None:
+        """A 200 with an HTML page instead of JSON (a login page or proxy error page, say)."""
+        self.override(path, 200 if on else None, HTML_PAGE, "text/html; charset=utf-8")
+
+    def serve_empty_keys(self, on: bool) -> None:
+        """Publish a well-formed JWKS with no keys at all (`{"keys": []}`) while `on`."""
+        with self._lock:
+            self._empty_keys = on
+
+    def delay_path(self, path: str, seconds: float | None) -> None:
+        """Start answering `path` only after `seconds` (None: no delay) from its arrival.
+
+        The delay is per request, on that request's own thread: other requests, to this or any
+        path, are served meanwhile. Stopping the issuer cuts every pending delay short (the
+        connection is then closed without an answer).
+        """
+        with self._lock:
+            if seconds is None:
+                self._delays.pop(path, None)
+            else:
+                self._delays[path] = seconds
+
+    @property
+    def cache_control(self) -> str | None:
+        """The `Cache-Control` header value sent with every 200 JWKS answer (None: no header)."""
+        with self._lock:
+            return self._cache_control
+
+    @cache_control.setter
+    def cache_control(self, value: str | None) -> None:
+        with self._lock:
+            self._cache_control = value
+
+    def heal(self) -> None:
+        """Undo every injected failure, override, delay and the empty key set."""
+        with self._lock:
+            self._status_overrides.clear()
+            self._overrides.clear()
+            self._delays.clear()
+            self._empty_keys = False
+
+    def _answer(self, path: str) -> tuple[Answer, float]:
+        """Count the request and decide its answer (and the delay before it), atomically."""
         with self._lock:
             self._counts[path] += 1
-            override = self._status_overrides.get(path)
+            self._counted.notify_all()
+            status = self._status_overrides.get(path)
+            override = self._overrides.get(path)
+            delay = self._delays.get(path, 0.0)
+            empty_keys = self._empty_keys
+            cache_control = self._cache_control
+        if status is not None:
+            return _json_answer(status, {"error": "injected failure"}), delay
         if override is not None:
-            return override, {"error": "injected failure"}
+            return override, delay
         if path == DISCOVERY_PATH:
-            return 200, self.discovery()
+            return _json_answer(200, self.discovery()), delay
         if path == JWKS_PATH:
-            return 200, self.jwks()
-        return 404, {"error": "not found"}
+            document = {"keys": []} if empty_keys else self.jwks()
+            headers = () if cache_control is None else (("Cache-Control", cache_control),)
+            return _json_answer(200, document, headers), delay
+        return _json_answer(404, {"error": "not found"}), delay
+
+    def _sleep(self, seconds: float) -> bool:
+        """Sleep for a delayed answer; False if the issuer is stopping (do not answer)."""
+        return not self._stopping.wait(seconds)
+
+
+HTML_PAGE = b"<!doctype html><html><head><title>Sign in</title></head><body>Sign in</body></html>\n"
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    status: int
+    body: bytes
+    content_type: str = "application/json"
+    headers: tuple[tuple[str, str], ...] = ()
+
+
+def _json_answer(status: int, document: object, headers: tuple[tuple[str, str], ...] = ()) -> Answer:
+    return Answer(status, json.dumps(document).encode("utf-8"), "application/json", headers)
 
 
 def _make_handler(issuer: TestIssuer) -> type[http.server.BaseHTTPRequestHandler]:
@@ -315,13 +441,21 @@ def _make_handler(issuer: TestIssuer) -> type[http.server.BaseHTTPRequestHandler
 
         def do_GET(self) -> None:
             path = self.path.split("?", 1)[0]
-            status, document = issuer._respond(path)
-            body = json.dumps(document).encode("utf-8")
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
+            answer, delay = issuer._answer(path)
+            if delay > 0 and not issuer._sleep(delay):
+                self.close_connection = True
+                return
+            try:
+                self.send_response(answer.status)
+                self.send_header("Content-Type", answer.content_type)
+                self.send_header("Content-Length", str(len(answer.body)))
+                for name, value in answer.headers:
+                    self.send_header(name, value)
+                self.end_headers()
+                self.wfile.write(answer.body)
+            except (BrokenPipeError, ConnectionResetError):
+                # The client gave up (e.g. its fetch timed out during a delay): nothing to do.
+                self.close_connection = True
 
         def log_message(self, format: str, *args: Any) -> None:
             pass  # keep test output clean; counts are available via request_count()
