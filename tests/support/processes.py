@@ -41,7 +41,12 @@ def venv_binary(name: str) -> Path:
 
 
 class ManagedProcess:
-    """A subprocess whose merged stdout+stderr is read line by line on a background thread."""
+    """A subprocess whose merged stdout+stderr is read line by line on a background thread.
+
+    With ``separate_stdout=True`` standard output is read on a thread of its own into a buffer of
+    its own (``stdout_lines``, ``wait_for_stdout``), and the tail, ``output_lines`` and
+    ``wait_for_line`` see standard error alone. ``keep_lines`` bounds each buffer.
+    """
 
     def __init__(
         self,
@@ -50,13 +55,18 @@ class ManagedProcess:
         *,
         env: Mapping[str, str] | None = None,
         cwd: Path | None = None,
+        separate_stdout: bool = False,
+        keep_lines: int = TAIL_LINES,
     ) -> None:
         self.name = name
         self.argv = tuple(argv)
-        self._lines: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
+        self.separate_stdout = separate_stdout
+        self._lines: collections.deque[str] = collections.deque(maxlen=keep_lines)
         self._all_seen = 0
         self._cond = threading.Condition()
         self._eof = False
+        self._stdout: collections.deque[str] = collections.deque(maxlen=keep_lines)
+        self._stdout_eof = not separate_stdout
         full_env = dict(os.environ)
         if env is not None:
             full_env.update(env)
@@ -64,7 +74,7 @@ class ManagedProcess:
             self.argv,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
+            stderr=subprocess.PIPE if separate_stdout else subprocess.STDOUT,
             text=True,
             encoding="utf-8",
             errors="replace",
@@ -74,10 +84,16 @@ class ManagedProcess:
             start_new_session=True,
         )
         assert self.popen.stdout is not None
-        self._reader = threading.Thread(
-            target=self._drain, args=(self.popen.stdout,), name=f"drain-{name}", daemon=True
-        )
+        output = self.popen.stderr if separate_stdout else self.popen.stdout
+        assert output is not None
+        self._reader = threading.Thread(target=self._drain, args=(output,), name=f"drain-{name}", daemon=True)
         self._reader.start()
+        self._stdout_reader: threading.Thread | None = None
+        if separate_stdout:
+            self._stdout_reader = threading.Thread(
+                target=self._drain_stdout, args=(self.popen.stdout,), name=f"drain-{name}-stdout", daemon=True
+            )
+            self._stdout_reader.start()
 
     @property
     def pid(self) -> int:
@@ -95,15 +111,67 @@ class ManagedProcess:
                 self._eof = True
                 self._cond.notify_all()
 
+    def _drain_stdout(self, stream: IO[str]) -> None:
+        try:
+            for line in stream:
+                with self._cond:
+                    self._stdout.append(line.rstrip("\n"))
+                    self._cond.notify_all()
+        finally:
+            with self._cond:
+                self._stdout_eof = True
+                self._cond.notify_all()
+
     def tail(self, n: int = 40) -> str:
         with self._cond:
             lines = list(self._lines)[-n:]
         return "\n".join(lines)
 
+    def output_lines(self) -> list[str]:
+        """Every output line still kept (standard error alone with ``separate_stdout``)."""
+        with self._cond:
+            return list(self._lines)
+
+    def _require_separate_stdout(self) -> None:
+        if not self.separate_stdout:
+            raise ValueError(f"{self.name}: standard output is merged with standard error")
+
+    def stdout_lines(self) -> list[str]:
+        """Every standard output line still kept; only with ``separate_stdout``."""
+        self._require_separate_stdout()
+        with self._cond:
+            return list(self._stdout)
+
+    def wait_for_stdout(
+        self, condition: Callable[[list[str]], bool], *, timeout: float, what: str
+    ) -> list[str]:
+        """Wait until `condition` holds for the standard output lines kept; return them.
+
+        Raises ProcessError if standard output ends or the deadline passes first.
+        """
+        self._require_separate_stdout()
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                lines = list(self._stdout)
+                if condition(lines):
+                    return lines
+                if self._stdout_eof:
+                    raise ProcessError(self.describe_failure(f"closed its standard output before {what}"))
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise ProcessError(self.describe_failure(f"not {what} within {timeout:g}s"))
+                self._cond.wait(remaining)
+
     def describe_failure(self, what: str) -> str:
         code = self.popen.poll()
         state = "still running" if code is None else f"exited with {code}"
-        return f"{self.name} {what} ({state}); argv={list(self.argv)}\n--- last output ---\n{self.tail()}"
+        text = f"{self.name} {what} ({state}); argv={list(self.argv)}\n--- last output ---\n{self.tail()}"
+        if self.separate_stdout:
+            with self._cond:
+                stdout = list(self._stdout)[-20:]
+            text += "\n--- last standard output ---\n" + "\n".join(stdout)
+        return text
 
     def wait_for_line(self, predicate: Callable[[str], bool], *, timeout: float, what: str) -> str:
         """Return the first line (already seen or future) matching `predicate`.
@@ -148,8 +216,12 @@ class ManagedProcess:
                     os.killpg(self.popen.pid, signal.SIGKILL)
                 self.popen.wait(timeout=grace)
         self._reader.join(timeout=2.0)
+        if self._stdout_reader is not None:
+            self._stdout_reader.join(timeout=2.0)
         if self.popen.stdout is not None:
             self.popen.stdout.close()
+        if self.popen.stderr is not None:
+            self.popen.stderr.close()
         return self.popen.returncode
 
     def __enter__(self) -> Self:
@@ -209,17 +281,27 @@ def start_ext_authz(
     timeout: float = DEFAULT_READY_TIMEOUT,
     extra_args: Sequence[str] = (),
     drain_seconds: float | None = 0,
+    separate_stdout: bool = False,
+    keep_lines: int = TAIL_LINES,
 ) -> ExtAuthzProcess:
     """Start the server and wait for its `"event": "serving"` log line; return its address.
 
     ``drain_seconds`` overrides the config's shutdown drain (0 by default: in most tests nothing
     needs time to stop sending, and a stop should be quick); None keeps the config's value.
+    ``separate_stdout`` keeps the decision log (standard output) apart from the log lines
+    (standard error); see ManagedProcess.
     """
     argv = [venv_python(), "-m", "ext_authz", "serve", "--config", str(config), "--listen", listen]
     if drain_seconds is not None:
         argv += ["--drain-seconds", str(drain_seconds)]
     argv.extend(extra_args)
-    process = ManagedProcess("ext-authz", argv, env={"PYTHONUNBUFFERED": "1"})
+    process = ManagedProcess(
+        "ext-authz",
+        argv,
+        env={"PYTHONUNBUFFERED": "1"},
+        separate_stdout=separate_stdout,
+        keep_lines=keep_lines,
+    )
     try:
         line = process.wait_for_line(_is_serving, timeout=timeout, what="serving")
         record = json_log_line(line)
