@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+import inspect
 import logging
-from collections.abc import Callable
+import os
+from collections.abc import Awaitable, Callable
+from pathlib import Path
 
 from aiohttp import web
 
@@ -13,7 +17,15 @@ log = logging.getLogger(__name__)
 
 
 class AdminServer:
-    def __init__(self, address: str, *, ready: Callable[[], bool], metrics: Callable[[], bytes]) -> None:
+    def __init__(
+        self,
+        address: str,
+        *,
+        ready: Callable[[], bool | Awaitable[bool]],
+        metrics: Callable[[], bytes | Awaitable[bytes]],
+        address_file: str | None = None,
+    ) -> None:
+        self._address_file = address_file
         self._address = address
         self._ready = ready
         self._metrics = metrics
@@ -32,6 +44,9 @@ class AdminServer:
         addresses = self._runner.addresses
         bound_port = addresses[0][1] if addresses else int(port)
         self.bound = f"{host}:{bound_port}"
+        if self._address_file is not None:
+            # A supervisor reads the bound address from here (the port may have been 0).
+            await asyncio.to_thread(_write_atomically, Path(self._address_file), self.bound + "\n")
         log.info("admin listening", extra={"fields": {"address": self.bound}})
         return self.bound
 
@@ -42,9 +57,21 @@ class AdminServer:
         return web.Response(text="ok\n")
 
     async def _readyz(self, _: web.Request) -> web.Response:
-        if self._ready():
+        ready = self._ready()
+        if inspect.isawaitable(ready):
+            ready = await ready
+        if ready:
             return web.Response(text="ready\n")
         return web.Response(status=503, text="not ready\n")
 
     async def _metrics_handler(self, _: web.Request) -> web.Response:
-        return web.Response(body=self._metrics(), headers={"Content-Type": CONTENT_TYPE})
+        body = self._metrics()
+        if inspect.isawaitable(body):
+            body = await body
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    temporary = path.with_suffix(".tmp")
+    temporary.write_text(text)
+    os.replace(temporary, path)

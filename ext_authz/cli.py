@@ -1,4 +1,4 @@
-"""Command line: ``ext-authz serve``, ``check-config``, ``explain``, ``test``.
+"""Command line: ``ext-authz serve``, ``check-config``, ``explain``, ``test``, ``dev-issuer``.
 
 Exit 2 on any configuration or usage error. ``explain`` exits 0 whatever the decision; ``test``
 exits 1 when a case fails.
@@ -12,7 +12,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from ext_authz import __version__, explain, logs, policytest, settings
+from ext_authz import __version__, devissuer, explain, logs, policytest, settings, supervisor
 from ext_authz.server import ServeError, serve
 from ext_authz.tracing import TracingUnavailable
 
@@ -37,6 +37,17 @@ def _parser() -> argparse.ArgumentParser:
         metavar="S",
         help="override shutdown.drain_seconds (e.g. 0 when nothing routes traffic here)",
     )
+    serve_cmd.add_argument(
+        "--workers",
+        default="1",
+        metavar="N|auto",
+        help="worker processes sharing the port (auto: one per available core); default 1",
+    )
+    # Set by the supervisor for its workers.
+    serve_cmd.add_argument("--reuse-port", action="store_true", help=argparse.SUPPRESS)
+    serve_cmd.add_argument("--worker-index", type=int, help=argparse.SUPPRESS)
+    serve_cmd.add_argument("--admin-listen", help=argparse.SUPPRESS)
+    serve_cmd.add_argument("--admin-address-file", help=argparse.SUPPRESS)
     check_cmd = commands.add_parser("check-config", help="validate a config file and exit")
     check_cmd.add_argument("file", metavar="FILE")
 
@@ -64,6 +75,8 @@ def _parser() -> argparse.ArgumentParser:
     test_cmd = commands.add_parser("test", help="run policy test cases against a config (for CI)")
     test_cmd.add_argument("cases", metavar="CASES.yaml", help="the case file")
     test_cmd.add_argument("--config", required=True, metavar="FILE", help="the YAML config file")
+
+    devissuer.add_parser(commands)
     return parser
 
 
@@ -129,6 +142,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _explain(args)
     if args.command == "test":
         return _test(args)
+    if args.command == "dev-issuer":
+        return devissuer.run(args)
     if args.command == "check-config":
         loaded = _load(args.file)
         print(f"{args.file}: ok ({len(loaded.providers)} providers, {len(loaded.rules)} rules)")
@@ -143,10 +158,33 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.drain_seconds is not None and not 0 <= args.drain_seconds <= 600:
         print("ext-authz: --drain-seconds: must be between 0 and 600", file=sys.stderr)
         return EXIT_CONFIG
+    try:
+        workers = supervisor.worker_count(args.workers)
+    except ValueError:
+        print("ext-authz: --workers: must be a number from 1 to 64, or auto", file=sys.stderr)
+        return EXIT_CONFIG
     logs.configure(args.log_level or loaded.log.level)
+    if workers > 1:
+        boss = supervisor.Supervisor(
+            loaded,
+            config_path=args.config,
+            listen=args.listen,
+            workers=workers,
+            drain_seconds=args.drain_seconds,
+            log_level=args.log_level,
+        )
+        return asyncio.run(boss.run())
     try:
         asyncio.run(
-            serve(loaded, listen=args.listen, config_path=args.config, drain_seconds=args.drain_seconds)
+            serve(
+                loaded,
+                listen=args.listen,
+                config_path=args.config,
+                drain_seconds=args.drain_seconds,
+                reuse_port=args.reuse_port,
+                admin_listen=args.admin_listen,
+                admin_address_file=args.admin_address_file,
+            )
         )
     except ServeError as exc:
         print(f"ext-authz: {exc}", file=sys.stderr)

@@ -72,6 +72,9 @@ class Server:
         config_path: str | Path | None = None,
         drain_seconds: float | None = None,
         tracer_provider: object = None,
+        reuse_port: bool = False,
+        admin_listen: str | None = None,
+        admin_address_file: str | None = None,
     ) -> None:
         self._clock = clock
         self._address = listen or settings.listen
@@ -89,14 +92,21 @@ class Server:
         )
         self.servicer = AuthorizationServicer(self.runtime.pipeline, observer=self._observe, tracing=tracing)
         # gRPC enables SO_REUSEPORT by default: a second server on a busy port would bind silently
-        # and take half the connections. One process owns its port.
-        self._grpc = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+        # and take half the connections. One process owns its port, unless it is one of a
+        # supervisor's workers (serve --workers), which share it on purpose.
+        self._grpc = grpc.aio.server(options=[("grpc.so_reuseport", 1 if reuse_port else 0)])
         add_servicer = external_auth_pb2_grpc.add_AuthorizationServicer_to_server
         add_servicer(self.servicer, self._grpc)  # type: ignore[no-untyped-call]
         self.health.register(self._grpc)
+        admin_address = admin_listen or settings.admin
         self.admin = (
-            AdminServer(settings.admin, ready=self.ready, metrics=self.metrics.exposition)
-            if settings.admin
+            AdminServer(
+                admin_address,
+                ready=self.ready,
+                metrics=self.metrics.exposition,
+                address_file=admin_address_file,
+            )
+            if admin_address
             else None
         )
         self._serving: bool | None = None
@@ -276,12 +286,23 @@ async def serve(
     listen: str | None = None,
     config_path: str | Path | None = None,
     drain_seconds: float | None = None,
+    reuse_port: bool = False,
+    admin_listen: str | None = None,
+    admin_address_file: str | None = None,
 ) -> None:
     """Serve until SIGTERM or SIGINT, then stop gracefully; SIGHUP reloads the config."""
     stop = asyncio.Event()
     # Handlers go in before the "serving" line: a SIGTERM right after it must drain, not kill.
     with _signals_set(stop) as hangup:
-        server = Server(loaded, listen=listen, config_path=config_path, drain_seconds=drain_seconds)
+        server = Server(
+            loaded,
+            listen=listen,
+            config_path=config_path,
+            drain_seconds=drain_seconds,
+            reuse_port=reuse_port,
+            admin_listen=admin_listen,
+            admin_address_file=admin_address_file,
+        )
         await server.start()
         while not stop.is_set():
             waiters = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(hangup.wait())]
