@@ -102,7 +102,9 @@ class Answers:
             if not headers.forward_token:
                 self._strip_token(request, principal, to_set, to_remove, params_to_remove)
             metadata["provider"] = principal.provider
-            metadata["claims"] = dict(principal.claims)
+            # The verified claims object itself (shared by every hit of the token cache), so that
+            # the transport can reuse what it built from it.
+            metadata["claims"] = principal.claims
         set_names = {name for name, _ in to_set}
         to_remove.extend(
             name for name in sorted(self.owned_headers) if name in request.headers and name not in set_names
