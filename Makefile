@@ -34,5 +34,27 @@ bench: $(STAMP)
 protos: $(STAMP)
 	$(PY) protos/generate.py .
 
+# The local stack: dev issuer, echo backend, ext-authz (deploy/local/ext-authz.yaml) and Envoy
+# (envoy.yaml); prints curl commands with fresh tokens; Ctrl-C stops it all. Ports default to
+# envoy.yaml's; override with RUN_HOST, RUN_ENVOY_PORT, RUN_ENVOY_ADMIN_PORT, RUN_AUTHZ_PORT,
+# RUN_BACKEND_PORT, RUN_ISSUER_PORT (and RUN_KEY_DIR), e.g. `make run RUN_ENVOY_PORT=18000`.
+run: $(STAMP)
+	$(PY) -m ext_authz.devissuer stack --envoy-config envoy.yaml --config deploy/local/ext-authz.yaml
+
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
+
+# Coverage-guided fuzzing with atheris (never part of `make test`): token parsing and verification,
+# then serialized CheckRequests through the adapter and the pipeline, FUZZ_SECONDS each. Installs
+# atheris into the venv if missing. A crash (an exception other than a denial, or a forged token
+# allowed) fails the target and leaves the input under FUZZ_DIR; the corpus there grows run by run.
+FUZZ_SECONDS ?= 30
+FUZZ_DIR ?= /tmp/ext-authz-fuzz
+.PHONY: fuzz
+fuzz: $(STAMP)
+	@$(PY) -c 'import atheris' 2>/dev/null || $(PY) -m pip install --quiet atheris
+	mkdir -p $(FUZZ_DIR)
+	$(PY) -m tests.fuzz.fuzz_tokens -max_total_time=$(FUZZ_SECONDS) -timeout=10 -print_final_stats=1 \
+		-artifact_prefix=$(FUZZ_DIR)/tokens- $(FUZZ_DIR)/corpus-tokens
+	$(PY) -m tests.fuzz.fuzz_check_request -max_total_time=$(FUZZ_SECONDS) -timeout=10 -print_final_stats=1 \
+		-artifact_prefix=$(FUZZ_DIR)/check- $(FUZZ_DIR)/corpus-check
