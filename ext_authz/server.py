@@ -154,6 +154,7 @@ class Server:
             await self._close()
             raise ServeError(f"cannot listen on {self._address}: {exc}") from None
         await self.health.set_serving(False)  # grpc's servicer starts as SERVING: not before keys are in
+        await self.health.set_alive()
         await self._grpc.start()
         if self.admin is not None:
             try:

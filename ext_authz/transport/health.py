@@ -7,6 +7,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 
 AUTHORIZATION_SERVICE = "envoy.service.auth.v3.Authorization"
+# SERVING for as long as the process runs: for liveness probes, which must not restart replicas
+# that are alive but waiting for keys (an IdP outage) or draining.
+LIVENESS_SERVICE = "liveness"
 
 
 class Health:
@@ -17,6 +20,9 @@ class Health:
 
     def register(self, server: grpc.aio.Server) -> None:
         health_pb2_grpc.add_HealthServicer_to_server(self._servicer, server)
+
+    async def set_alive(self) -> None:
+        await self._servicer.set(LIVENESS_SERVICE, health_pb2.HealthCheckResponse.SERVING)
 
     async def set_serving(self, serving: bool) -> None:
         status = (

@@ -369,7 +369,7 @@ def test_kubernetes_base_wiring() -> None:
 
     assert base.spec["namespace"] == base.one("Namespace")["metadata"]["name"]
     assert container["readinessProbe"]["grpc"]["port"] == ports["grpc"] == _port(config["listen"])
-    assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "admin"}
+    assert container["livenessProbe"]["grpc"] == {"port": ports["grpc"], "service": "liveness"}
     assert ports["admin"] == _port(config["admin"])
     grace = config["shutdown"]["drain_seconds"] + config["shutdown"]["grace_seconds"]
     assert pod["terminationGracePeriodSeconds"] > grace

@@ -140,6 +140,8 @@ async def test_issuer_down_gives_503_then_recovers(issuer: TestIssuer) -> None:
         assert int(headers["retry-after"]) >= 1
         assert json.loads(denied.denied_response.body)["error"] == "temporarily_unavailable"
         assert await client.health_status() != health_pb2.HealthCheckResponse.SERVING
+        # Alive all the same: a liveness probe must not restart a replica waiting for keys.
+        assert await client.health_status("liveness") == health_pb2.HealthCheckResponse.SERVING
         # Requests never fetch keys themselves: only the background retries reach the IdP.
         fetches = issuer.request_count(JWKS_PATH)
         for _ in range(20):
