@@ -19,6 +19,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import math
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -79,10 +80,34 @@ def _reject_constant(_: str) -> object:
     raise errors.MalformedToken()  # NaN / Infinity are not JSON
 
 
+_MAX_INTEGER_DIGITS = 20  # 2**64 has 20 digits: no JSON number in a JWT needs more
+
+
+def _parse_int(text: str) -> int:
+    if len(text.lstrip("-")) > _MAX_INTEGER_DIGITS:
+        raise errors.MalformedToken()  # and it could not go into a header or dynamic metadata
+    return int(text)
+
+
+def _parse_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise errors.MalformedToken()  # 1e400 parses to infinity: an expiry that never comes
+    return value
+
+
 def _json_object(data: bytes) -> dict[str, object]:
     try:
-        value = json.loads(data, object_pairs_hook=_no_duplicates, parse_constant=_reject_constant)
-    except (ValueError, RecursionError):  # includes UnicodeDecodeError and over-long integers
+        value = json.loads(
+            data,
+            object_pairs_hook=_no_duplicates,
+            parse_constant=_reject_constant,
+            parse_int=_parse_int,
+            parse_float=_parse_float,
+        )
+        # "\ud800" is valid JSON syntax for an invalid string (a lone surrogate): no UTF-8 form.
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except (ValueError, RecursionError):  # includes Unicode errors and over-long integers
         raise errors.MalformedToken() from None
     if not isinstance(value, dict):
         raise errors.MalformedToken()
@@ -112,8 +137,12 @@ def parse_token(token: str, max_bytes: int) -> ParsedToken:
     )
 
 
+# A NumericDate (RFC 7519 §2) is seconds since 1970; like Envoy's jwt_authn, only [0, 2**64).
+_MAX_NUMERIC_DATE = 2**64
+
+
 def _is_number(value: object) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
+    return isinstance(value, int | float) and not isinstance(value, bool) and 0 <= value < _MAX_NUMERIC_DATE
 
 
 class Verifier:
@@ -220,7 +249,7 @@ class Verifier:
         if exp is None:
             raise errors.InvalidClaim("the token has no expiry time")
         if not _is_number(exp):
-            raise errors.InvalidClaim("the token expiry time is not a number")
+            raise errors.InvalidClaim("the token expiry time is not a valid date")
         assert isinstance(exp, int | float)
         if now - skew >= exp:  # RFC 7519 §4.1.4: not accepted on or after exp
             raise errors.TokenExpired()
@@ -229,7 +258,7 @@ class Verifier:
             if value is None:
                 continue
             if not _is_number(value):
-                raise errors.InvalidClaim(f"the token {name} claim is not a number")
+                raise errors.InvalidClaim(f"the token {name} claim is not a valid date")
             assert isinstance(value, int | float)
             if value > now + skew:
                 raise error()

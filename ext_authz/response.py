@@ -98,7 +98,13 @@ class Answers:
                     continue
                 to_set.append((claim_header.header, text))
             if headers.payload_header:
-                to_set.append((headers.payload_header, principal.payload_segment))
+                if len(principal.payload_segment) <= self._max_header_bytes:
+                    to_set.append((headers.payload_header, principal.payload_segment))
+                else:
+                    log.warning(
+                        "payload header not emitted: over max_header_value_bytes",
+                        extra={"fields": {"header": headers.payload_header}},
+                    )
             if not headers.forward_token:
                 self._strip_token(request, principal, to_set, to_remove, params_to_remove)
             metadata["provider"] = principal.provider

@@ -39,21 +39,23 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):
         started = time.perf_counter()
         pipeline = self.pipeline
         adapted = EMPTY_REQUEST
+        request_id = ""
         try:
             adapted = to_request(request)
+            request_id = adapted.headers.get("x-request-id", "")
             if self.tracing is None:
                 decision = await pipeline.decide(adapted)
             else:
                 with self.tracing.check_span(adapted.headers) as span:
                     decision = await pipeline.decide(adapted)
                     span.record(decision)
+            response = to_response(decision, request_id)
         except Exception:
             # A bug, not a denial reason: fail closed with a clean 500 rather than a gRPC error
             # whose outcome would depend on Envoy's failure_mode_allow.
             log.exception("check failed")
             decision = pipeline.answers.deny(InternalError())
-        request_id = adapted.headers.get("x-request-id", "")
-        response = to_response(decision, request_id)
+            response = to_response(decision)
         if self.observer is not None:
             try:
                 self.observer(adapted, request_id, decision, time.perf_counter() - started)

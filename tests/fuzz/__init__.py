@@ -1,0 +1,1 @@
+"""Coverage-guided fuzzers (atheris), run by `make fuzz`; never collected by pytest."""
