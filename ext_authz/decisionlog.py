@@ -7,6 +7,7 @@ or not at all (``log.subject``).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import random
@@ -19,6 +20,7 @@ from ext_authz.model import Allow, Decision, Request
 from ext_authz.settings import LogSettings
 
 
+@functools.lru_cache(maxsize=4096)
 def hash_subject(subject: str) -> str:
     """A stable pseudonym: the same subject gives the same value across replicas and restarts."""
     return "sha256:" + hashlib.sha256(subject.encode("utf-8", "surrogatepass")).hexdigest()[:16]

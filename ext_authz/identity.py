@@ -96,17 +96,24 @@ def _parse_float(text: str) -> float:
     return value
 
 
+# One decoder for every token: json.loads with hooks would build a new one per call.
+_DECODER = json.JSONDecoder(
+    object_pairs_hook=_no_duplicates,
+    parse_constant=_reject_constant,
+    parse_int=_parse_int,
+    parse_float=_parse_float,
+)
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89abcdefABCDEF]")
+
+
 def _json_object(data: bytes) -> dict[str, object]:
     try:
-        value = json.loads(
-            data,
-            object_pairs_hook=_no_duplicates,
-            parse_constant=_reject_constant,
-            parse_int=_parse_int,
-            parse_float=_parse_float,
-        )
-        # "\ud800" is valid JSON syntax for an invalid string (a lone surrogate): no UTF-8 form.
-        json.dumps(value, ensure_ascii=False).encode("utf-8")
+        text = data.decode("utf-8")
+        value = _DECODER.decode(text)
+        if _SURROGATE_ESCAPE.search(text):
+            # "\ud800" is valid JSON syntax for an invalid string (a lone surrogate): no UTF-8
+            # form, so nothing could carry it on. A well-formed pair passes this check.
+            json.dumps(value, ensure_ascii=False).encode("utf-8")
     except (ValueError, RecursionError):  # includes Unicode errors and over-long integers
         raise errors.MalformedToken() from None
     if not isinstance(value, dict):
