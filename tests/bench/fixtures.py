@@ -124,7 +124,7 @@ class ExtAuthz:
 
 
 def start_ext_authz(
-    config: dict[str, Any], workdir: Path, name: str, *, workers: int | None = None
+    config: dict[str, Any], workdir: Path, name: str, *, workers: int | None = None, extra: Sequence[str] = ()
 ) -> ExtAuthz:
     """Start ext-authz and wait until every process is serving with its keys ready."""
     path = workdir / f"{name}-ext-authz.yaml"
@@ -132,6 +132,7 @@ def start_ext_authz(
     argv = [sys.executable, "-m", "ext_authz", "serve", "--config", str(path), "--drain-seconds", "0"]
     if workers is not None:
         argv += ["--workers", str(workers)]
+    argv += list(extra)
     # Standard output is the decision log: written by ext-authz as usual, discarded here.
     process = BenchProcess(f"ext-authz ({name})", argv, workdir / f"{name}-ext-authz.log")
     expected = workers or 1

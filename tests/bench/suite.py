@@ -34,7 +34,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -223,8 +223,10 @@ class Stack:
         self._exit.callback(envoy.stop)
         return envoy
 
-    def authz(self, config: dict[str, Any], name: str, *, workers: int | None = None) -> ExtAuthz:
-        authz = fixtures.start_ext_authz(config, self.workdir, name, workers=workers)
+    def authz(
+        self, config: dict[str, Any], name: str, *, workers: int | None = None, extra: Sequence[str] = ()
+    ) -> ExtAuthz:
+        authz = fixtures.start_ext_authz(config, self.workdir, name, workers=workers, extra=extra)
         self._exit.callback(authz.stop)
         self.authz_by_pid[authz.pid] = authz
         return authz
@@ -265,6 +267,13 @@ def start_scenarios(
         "Envoy → ext-authz, one cached token",
         stack.envoy(envoy_bench.ext_authz(x1.address), "x1"),
         {"ext-authz": x1.pid},
+    )
+    x1u = stack.authz(config, "x1u", extra=["--event-loop", "uvloop"])
+    add(
+        "X1u",
+        "Envoy → ext-authz on uvloop, one cached token",
+        stack.envoy(envoy_bench.ext_authz(x1u.address), "x1u"),
+        {"ext-authz": x1u.pid},
     )
     x2 = stack.authz(config, "x2")
     add(
@@ -705,6 +714,7 @@ def _ratios(results: Results) -> str:
         ("E1", "E0"),
         ("E2", "E0"),
         ("X1", "E2"),
+        ("X1u", "X1"),
         ("X2", "E2"),
         ("X3", "E2"),
         ("X4", "E2"),
