@@ -16,8 +16,8 @@ from typing import Any
 
 import yaml
 
+from ext_authz.devissuer import envoy_binary
 from tests.bench.procs import BenchError, BenchProcess
-from tests.support.envoy import envoy_binary
 
 LISTENER = "bench"
 AUTHZ_CLUSTER = "ext_authz"

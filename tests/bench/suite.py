@@ -41,12 +41,12 @@ from typing import Any
 
 import yaml
 
+from ext_authz.devissuer import envoy_binary
 from tests.bench import bench_rules, envoy_bench, fixtures, load, micro, profiling
 from tests.bench.envoy_bench import BenchEnvoy
 from tests.bench.fixtures import ExtAuthz
 from tests.bench.load import LoadResult
 from tests.bench.procs import BenchError, BenchProcess, CpuSnapshot, children, rss_mib
-from tests.support.envoy import envoy_binary
 from tests.support.idp import SigningKey
 
 ROOT = Path(__file__).resolve().parents[2]

