@@ -268,12 +268,12 @@ def start_scenarios(
         stack.envoy(envoy_bench.ext_authz(x1.address), "x1"),
         {"ext-authz": x1.pid},
     )
-    x1u = stack.authz(config, "x1u", extra=["--event-loop", "uvloop"])
+    x1a = stack.authz(config, "x1a", extra=["--event-loop", "asyncio"])
     add(
-        "X1u",
-        "Envoy → ext-authz on uvloop, one cached token",
-        stack.envoy(envoy_bench.ext_authz(x1u.address), "x1u"),
-        {"ext-authz": x1u.pid},
+        "X1a",
+        "Envoy → ext-authz on asyncio's loop (default: uvloop), one cached token",
+        stack.envoy(envoy_bench.ext_authz(x1a.address), "x1a"),
+        {"ext-authz": x1a.pid},
     )
     x2 = stack.authz(config, "x2")
     add(
@@ -714,7 +714,7 @@ def _ratios(results: Results) -> str:
         ("E1", "E0"),
         ("E2", "E0"),
         ("X1", "E2"),
-        ("X1u", "X1"),
+        ("X1", "X1a"),
         ("X2", "E2"),
         ("X3", "E2"),
         ("X4", "E2"),
