@@ -11,8 +11,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
-from typing import Any, Self
+from typing import Any
 
 import grpc
 import yaml
@@ -24,6 +23,7 @@ from ext_authz._proto.envoy.service.auth.v3 import (
     external_auth_pb2_grpc,
 )
 from tests.support.idp import TestIssuer
+from tests.support.lifecycle import StopOnExit
 from tests.support.processes import ExtAuthzProcess
 
 AUDIENCE = "api"
@@ -154,7 +154,7 @@ class AuthzClient:
         self._channel.close()
 
 
-class HealthWatch:
+class HealthWatch(StopOnExit):
     """Every status the health Watch stream reports for `service`, with when it arrived.
 
     A stream, not polling: a SERVING that lasted a millisecond is still recorded.
@@ -196,15 +196,7 @@ class HealthWatch:
         self._stream.cancel()
         self._thread.join(timeout=5)
 
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def stop(self) -> None:
         self.close()
 
 

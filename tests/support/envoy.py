@@ -25,14 +25,14 @@ import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
-from typing import Any, Self
+from typing import Any
 
 import yaml
 
 from ext_authz.devissuer import envoy_binary
 from tests.support.echo import EchoBackend, EchoRequest
 from tests.support.idp import TestIssuer
+from tests.support.lifecycle import StopOnExit
 from tests.support.processes import DEFAULT_READY_TIMEOUT, ExtAuthzProcess, ManagedProcess, ProcessError
 
 LISTENER_NAME = "ingress"
@@ -253,7 +253,7 @@ def _admin_get(admin_address: str, path: str, *, timeout: float = 2.0) -> tuple[
         conn.close()
 
 
-class EnvoyProcess:
+class EnvoyProcess(StopOnExit):
     """A running Envoy; `base_url` is its HTTP listener, `admin_address` its admin endpoint."""
 
     def __init__(self, process: ManagedProcess, workdir: Path, admin_address: str, port: int) -> None:
@@ -286,17 +286,6 @@ class EnvoyProcess:
             return self.process.stop()
         finally:
             shutil.rmtree(self.workdir, ignore_errors=True)
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
 
 def start_envoy(

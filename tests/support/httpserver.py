@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import http.server
 import threading
-from types import TracebackType
 from typing import Self
 
+from tests.support.lifecycle import StopOnExit
 
-class LoopbackHTTPServer:
+
+class LoopbackHTTPServer(StopOnExit):
     """Base for the test servers: subclasses return their request handler class from ``handler``."""
 
     name = "test-http-server"
@@ -43,14 +44,6 @@ class LoopbackHTTPServer:
 
     def __enter__(self) -> Self:
         return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     @property
     def port(self) -> int:

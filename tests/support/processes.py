@@ -18,8 +18,9 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from types import TracebackType
-from typing import IO, Self
+from typing import IO
+
+from tests.support.lifecycle import StopOnExit
 
 TAIL_LINES = 200
 DEFAULT_READY_TIMEOUT = 20.0
@@ -40,7 +41,7 @@ def venv_binary(name: str) -> Path:
     return Path(sys.executable).parent / name
 
 
-class ManagedProcess:
+class ManagedProcess(StopOnExit):
     """A subprocess whose merged stdout+stderr is read line by line on a background thread.
 
     With ``separate_stdout=True`` standard output is read on a thread of its own into a buffer of
@@ -224,17 +225,6 @@ class ManagedProcess:
             self.popen.stderr.close()
         return self.popen.returncode
 
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
-
 
 def json_log_line(line: str) -> dict[str, object] | None:
     """Parse one log line as a JSON object; None for anything else (tracebacks, banners)."""
@@ -248,7 +238,7 @@ def json_log_line(line: str) -> dict[str, object] | None:
     return value if isinstance(value, dict) else None
 
 
-class ExtAuthzProcess:
+class ExtAuthzProcess(StopOnExit):
     """The real `python -m ext_authz serve` process, ready to answer Check calls."""
 
     def __init__(self, process: ManagedProcess, address: str) -> None:
@@ -261,17 +251,6 @@ class ExtAuthzProcess:
 
     def stop(self) -> int:
         return self.process.stop()
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
 
 def start_ext_authz(

