@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: test lint typecheck unit protos venv run bench clean
+.PHONY: test tools lint typecheck unit protos venv run bench clean
 
 venv: $(STAMP)
 
@@ -14,7 +14,16 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e '.[test]'
 	touch $(STAMP)
 
-test: $(STAMP) lint typecheck unit
+test: $(STAMP) tools lint typecheck unit
+
+# System tools the tests run (Debian packages; CI and the developers' machines run as root):
+# faketime moves the machine's clock for tests/unit/test_fixed_clock.py.
+TOOLS := faketime
+tools:
+	@missing=""; for t in $(TOOLS); do command -v $$t >/dev/null || missing="$$missing $$t"; done; \
+	if [ -n "$$missing" ]; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	fi
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check ext_authz tests

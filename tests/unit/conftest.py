@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -15,6 +14,9 @@ from ext_authz.errors import KeysUnavailable
 from ext_authz.keys.jwks import KeySet, VerificationKey, parse_jwks, select_key
 from tests.support.idp import SigningKey, b64url, generate_key
 
+# The unit tests' fixed clock. Nothing here reads the machine's clock: every stage under test gets
+# `clock` (tests/unit/test_fixed_clock.py runs the clock-dependent tests with the machine's clock
+# years before and after NOW), so the tests pass on any date.
 NOW = 1_800_000_000.0
 ISSUER = "https://idp.example.com/"
 
@@ -112,8 +114,3 @@ def make_settings(
     if rules is not None:
         document["rules"] = rules
     return settings.parse(document)
-
-
-assert (
-    time.time() < NOW
-)  # the fixed clock is in the future of this machine's clock: tokens from it are not expired
