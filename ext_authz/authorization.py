@@ -215,37 +215,138 @@ class Context:
         return {"claims": selected, "request": self._request_data, "params": dict(self.params)}
 
 
-def holds(requirement: Requirement, ctx: Context) -> bool:
+# Requirements are judged three-valued, in Kleene's strong logic: True (satisfied), False (not
+# satisfied) or None (unknown: a CEL runtime error or a non-boolean result, or a `claims:` leaf
+# whose claim is absent, null or an object). all_of is False if any child is False, else None if any
+# is None, else True; any_of is True if any child is True, else None if any is None, else False;
+# not None is None. Only True allows: an error can never become an allow by negation. Without
+# `not` this denies exactly what two-valued logic with "error = false" denied (both are monotone).
+Truth = bool | None
+
+
+def evaluate(requirement: Requirement, ctx: Context) -> Truth:
+    """True, False, or None when the requirement cannot be judged (see ``Truth``)."""
     claims = ctx.principal.claims
     if isinstance(requirement, AllOf):
-        return all(holds(child, ctx) for child in requirement.children)
+        result: Truth = True
+        for child in requirement.children:
+            value = evaluate(child, ctx)
+            if value is False:
+                return False
+            if value is None:
+                result = None
+        return result
     if isinstance(requirement, AnyOf):
-        return any(holds(child, ctx) for child in requirement.children)
+        result = False
+        for child in requirement.children:
+            value = evaluate(child, ctx)
+            if value is True:
+                return True
+            if value is None:
+                result = None
+        return result
     if isinstance(requirement, Not):
-        return not holds(requirement.child, ctx)
+        value = evaluate(requirement.child, ctx)
+        return None if value is None else not value
     if isinstance(requirement, Providers):
         return ctx.principal.provider in requirement.names
     if isinstance(requirement, Scopes):
+        # An absent scope claim grants the empty set: defined, and not satisfied.
         granted = granted_scopes(claims, ctx.locations)
         return all(scope in granted for scope in requirement.scopes)
     if isinstance(requirement, Claim):
-        value = claim_value(claims, requirement.path)
-        if requirement.mode == "all_of":
-            return all(_claim_has(value, v) for v in requirement.values)
-        return any(_claim_has(value, v) for v in requirement.values)
+        return _claim_result(requirement, claim_value(claims, requirement.path))
     if isinstance(requirement, Roles):
         paths = ctx.locations.roles if requirement.kind == "roles" else ctx.locations.groups
         present = _strings_at(claims, paths, split=False)
         return any(v in present for v in requirement.values)
-    return _expression_holds(requirement, ctx)
+    return _expression_result(requirement, ctx)[0]
 
 
-def _expression_holds(expression: Expression, ctx: Context) -> bool:
+def holds(requirement: Requirement, ctx: Context) -> bool:
+    """The requirement is satisfied (an unknown is not)."""
+    return evaluate(requirement, ctx) is True
+
+
+def _claim_result(requirement: Claim, value: object) -> Truth:
+    # An absent (or null) claim, or an object, cannot be compared with a value: unknown, so that
+    # `not: {claims: {...}}` denies a token that lacks the claim (fail closed).
+    if value is None or isinstance(value, Mapping):
+        return None
+    if requirement.mode == "all_of":
+        return all(_claim_has(value, v) for v in requirement.values)
+    return any(_claim_has(value, v) for v in requirement.values)
+
+
+def _expression_result(
+    expression: Expression, ctx: Context, *, why: bool = False
+) -> tuple[Truth, str | None]:
+    """The expression's truth; with ``why`` (explain only) also why it is unknown, safe to show."""
     try:
         value = expression.program.eval(data=ctx.cel_data(expression.claims_used))
-        return value.type().name().upper() == "BOOL" and value.plain_value() is True
-    except Exception:  # a CEL runtime error (a missing claim, a type mismatch) is "does not hold"
-        return False
+        kind = value.type().name().upper()
+        if kind == "BOOL":
+            result = value.plain_value()
+            if isinstance(result, bool):
+                return result, None
+        if not why:
+            return None, None
+        if kind == "ERROR":
+            return None, cel_error_reason(str(value.plain_value()), expression.text)
+        return None, f"gives {kind.lower()}, not a boolean"
+    except Exception as exc:  # the runtime raising rather than giving an error value
+        return None, f"evaluation failed ({type(exc).__name__})" if why else None
+
+
+# Words a CEL error message may show: type names. Anything else in a quoted or trailing part of
+# the message is shown only when the operator wrote it in the expression (a claim name, a function),
+# never when it comes from the request (a claim value, a header value, even the Authorization header).
+_CEL_TYPES = frozenset(
+    ("bool", "int", "int64", "uint", "uint64", "double", "string", "bytes", "list", "map", "null_type",
+     "type", "timestamp", "duration", "dyn", "message")
+)  # fmt: skip
+_CEL_STATUS = re.compile(r"^[A-Z_]+: ")
+_QUOTED = re.compile(r"'([^']*)'|\"([^\"]*)\"")
+_WORD = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def cel_error_reason(message: str, expression_text: str) -> str:
+    """A CEL runtime error, short and without data the request carried (for ``explain``)."""
+    text = _CEL_STATUS.sub("", message.strip(), count=1)
+    head, _, detail = text.partition(" : ")  # cel-cpp puts the offending item after " : "
+    head = head.partition(": ")[0].partition("=")[0]  # "Index error: index=9 size=1": no numbers
+
+    def known(word: str) -> bool:
+        return word in _CEL_TYPES or word in expression_text or not word.strip("_")  # "_>_"
+
+    def quoted(m: re.Match[str]) -> str:
+        inner = m.group(1) if m.group(1) is not None else m.group(2)
+        return m.group(0) if inner in _CEL_TYPES else "<value>"
+
+    head = _QUOTED.sub(quoted, head).strip()
+    detail = detail.strip()
+    if detail:
+        inner = detail[1:-1] if len(detail) >= 2 and detail[0] == detail[-1] == '"' else None
+        if inner is not None:
+            detail = detail if inner and inner in expression_text else ""
+        elif '"' in detail or "'" in detail or not all(known(w) for w in _WORD.findall(detail)):
+            detail = ""
+    reason = f"{head} {detail}" if detail else head
+    reason = "".join(ch for ch in reason if ch.isprintable())[:120]
+    return reason or "evaluation failed"
+
+
+def unknown_reason(requirement: Requirement, ctx: Context) -> str:
+    """Why ``requirement`` is unknown, safe to show (for ``explain``; never on the request path)."""
+    if isinstance(requirement, AllOf | AnyOf | Not):
+        return "a requirement below is an error"
+    if isinstance(requirement, Claim):
+        value = claim_value(ctx.principal.claims, requirement.path)
+        shape = "absent" if value is None else "an object"
+        return f"claim {requirement.claim} is {shape}"
+    if isinstance(requirement, Expression):
+        return _expression_result(requirement, ctx, why=True)[1] or "evaluation failed"
+    return "evaluation failed"
 
 
 def describe(requirement: Requirement) -> str:
@@ -270,8 +371,11 @@ def describe(requirement: Requirement) -> str:
 
 def explain_requirement(
     requirement: Requirement, ctx: Context, depth: int = 0
-) -> list[tuple[int, str, bool]]:
-    steps = [(depth, describe(requirement), holds(requirement, ctx))]
+) -> list[tuple[int, str, Truth, str | None]]:
+    """Each node in preorder: depth, description, truth, and why it is unknown (when it is)."""
+    value = evaluate(requirement, ctx)
+    reason = unknown_reason(requirement, ctx) if value is None else None
+    steps = [(depth, describe(requirement), value, reason)]
     if isinstance(requirement, AllOf | AnyOf):
         for child in requirement.children:
             steps += explain_requirement(child, ctx, depth + 1)
@@ -309,8 +413,8 @@ class Rules:
     def check(self, matched: Matched, ctx: Context) -> None:
         """Raise the reason the principal does not satisfy the rule's requirements."""
         for requirement in matched.rule.require.children:
-            if holds(requirement, ctx):
-                continue
+            if evaluate(requirement, ctx) is True:
+                continue  # False and None (unknown) both deny
             if isinstance(requirement, Providers):
                 raise errors.IssuerNotAccepted()
             if isinstance(requirement, Scopes):

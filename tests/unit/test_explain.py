@@ -76,7 +76,7 @@ def assert_token_absent(token: str, *outputs: str) -> None:
 
 
 async def test_allow_text(keys: Keys, mint: Mint) -> None:
-    token = mint(scope="admin")
+    token = mint(scope="admin", suspended=False)
     e = await explained(keys, request("DELETE", "/admin/users/1", token, x_user_id="mallory"))
     text = render_text(e)
     assert_token_absent(token, text)
@@ -109,7 +109,7 @@ async def test_allow_text(keys: Keys, mint: Mint) -> None:
 
 
 async def test_allow_json(keys: Keys, mint: Mint) -> None:
-    token = mint(scope="admin")
+    token = mint(scope="admin", suspended=False)
     e = await explained(keys, request("DELETE", "/admin/users/1", token, x_user_id="mallory"))
     output = render_json(e)
     assert_token_absent(token, output)
@@ -123,8 +123,8 @@ async def test_allow_json(keys: Keys, mint: Mint) -> None:
     assert data["token"]["verified"] is True and data["token"]["provider"] == "idp"
     assert data["token"]["claims"]["sub"] == "alice" and data["token"]["error"] is None
     assert data["requirements"][:2] == [
-        {"depth": 0, "requirement": "all of", "holds": True},
-        {"depth": 1, "requirement": "scopes ['admin']", "holds": True},
+        {"depth": 0, "requirement": "all of", "holds": True, "error": None},
+        {"depth": 1, "requirement": "scopes ['admin']", "holds": True, "error": None},
     ]
     assert data["decision"] == {
         "allowed": True,
@@ -215,7 +215,7 @@ async def test_403_insufficient_scope(keys: Keys, mint: Mint) -> None:
     assert "      [ ] all of\n        [ ] scopes ['admin']\n        [x] any of" in text
     assert 'decision  DENY 403 insufficient_scope (rule "admin", provider idp)' in text
     data = json.loads(output)
-    assert data["requirements"][0] == {"depth": 0, "requirement": "all of", "holds": False}
+    assert data["requirements"][0] == {"depth": 0, "requirement": "all of", "holds": False, "error": None}
     assert data["decision"]["status"] == 403
     assert data["decision"]["www_authenticate"].endswith('scope="admin"')
     assert data["decision"]["body"]["error"] == "insufficient_scope"
