@@ -298,39 +298,56 @@ def _expression_result(
         return None, f"evaluation failed ({type(exc).__name__})" if why else None
 
 
-# Words a CEL error message may show: type names. Anything else in a quoted or trailing part of
-# the message is shown only when the operator wrote it in the expression (a claim name, a function),
-# never when it comes from the request (a claim value, a header value, even the Authorization header).
-_CEL_TYPES = frozenset(
+# CEL error messages may quote what the request carried (a claim value, a header value, even the
+# Authorization header, as a map key not found): explain shows only type names and the operator's
+# own words from the expression.
+CEL_TYPE_NAMES = frozenset(
     ("bool", "int", "int64", "uint", "uint64", "double", "string", "bytes", "list", "map", "null_type",
      "type", "timestamp", "duration", "dyn", "message")
 )  # fmt: skip
-_CEL_STATUS = re.compile(r"^[A-Z_]+: ")
-_QUOTED = re.compile(r"'([^']*)'|\"([^\"]*)\"")
+# The words of cel-cpp's runtime error messages: a message with any other word (one that is not a
+# type name nor in the expression either) is shown as its status alone ("invalid argument").
+_CEL_MESSAGE_WORDS = frozenset(
+    """key not found in map no matching overloads overload cannot convert to type conversion error
+    from failed invalid regular expression index integer overflow divide by zero modulus applying
+    select non message out of range unsupported unknown no such field function argument value
+    string timestamp duration""".split()  # noqa: SIM905
+)
+_CEL_STATUS = re.compile(r"^([A-Z_]+): ")
+_QUOTED_TYPE = re.compile(r"""(['"])(?:%s)\1""" % "|".join(sorted(CEL_TYPE_NAMES)))  # noqa: UP031
 _WORD = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
 def cel_error_reason(message: str, expression_text: str) -> str:
-    """A CEL runtime error, short and without data the request carried (for ``explain``)."""
-    text = _CEL_STATUS.sub("", message.strip(), count=1)
+    """A CEL runtime error, short and without data the request carried (for ``explain``).
+
+    What cel-cpp puts after " : ", ": " or "=" (the key it did not find, an index, a regex error)
+    is kept only when it is made of type names and words of the expression; the message itself
+    only when made of the words cel-cpp's messages use, else its status alone.
+    """
+    text = message.strip()
+    status = _CEL_STATUS.match(text)
+    if status:
+        text = text[status.end() :]
     head, _, detail = text.partition(" : ")  # cel-cpp puts the offending item after " : "
-    head = head.partition(": ")[0].partition("=")[0]  # "Index error: index=9 size=1": no numbers
+    head = head.partition(": ")[0].partition("=")[0].strip()  # "Index error: index=9 size=1"
 
     def known(word: str) -> bool:
-        return word in _CEL_TYPES or word in expression_text or not word.strip("_")  # "_>_"
+        return word in CEL_TYPE_NAMES or word in expression_text or not word.strip("_")  # "_>_"
 
-    def quoted(m: re.Match[str]) -> str:
-        inner = m.group(1) if m.group(1) is not None else m.group(2)
-        return m.group(0) if inner in _CEL_TYPES else "<value>"
-
-    head = _QUOTED.sub(quoted, head).strip()
+    bare = _QUOTED_TYPE.sub("", head)  # 'string', "int": quoted type names
+    if (
+        "'" in bare
+        or '"' in bare
+        or not all(w.lower() in _CEL_MESSAGE_WORDS or known(w) for w in _WORD.findall(bare))
+    ):
+        return status.group(1).lower().replace("_", " ") if status else "evaluation failed"
     detail = detail.strip()
-    if detail:
-        inner = detail[1:-1] if len(detail) >= 2 and detail[0] == detail[-1] == '"' else None
-        if inner is not None:
-            detail = detail if inner and inner in expression_text else ""
-        elif '"' in detail or "'" in detail or not all(known(w) for w in _WORD.findall(detail)):
-            detail = ""
+    if len(detail) >= 2 and detail[0] == detail[-1] == '"':
+        inner = detail[1:-1]
+        detail = detail if inner and '"' not in inner and inner in expression_text else ""
+    elif '"' in detail or "'" in detail or not all(known(w) for w in _WORD.findall(detail)):
+        detail = ""
     reason = f"{head} {detail}" if detail else head
     reason = "".join(ch for ch in reason if ch.isprintable())[:120]
     return reason or "evaluation failed"
