@@ -359,7 +359,7 @@ def unknown_reason(requirement: Requirement, ctx: Context) -> str:
         return "a requirement below is an error"
     if isinstance(requirement, Claim):
         value = claim_value(ctx.principal.claims, requirement.path)
-        shape = "absent" if value is None else "an object"
+        shape = "absent or null" if value is None else "an object"
         return f"claim {requirement.claim} is {shape}"
     if isinstance(requirement, Expression):
         return _expression_result(requirement, ctx, why=True)[1] or "evaluation failed"
