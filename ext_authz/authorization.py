@@ -27,6 +27,7 @@ from ext_authz.policy import (
     Match,
     Not,
     Providers,
+    Regex,
     Requirement,
     Roles,
     RuleSettings,
@@ -122,7 +123,7 @@ def _host_ok(match: Match, host: str) -> bool:
     return any(host.endswith(suffix) and len(host) > len(suffix) for suffix in match.host_suffixes)
 
 
-def _header_ok(kind: str, actual: str | None, value: str | None, regex: re.Pattern[str] | None) -> bool:
+def _header_ok(kind: str, actual: str | None, value: str | None, regex: Regex | None) -> bool:
     if kind == "present":
         return actual is not None
     if kind == "absent":
@@ -132,7 +133,10 @@ def _header_ok(kind: str, actual: str | None, value: str | None, regex: re.Patte
     if kind == "equals":
         return actual == value
     assert regex is not None
-    return regex.fullmatch(actual) is not None
+    try:
+        return regex.fullmatch(actual) is not None
+    except UnicodeEncodeError:  # a lone surrogate (never from gRPC: protobuf strings are UTF-8)
+        return False
 
 
 def explain_match(match: Match, view: RequestView) -> list[tuple[str, bool]]:

@@ -114,6 +114,7 @@ MATCH_CASES: list[tuple[str, dict[str, Any], RequestView, dict[str, str] | None]
     ("header absent", {"headers": {"x-debug": {"present": False}}}, view(), {}),
     ("header regex", {"headers": {"x-ver": {"regex": "v[0-9]+"}}}, view(x_ver="v12"), {}),
     ("header regex is full", {"headers": {"x-ver": {"regex": "v[0-9]+"}}}, view(x_ver="v12-beta"), None),
+    ("header regex lone surrogate", {"headers": {"x-ver": {"regex": "v.*"}}}, view(x_ver="v1\udcff"), None),
     ("context", {"context": {"rule": "admin-api"}}, view(context={"rule": "admin-api"}), {}),
     ("context other", {"context": {"rule": "admin-api"}}, view(context={"rule": "x"}), None),
     ("all conditions", {"paths": ["/a"], "methods": ["GET"], "hosts": ["h"]}, view("/a", host="h"), {}),

@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 from typing import Any
+
+import pytest
 
 from ext_authz.model import Allow, Deny, Request
 from ext_authz.pipeline import Pipeline
@@ -152,3 +157,56 @@ async def test_an_error_in_dry_run_is_a_recorded_denial(resolver: StaticResolver
     decision = await p.decide(req(token=mint()))
     assert isinstance(decision, Allow)
     assert decision.metadata["dry_run_denial"] == {"status": 403, "code": "requirement_not_met"}
+
+
+# ---- header regexes are linear-time (RE2) ----
+
+# Run in a child process with a deadline: on a backtracking engine this pattern against this value
+# takes exponential time (tens of seconds at 30 characters), and no in-process timeout can interrupt
+# a regex match that holds the GIL.
+REDOS_CHILD = """
+import asyncio, json, time
+from ext_authz.model import Request
+from ext_authz.pipeline import Pipeline
+from ext_authz.settings import parse
+
+settings = parse({
+    "providers": [{"name": "idp", "issuer": "https://idp.example.com/", "audiences": ["api"],
+                   "jwks_uri": "https://idp.example.com/jwks"}],
+    "rules": [
+        {"match": {"headers": {"x-id": {"regex": "([a-z0-9]+-?)+"}}}, "allow": "anonymous"},
+        {"require": {}},
+    ],
+})
+pipeline = Pipeline(settings, keys=None)
+result = {}
+for name, value in (("pathological", "a" * 10240 + "!"), ("matching", "a-" * 5120)):
+    request = Request("GET", "/orders", headers={"x-id": value})
+    started = time.perf_counter()
+    decision = asyncio.run(pipeline.decide(request))
+    result[name] = [time.perf_counter() - started, type(decision).__name__]
+print(json.dumps(result))
+"""
+
+
+def test_a_pathological_header_regex_answers_in_milliseconds() -> None:
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", REDOS_CHILD],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+            cwd=Path(__file__).parents[2],
+        )
+    except subprocess.TimeoutExpired:
+        pytest.fail("one decision with a 10 KB header took more than 30 s (a backtracking regex)")
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    pathological_seconds, pathological = result["pathological"]
+    matching_seconds, matching = result["matching"]
+    assert pathological == "Deny"  # no match: the next rule needs a token
+    assert matching == "Allow"
+    # A few milliseconds on RE2 (the decision includes asyncio.run's loop set-up); 50 ms leaves room
+    # for a loaded machine.
+    assert pathological_seconds < 0.05 and matching_seconds < 0.05, result
