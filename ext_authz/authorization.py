@@ -264,7 +264,7 @@ def evaluate(requirement: Requirement, ctx: Context) -> Truth:
         paths = ctx.locations.roles if requirement.kind == "roles" else ctx.locations.groups
         present = _strings_at(claims, paths, split=False)
         return any(v in present for v in requirement.values)
-    return _expression_result(requirement, ctx)[0]
+    return _expression_result(requirement, ctx)
 
 
 def holds(requirement: Requirement, ctx: Context) -> bool:
@@ -282,24 +282,28 @@ def _claim_result(requirement: Claim, value: object) -> Truth:
     return any(_claim_has(value, v) for v in requirement.values)
 
 
-def _expression_result(
-    expression: Expression, ctx: Context, *, why: bool = False
-) -> tuple[Truth, str | None]:
-    """The expression's truth; with ``why`` (explain only) also why it is unknown, safe to show."""
+def _expression_result(expression: Expression, ctx: Context) -> Truth:
+    try:
+        value = expression.program.eval(data=ctx.cel_data(expression.claims_used))
+        if value.type().name().upper() == "BOOL":
+            result = value.plain_value()
+            if isinstance(result, bool):
+                return result
+    except Exception:  # noqa: S110 - the runtime raising rather than giving an error value: unknown
+        pass
+    return None  # a CEL runtime error, or a result that is not a boolean
+
+
+def _expression_error(expression: Expression, ctx: Context) -> str:
+    """Why the expression is unknown, safe to show (explain only: it evaluates again)."""
     try:
         value = expression.program.eval(data=ctx.cel_data(expression.claims_used))
         kind = value.type().name().upper()
-        if kind == "BOOL":
-            result = value.plain_value()
-            if isinstance(result, bool):
-                return result, None
-        if not why:
-            return None, None
-        if kind == "ERROR":
-            return None, cel_error_reason(str(value.plain_value()), expression.text)
-        return None, f"gives {kind.lower()}, not a boolean"
-    except Exception as exc:  # the runtime raising rather than giving an error value
-        return None, f"evaluation failed ({type(exc).__name__})" if why else None
+    except Exception as exc:
+        return f"evaluation failed ({type(exc).__name__})"
+    if kind == "ERROR":
+        return cel_error_reason(str(value.plain_value()), expression.text)
+    return f"gives {kind.lower()}, not a boolean"
 
 
 # CEL error messages may quote what the request carried (a claim value, a header value, even the
@@ -366,7 +370,7 @@ def unknown_reason(requirement: Requirement, ctx: Context) -> str:
         shape = "absent or null" if value is None else "an object"
         return f"claim {requirement.claim} is {shape}"
     if isinstance(requirement, Expression):
-        return _expression_result(requirement, ctx, why=True)[1] or "evaluation failed"
+        return _expression_error(requirement, ctx)
     return "evaluation failed"
 
 
