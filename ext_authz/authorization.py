@@ -171,9 +171,17 @@ def _same(actual: object, expected: object) -> bool:
     return type(actual) is type(expected) and actual == expected
 
 
-def _claim_has(value: object, expected: object) -> bool:
+def _claim_has(value: object, expected: object) -> Truth:
+    """The claim is, or (an array) contains, the value. An element that is null, an object or an
+    array cannot be compared: unknown, unless another element is the value."""
     if isinstance(value, list):
-        return any(_same(v, expected) for v in value)
+        result: Truth = False
+        for v in value:
+            if _same(v, expected):
+                return True
+            if v is None or isinstance(v, Mapping | list):
+                result = None
+        return result
     return _same(value, expected)
 
 
@@ -278,8 +286,22 @@ def _claim_result(requirement: Claim, value: object) -> Truth:
     if value is None or isinstance(value, Mapping):
         return None
     if requirement.mode == "all_of":
-        return all(_claim_has(value, v) for v in requirement.values)
-    return any(_claim_has(value, v) for v in requirement.values)
+        result: Truth = True
+        for expected in requirement.values:
+            has = _claim_has(value, expected)
+            if has is False:
+                return False
+            if has is None:
+                result = None
+        return result
+    result = False
+    for expected in requirement.values:
+        has = _claim_has(value, expected)
+        if has is True:
+            return True
+        if has is None:
+            result = None
+    return result
 
 
 def _expression_result(expression: Expression, ctx: Context) -> Truth:
@@ -367,8 +389,11 @@ def unknown_reason(requirement: Requirement, ctx: Context) -> str:
         return "a requirement below is an error"
     if isinstance(requirement, Claim):
         value = claim_value(ctx.principal.claims, requirement.path)
-        shape = "absent or null" if value is None else "an object"
-        return f"claim {requirement.claim} is {shape}"
+        if value is None:
+            return f"claim {requirement.claim} is absent or null"
+        if isinstance(value, Mapping):
+            return f"claim {requirement.claim} is an object"
+        return f"claim {requirement.claim} is an array with a null, object or array in it"
     if isinstance(requirement, Expression):
         return _expression_error(requirement, ctx)
     return "evaluation failed"

@@ -414,6 +414,16 @@ THREE_VALUED_CASES: list[tuple[str, dict[str, Any], dict[str, Any], bool | None]
     ("not claim, other value", {"not": {"claims": {"role": "contractor"}}}, {"role": "staff"}, True),
     ("not claim, other type", {"not": {"claims": {"role": "contractor"}}}, {"role": 7}, True),
     ("not claim, empty array", {"not": {"claims": {"role": "contractor"}}}, {"role": []}, True),
+    ("not claim, array with an object", {"not": {"claims": {"role": "contractor"}}},
+     {"role": ["staff", {"name": "contractor"}]}, None),
+    ("not claim, array with null", {"not": {"claims": {"role": "contractor"}}}, {"role": [None]}, None),
+    ("not claim, array with the value", {"not": {"claims": {"role": "contractor"}}},
+     {"role": [{"x": 1}, "contractor"]}, False),
+    ("not claim all_of, one missing", {"not": {"claims": {"g": {"all_of": ["a", "b"]}}}},
+     {"g": ["a", {"x": 1}]}, None),
+    ("not claim all_of, one absent", {"not": {"claims": {"g": {"all_of": ["a", "b"]}}}}, {"g": ["a"]}, True),
+    ("not claim any_of, one there", {"not": {"claims": {"g": {"any_of": ["a", "b"]}}}},
+     {"g": [["b"], "a"]}, False),
     ("not scopes, absent", {"not": {"scopes": ["admin"]}}, {}, True),
     ("not roles, absent", {"not": {"roles": ["contractor"]}}, {}, True),
     ("not groups, absent", {"not": {"groups": ["contractors"]}}, {}, True),
@@ -521,7 +531,10 @@ trees: st.SearchStrategy[Tree] = st.recursive(
     ),
     max_leaves=7,
 )
-ERROR_VALUES: dict[str, list[object]] = {"expression": [None, 7, "x", [True]], "claims": [None, {"o": "yes"}]}
+ERROR_VALUES: dict[str, list[object]] = {
+    "expression": [None, 7, "x", [True]],
+    "claims": [None, {"o": "yes"}, ["no", {"o": "yes"}], [None]],
+}
 
 
 def leaves(tree: Tree) -> list[str]:
