@@ -245,3 +245,11 @@ def test_header_regex_is_re2_with_full_match() -> None:
     assert regex is not None and type(regex).__module__.startswith("re2")
     assert regex.fullmatch("v12") and regex.fullmatch("beta")
     assert not regex.fullmatch("v12-beta") and not regex.fullmatch("xbeta")
+
+
+def test_header_regex_classes_are_ascii_as_documented() -> None:
+    s = parse(
+        {"providers": [PROVIDER], "rules": [{"match": {"headers": {"x": {"regex": r"\w+"}}}, "require": {}}]}
+    )
+    regex = s.rules[0].match.headers[0].regex
+    assert regex is not None and regex.fullmatch("a_1") and not regex.fullmatch("é")
