@@ -132,8 +132,8 @@ def test_explain_json_with_the_token_on_stdin(issuer: TestIssuer, config_file: P
     assert data["matched_rule"] == "admin-api"
     assert data["token"]["verified"] is True and data["token"]["provider"] == "test"
     assert data["requirements"] == [
-        {"depth": 0, "requirement": "all of", "holds": False},
-        {"depth": 1, "requirement": "scopes ['admin']", "holds": False},
+        {"depth": 0, "requirement": "all of", "holds": False, "error": None},
+        {"depth": 1, "requirement": "scopes ['admin']", "holds": False, "error": None},
     ]
     decision = data["decision"]
     assert (decision["allowed"], decision["status"], decision["code"]) == (False, 403, "insufficient_scope")
