@@ -229,10 +229,11 @@ class Context:
 
 # Requirements are judged three-valued, in Kleene's strong logic: True (satisfied), False (not
 # satisfied) or None (unknown: a CEL runtime error or a non-boolean result, or a `claims:` leaf
-# whose claim is absent, null or an object). all_of is False if any child is False, else None if any
-# is None, else True; any_of is True if any child is True, else None if any is None, else False;
-# not None is None. Only True allows: an error can never become an allow by negation. Without
-# `not` this denies exactly what two-valued logic with "error = false" denied (both are monotone).
+# whose claim is absent, null, an object, or an array holding such a value and not the one asked
+# for). all_of is False if any child is False, else None if any is None, else True; any_of is True
+# if any child is True, else None if any is None, else False; not None is None. Only True allows:
+# an error can never become an allow by negation. Without `not` this denies exactly what two-valued
+# logic with "error = false" denied (both are monotone).
 Truth = bool | None
 
 
@@ -282,7 +283,8 @@ def holds(requirement: Requirement, ctx: Context) -> bool:
 
 def _claim_result(requirement: Claim, value: object) -> Truth:
     # An absent (or null) claim, or an object, cannot be compared with a value: unknown, so that
-    # `not: {claims: {...}}` denies a token that lacks the claim (fail closed).
+    # `not: {claims: {...}}` denies a token that lacks the claim (fail closed). Several values
+    # combine like all_of / any_of.
     if value is None or isinstance(value, Mapping):
         return None
     if requirement.mode == "all_of":
