@@ -26,7 +26,7 @@ from pathlib import Path
 from urllib.parse import parse_qsl, urlencode
 
 from ext_authz import errors
-from ext_authz.authorization import RequestView, explain_match, explain_requirement
+from ext_authz.authorization import RequestView, Truth, explain_match, explain_requirement
 from ext_authz.configreader import HEADER_NAME
 from ext_authz.identity import KeyResolver, parse_token
 from ext_authz.keys.cache import SharedKeyCache
@@ -226,9 +226,12 @@ class TokenVerdict:
 
 @dataclass(frozen=True, slots=True)
 class RequirementStep:
+    """One requirement's result: satisfied, not satisfied, or an error (``error`` says why)."""
+
     depth: int
     text: str
-    holds: bool
+    holds: bool  # satisfied; False both when not satisfied and when an error
+    error: str | None = None  # set when the requirement could not be judged (it then denies)
 
 
 @dataclass(frozen=True, slots=True)
@@ -297,18 +300,20 @@ def _preorder(requirement: Requirement) -> Iterator[Requirement]:
         yield from _preorder(requirement.child)
 
 
-def _without_wrappers(root: Requirement, steps: list[tuple[int, str, bool]]) -> tuple[RequirementStep, ...]:
+def _without_wrappers(
+    root: Requirement, steps: list[tuple[int, str, Truth, str | None]]
+) -> tuple[RequirementStep, ...]:
     """The steps, leaving out the "all of" that wraps each single requirement map inside
     any_of / all_of / not (it holds exactly when its one child does)."""
     shown: list[RequirementStep] = []
     lifted: list[int] = []  # depths of the wrappers left out, innermost last
-    for node, (depth, text, ok) in zip(_preorder(root), steps, strict=True):
+    for node, (depth, text, value, reason) in zip(_preorder(root), steps, strict=True):
         while lifted and depth <= lifted[-1]:
             lifted.pop()
         if node is not root and isinstance(node, AllOf) and len(node.children) == 1:
             lifted.append(depth)
             continue
-        shown.append(RequirementStep(depth - len(lifted), text, ok))
+        shown.append(RequirementStep(depth - len(lifted), text, value is True, reason))
     return tuple(shown)
 
 
@@ -415,7 +420,10 @@ def as_json(e: Explanation) -> dict[str, object]:
         },
         "requirements": None
         if e.requirements is None
-        else [{"depth": s.depth, "requirement": s.text, "holds": s.holds} for s in e.requirements],
+        else [
+            {"depth": s.depth, "requirement": s.text, "holds": s.holds, "error": s.error}
+            for s in e.requirements
+        ],
         "requirements_note": e.requirements_note,
         "dry_run": e.dry_run,
         "decision": decision_json(e.decision),
@@ -483,7 +491,13 @@ def _requirement_lines(e: Explanation) -> list[str]:
     title = f"requirements of {e.rules[-1].label}" if e.matched else "requirements"
     if e.requirements is None:
         return [f"{title}: {e.requirements_note}"]
-    return [title] + [f"      {'  ' * s.depth}{_mark(s.holds)} {s.text}" for s in e.requirements]
+    return [title] + [f"      {'  ' * s.depth}{_requirement_mark(s)}" for s in e.requirements]
+
+
+def _requirement_mark(step: RequirementStep) -> str:
+    if step.error is not None:
+        return f"[!] {step.text}  (error: {step.error})"
+    return f"{_mark(step.holds)} {step.text}"
 
 
 def _decision_lines(e: Explanation) -> list[str]:

@@ -32,8 +32,9 @@ them, and a claim set to null is left out (``exp: null`` for a token without exp
 goes where the provider reads tokens first (its first ``from_headers`` entry, else cookie, else
 query parameter), with ``typ: JWT`` (or the provider's accepted type) and a ``kid``.
 
-Output: ``PASS name`` or ``FAIL name: expected 403, got 200 (...)`` per case, then
-``N passed, M failed``. Exit status 0 when every case passes, 1 when any fails, 2 when the case
+Output: ``PASS name`` or ``FAIL name: expected 403, got 200 (...)`` per case (a denial by a
+requirement that could not be judged adds ``error in <requirement>: <reason>``, as explain shows
+it), then ``N passed, M failed``. Exit status 0 when every case passes, 1 when any fails, 2 when the case
 file or the config is malformed (the message names the file and the key path, e.g.
 ``cases[2].expect.status``).
 """
@@ -61,7 +62,7 @@ from ext_authz.configreader import (
     string,
     type_name,
 )
-from ext_authz.explain import build_request, token_location, with_token
+from ext_authz.explain import RequirementStep, build_request, explain, token_location, with_token
 from ext_authz.keys.jwks import KeySet, VerificationKey, select_key
 from ext_authz.model import Allow, Decision, Request
 from ext_authz.pipeline import Pipeline
@@ -362,8 +363,22 @@ async def run_cases(
             token = keys.for_provider(provider.name).sign(token_claims(provider, case.claims, int(clock())))
             request = with_token(request, token_location(provider), token)
         decision = await pipeline.decide(request)
-        outcomes.append(Outcome(case, decision, judge(case.expect, decision)))
+        problems = judge(case.expect, decision)
+        if problems and reason(decision) == "requirement_not_met":
+            explained = await explain(pipeline, request)
+            problems += requirement_errors(explained.requirements or ())
+        outcomes.append(Outcome(case, decision, problems))
     return outcomes
+
+
+def requirement_errors(steps: tuple[RequirementStep, ...]) -> tuple[str, ...]:
+    """The requirements that could not be judged (each denies), for a failed case's line."""
+    errors = [
+        f"{step.text}: {step.error}"
+        for i, step in enumerate(steps)
+        if step.error is not None and (i + 1 == len(steps) or steps[i + 1].depth <= step.depth)
+    ]
+    return (f"error in {'; '.join(errors)}",) if errors else ()
 
 
 def summary(outcomes: list[Outcome]) -> str:

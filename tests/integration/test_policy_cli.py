@@ -132,8 +132,8 @@ def test_explain_json_with_the_token_on_stdin(issuer: TestIssuer, config_file: P
     assert data["matched_rule"] == "admin-api"
     assert data["token"]["verified"] is True and data["token"]["provider"] == "test"
     assert data["requirements"] == [
-        {"depth": 0, "requirement": "all of", "holds": False},
-        {"depth": 1, "requirement": "scopes ['admin']", "holds": False},
+        {"depth": 0, "requirement": "all of", "holds": False, "error": None},
+        {"depth": 1, "requirement": "scopes ['admin']", "holds": False, "error": None},
     ]
     decision = data["decision"]
     assert (decision["allowed"], decision["status"], decision["code"]) == (False, 403, "insufficient_scope")
@@ -415,3 +415,37 @@ async def test_cases_in_process(loaded: settings.Settings) -> None:
     claims = allowed.metadata["claims"]  # as verified by the pipeline, defaults filled in
     assert isinstance(claims, dict)
     assert (claims["scope"], claims["iss"], claims["aud"]) == ("admin", "https://idp.example.com", "api")
+
+
+async def test_a_failed_case_names_the_requirement_that_errs() -> None:
+    """A denial by an error (three-valued requirements) says which requirement and why."""
+    document = config("https://idp.example.com")
+    document["rules"] = [
+        {"name": "staff", "require": {"not": {"expression": "claims.email.endsWith('@contractor.example')"}}}
+    ]
+    loaded = settings.parse(document)
+    cases = policytest.parse_cases(
+        {
+            "cases": [
+                {
+                    "name": "no email",
+                    "request": {"path": "/x"},
+                    "claims": {"sub": "a"},
+                    "expect": {"status": 200},
+                },
+                {
+                    "name": "denied",
+                    "request": {"path": "/x"},
+                    "claims": {"sub": "a"},
+                    "expect": {"status": 403},
+                },
+            ]
+        },
+        loaded,
+    )
+    outcomes = await policytest.run_cases(loaded, cases)
+    assert [o.line for o in outcomes] == [
+        'FAIL no email: expected 200, got 403 (requirement_not_met, rule "staff"); '
+        "error in expression claims.email.endsWith('@contractor.example'): Key not found in map \"email\"",
+        "PASS denied",
+    ]

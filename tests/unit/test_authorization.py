@@ -6,9 +6,21 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from ext_authz import errors
-from ext_authz.authorization import Context, RequestView, Rules, explain_match, host_name, normalise_path
+from ext_authz.authorization import (
+    Context,
+    RequestView,
+    Rules,
+    cel_error_reason,
+    evaluate,
+    explain_match,
+    explain_requirement,
+    host_name,
+    normalise_path,
+)
 from ext_authz.model import Credential, Principal, Request
 from ext_authz.settings import Settings
 from tests.unit.conftest import make_settings
@@ -102,6 +114,7 @@ MATCH_CASES: list[tuple[str, dict[str, Any], RequestView, dict[str, str] | None]
     ("header absent", {"headers": {"x-debug": {"present": False}}}, view(), {}),
     ("header regex", {"headers": {"x-ver": {"regex": "v[0-9]+"}}}, view(x_ver="v12"), {}),
     ("header regex is full", {"headers": {"x-ver": {"regex": "v[0-9]+"}}}, view(x_ver="v12-beta"), None),
+    ("header regex lone surrogate", {"headers": {"x-ver": {"regex": "v.*"}}}, view(x_ver="v1\udcff"), None),
     ("context", {"context": {"rule": "admin-api"}}, view(context={"rule": "admin-api"}), {}),
     ("context other", {"context": {"rule": "admin-api"}}, view(context={"rule": "x"}), None),
     ("all conditions", {"paths": ["/a"], "methods": ["GET"], "hosts": ["h"]}, view("/a", host="h"), {}),
@@ -356,3 +369,246 @@ def test_cel_data_narrows_claims() -> None:
     ctx: Context = rules.context(matched, principal({"sub": "alice", "groups": ["x"] * 100}), v)
     assert ctx.cel_data(frozenset({"sub"}))["claims"] == {"sub": "alice"}
     assert len(ctx.cel_data(None)["claims"]) == 2  # type: ignore[arg-type]
+
+
+# ---- three-valued requirements: an error (unknown) never allows ----
+
+CONTRACTOR = "claims.email.endsWith('@contractor.example')"
+STRUCK = "int(claims.strikes) >= 3"
+
+THREE_VALUED_CASES: list[tuple[str, dict[str, Any], dict[str, Any], bool | None]] = [
+    # Each "error" case allowed before (an error counted as false, and `not false` is true).
+    ("not expression, no email", {"not": {"expression": CONTRACTOR}}, {}, None),
+    ("not expression, array email", {"not": {"expression": CONTRACTOR}}, {"email": ["e@x"]}, None),
+    ("not expression, email ok", {"not": {"expression": CONTRACTOR}}, {"email": "bob@example.com"}, True),
+    ("not expression, contractor", {"not": {"expression": CONTRACTOR}}, {"email": "e@contractor.example"},
+     False),
+    ("not int() of '9x'", {"not": {"expression": STRUCK}}, {"strikes": "9x"}, None),
+    ("not int() of '1'", {"not": {"expression": STRUCK}}, {"strikes": "1"}, True),
+    ("not a non-boolean", {"not": {"expression": "claims.level"}}, {"level": 3}, None),
+    ("non-boolean top level", {"expression": "claims.level"}, {"level": 3}, None),
+    ("error top level", {"expression": "claims.email.endsWith('@example.com')"}, {}, None),
+    ("not not error", {"not": {"not": {"expression": CONTRACTOR}}}, {}, None),
+    ("not any_of error or false", {"not": {"any_of": [{"expression": CONTRACTOR}, {"roles": ["x"]}]}},
+     {}, None),
+    ("not any_of error or true", {"not": {"any_of": [{"expression": CONTRACTOR}, {"roles": ["x"]}]}},
+     {"roles": ["x"]}, False),
+    ("not all_of error and false", {"not": {"all_of": [{"expression": CONTRACTOR}, {"roles": ["x"]}]}},
+     {}, True),
+    ("not all_of error and true", {"not": {"all_of": [{"expression": CONTRACTOR}, {"roles": ["x"]}]}},
+     {"roles": ["x"]}, None),
+    ("any_of not-error or false", {"any_of": [{"not": {"expression": CONTRACTOR}}, {"scopes": ["admin"]}]},
+     {}, None),
+    ("any_of not-error or true", {"any_of": [{"not": {"expression": CONTRACTOR}}, {"scopes": ["admin"]}]},
+     {"scope": "admin"}, True),
+    ("all_of not-error and true", {"all_of": [{"not": {"expression": CONTRACTOR}}, {"scopes": ["read"]}]},
+     {"scope": "read"}, None),
+    ("all_of not-error and false", {"all_of": [{"not": {"expression": CONTRACTOR}}, {"scopes": ["read"]}]},
+     {}, False),
+    # The missing-claim choice: a `claims:` leaf on an absent (or null) claim, or on an object, is
+    # unknown, so `not` of it denies. scopes / roles / groups read an absent claim as the empty set.
+    ("not claim, claim absent", {"not": {"claims": {"suspended": True}}}, {}, None),
+    ("not claim, claim null", {"not": {"claims": {"suspended": True}}}, {"suspended": None}, None),
+    ("not claim, claim an object", {"not": {"claims": {"role": "contractor"}}}, {"role": {"a": 1}}, None),
+    ("not claim, parent not an object", {"not": {"claims": {"org.role": "x"}}}, {"org": "acme"}, None),
+    ("not claim, other value", {"not": {"claims": {"role": "contractor"}}}, {"role": "staff"}, True),
+    ("not claim, other type", {"not": {"claims": {"role": "contractor"}}}, {"role": 7}, True),
+    ("not claim, empty array", {"not": {"claims": {"role": "contractor"}}}, {"role": []}, True),
+    ("not claim, array with an object", {"not": {"claims": {"role": "contractor"}}},
+     {"role": ["staff", {"name": "contractor"}]}, None),
+    ("not claim, array with null", {"not": {"claims": {"role": "contractor"}}}, {"role": [None]}, None),
+    ("not claim, array with the value", {"not": {"claims": {"role": "contractor"}}},
+     {"role": [{"x": 1}, "contractor"]}, False),
+    ("not claim all_of, one missing", {"not": {"claims": {"g": {"all_of": ["a", "b"]}}}},
+     {"g": ["a", {"x": 1}]}, None),
+    ("not claim all_of, one absent", {"not": {"claims": {"g": {"all_of": ["a", "b"]}}}}, {"g": ["a"]}, True),
+    ("not claim any_of, one there", {"not": {"claims": {"g": {"any_of": ["a", "b"]}}}},
+     {"g": [["b"], "a"]}, False),
+    ("not scopes, absent", {"not": {"scopes": ["admin"]}}, {}, True),
+    ("not roles, absent", {"not": {"roles": ["contractor"]}}, {}, True),
+    ("not groups, absent", {"not": {"groups": ["contractors"]}}, {}, True),
+    ("not providers", {"not": {"providers": ["idp"]}}, {}, False),
+    # The documented idiom for "an absent claim means not suspended".
+    ("idiom absent", {"not": {"expression": "has(claims.suspended) && claims.suspended == true"}}, {}, True),
+    ("idiom suspended", {"not": {"expression": "has(claims.suspended) && claims.suspended == true"}},
+     {"suspended": True}, False),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("require", "token_claims", "truth"),
+    [c[1:] for c in THREE_VALUED_CASES],
+    ids=[c[0] for c in THREE_VALUED_CASES],
+)
+def test_three_valued(require: dict[str, Any], token_claims: dict[str, Any], truth: bool | None) -> None:
+    rules, _ = rules_of({"require": require})
+    v = view()
+    matched = rules.match(v)
+    assert matched is not None
+    ctx = rules.context(matched, principal(token_claims), v)
+    assert evaluate(matched.rule.require, ctx) is truth
+    assert holds(require, token_claims) is (truth is True)  # only True allows
+    steps = explain_requirement(matched.rule.require, ctx)
+    assert steps[0][2] is truth
+    assert all((value is None) == (reason is not None) for _, _, value, reason in steps)
+
+
+def test_unknown_at_the_top_denies_with_the_rules_reason() -> None:
+    rules, _ = rules_of({"require": {"scopes": ["read"], "expression": CONTRACTOR}})
+    v = view()
+    matched = rules.match(v)
+    assert matched is not None
+    with pytest.raises(errors.RequirementNotMet):
+        rules.check(matched, rules.context(matched, principal({"scope": "read"}), v))
+
+
+# ---- the reason explain shows for an error: short, and never data the request carried ----
+
+SECRET = "s3cr3t-Value"
+
+REASON_CASES: list[tuple[str, dict[str, Any], str]] = [
+    (CONTRACTOR, {}, 'Key not found in map "email"'),
+    (CONTRACTOR, {"email": [SECRET]}, "No matching overloads found (list).endsWith(string)"),
+    (STRUCK, {"strikes": SECRET}, "cannot convert string to int"),
+    ("claims.level", {"level": 3}, "gives int, not a boolean"),
+    ("claims[claims.sub] == 1", {"sub": SECRET}, "Key not found in map"),
+    ("request.headers[claims.sub] == 'x'", {"sub": SECRET}, "Key not found in map"),
+    ("claims[request.headers.authorization] == 1", {}, "Key not found in map"),
+    ("claims.sub.matches(claims.sub + '[')", {"sub": SECRET}, "invalid regular expression"),
+    ("claims.l[claims.n] == 'x'", {"l": [SECRET], "n": 912345}, "Index error"),
+    ("bool(claims.sub)", {"sub": SECRET}, "Type conversion error from 'string' to 'bool'"),
+    ("claims.sub > 1", {"sub": SECRET}, "No matching overloads found _>_(string, int64)"),
+]
+
+
+@pytest.mark.parametrize(("text", "token_claims", "reason"), REASON_CASES)
+def test_error_reason_shows_no_request_data(text: str, token_claims: dict[str, Any], reason: str) -> None:
+    rules, _ = rules_of({"require": {"expression": text}})
+    v = view(authorization=f"Bearer {SECRET}")
+    matched = rules.match(v)
+    assert matched is not None
+    ctx = rules.context(matched, principal(token_claims), v)
+    ((_, _, value, shown),) = [s for s in explain_requirement(matched.rule.require, ctx) if s[0] == 1]
+    assert value is None
+    assert shown == reason
+    assert SECRET not in (shown or "") and "912345" not in (shown or "")
+
+
+MESSAGES = (
+    'NOT_FOUND: Key not found in map : "{}"',
+    "INVALID_ARGUMENT: cannot convert '{}' to int",
+    'INVALID_ARGUMENT: conversion of "{}" failed',
+    "UNKNOWN: No matching overloads found : {}",
+    "INVALID_ARGUMENT: invalid regular expression: {}",
+    "UNKNOWN: Index error: index={} size=1",
+    "{}",
+)
+
+
+@given(st.text(max_size=12), st.text(max_size=12), st.sampled_from(MESSAGES))
+@settings(max_examples=300, deadline=None, database=None)
+def test_error_reason_never_shows_a_request_value(before: str, after: str, message: str) -> None:
+    """Whatever a claim or header value holds, the reason is the one a neutral value gives."""
+    value = f"{before}Zq{after}"  # "Zq": a word that is neither a type name nor in the expression
+    text = "claims[claims.sub] == 1 || request.headers[claims.sub] == 'x' || int(claims.sub) == 1"
+    reason = cel_error_reason(message.format(value), text)
+    assert "Zq" not in reason
+    if not any(ch in value for ch in "'\":= "):  # not changing the message's own structure
+        assert reason == cel_error_reason(message.format("Zq"), text)
+
+
+# ---- property: an error can end in an allow only when both of its values would allow ----
+
+# A tree of combinators over numbered leaves; leaf i reads claim l{i}, as a CEL expression or as a
+# `claims:` leaf, which the claims make true, false or an error (unknown) in each of their ways.
+Tree = Any
+leaf_kinds = st.sampled_from(["expression", "claims"])
+trees: st.SearchStrategy[Tree] = st.recursive(
+    leaf_kinds,
+    lambda kids: st.one_of(
+        st.tuples(st.sampled_from(["all_of", "any_of"]), st.lists(kids, min_size=1, max_size=3)),
+        st.tuples(st.just("not"), kids),
+    ),
+    max_leaves=7,
+)
+ERROR_VALUES: dict[str, list[object]] = {
+    "expression": [None, 7, "x", [True]],
+    "claims": [None, {"o": "yes"}, ["no", {"o": "yes"}], [None]],
+}
+
+
+def leaves(tree: Tree) -> list[str]:
+    if isinstance(tree, str):
+        return [tree]
+    if tree[0] == "not":
+        return leaves(tree[1])
+    return [kind for child in tree[1] for kind in leaves(child)]
+
+
+def require_of(tree: Tree, counter: list[int]) -> dict[str, Any]:
+    if isinstance(tree, str):
+        i = counter[0]
+        counter[0] += 1
+        return {"expression": f"claims.l{i}"} if tree == "expression" else {"claims": {f"l{i}": "yes"}}
+    if tree[0] == "not":
+        return {"not": require_of(tree[1], counter)}
+    return {tree[0]: [require_of(child, counter) for child in tree[1]]}
+
+
+def kleene(tree: Tree, values: list[bool | None], counter: list[int]) -> bool | None:
+    """The reference semantics, written out independently of the evaluator."""
+    if isinstance(tree, str):
+        counter[0] += 1
+        leaf: bool | None = values[counter[0] - 1]
+        return leaf
+    if tree[0] == "not":
+        inner = kleene(tree[1], values, counter)
+        return None if inner is None else not inner
+    results = [kleene(child, values, counter) for child in tree[1]]
+    absorbing: bool = tree[0] == "any_of"  # True absorbs any_of, False absorbs all_of
+    if absorbing in results:
+        return absorbing
+    return None if None in results else not absorbing
+
+
+def claim_for(kind: str, value: bool | None, error_way: int) -> object:
+    if value is None:
+        ways = ERROR_VALUES[kind]
+        return ways[error_way % len(ways)]
+    if kind == "expression":
+        return value
+    return "yes" if value else "no"
+
+
+@given(trees, st.data())
+@settings(max_examples=200, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
+def test_an_error_allows_only_when_both_values_allow(tree: Tree, data: st.DataObject) -> None:
+    kinds = leaves(tree)
+    values: list[bool | None] = data.draw(
+        st.lists(st.sampled_from([True, False, None]), min_size=len(kinds), max_size=len(kinds))
+    )
+    ways = data.draw(st.lists(st.integers(0, 3), min_size=len(kinds), max_size=len(kinds)))
+    rules, _ = rules_of({"require": require_of(tree, [0])})
+    v = view()
+    matched = rules.match(v)
+    assert matched is not None
+
+    def allowed(assignment: list[bool | None]) -> bool:
+        token_claims = {
+            f"l{i}": claim_for(kind, value, ways[i])
+            for i, (kind, value) in enumerate(zip(kinds, assignment, strict=True))
+        }
+        token_claims = {k: c for k, c in token_claims.items() if c is not None}  # None: absent
+        try:
+            rules.check(matched, rules.context(matched, principal(token_claims), v))
+        except errors.RequirementNotMet:
+            return False
+        return True
+
+    allows = allowed(values)
+    assert allows == (kleene(tree, values, [0]) is True)
+    if allows:
+        for i, value in enumerate(values):
+            if value is None:
+                for forced in (True, False):
+                    assert allowed([forced if j == i else x for j, x in enumerate(values)])

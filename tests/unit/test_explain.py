@@ -76,7 +76,7 @@ def assert_token_absent(token: str, *outputs: str) -> None:
 
 
 async def test_allow_text(keys: Keys, mint: Mint) -> None:
-    token = mint(scope="admin")
+    token = mint(scope="admin", suspended=False)
     e = await explained(keys, request("DELETE", "/admin/users/1", token, x_user_id="mallory"))
     text = render_text(e)
     assert_token_absent(token, text)
@@ -109,7 +109,7 @@ async def test_allow_text(keys: Keys, mint: Mint) -> None:
 
 
 async def test_allow_json(keys: Keys, mint: Mint) -> None:
-    token = mint(scope="admin")
+    token = mint(scope="admin", suspended=False)
     e = await explained(keys, request("DELETE", "/admin/users/1", token, x_user_id="mallory"))
     output = render_json(e)
     assert_token_absent(token, output)
@@ -123,8 +123,8 @@ async def test_allow_json(keys: Keys, mint: Mint) -> None:
     assert data["token"]["verified"] is True and data["token"]["provider"] == "idp"
     assert data["token"]["claims"]["sub"] == "alice" and data["token"]["error"] is None
     assert data["requirements"][:2] == [
-        {"depth": 0, "requirement": "all of", "holds": True},
-        {"depth": 1, "requirement": "scopes ['admin']", "holds": True},
+        {"depth": 0, "requirement": "all of", "holds": True, "error": None},
+        {"depth": 1, "requirement": "scopes ['admin']", "holds": True, "error": None},
     ]
     assert data["decision"] == {
         "allowed": True,
@@ -215,7 +215,7 @@ async def test_403_insufficient_scope(keys: Keys, mint: Mint) -> None:
     assert "      [ ] all of\n        [ ] scopes ['admin']\n        [x] any of" in text
     assert 'decision  DENY 403 insufficient_scope (rule "admin", provider idp)' in text
     data = json.loads(output)
-    assert data["requirements"][0] == {"depth": 0, "requirement": "all of", "holds": False}
+    assert data["requirements"][0] == {"depth": 0, "requirement": "all of", "holds": False, "error": None}
     assert data["decision"]["status"] == 403
     assert data["decision"]["www_authenticate"].endswith('scope="admin"')
     assert data["decision"]["body"]["error"] == "insufficient_scope"
@@ -258,6 +258,46 @@ async def test_403_no_rule_matches(keys: Keys, mint: Mint) -> None:
     assert "requirements: no rule matches the request" in text
     assert "decision  DENY 403 no_matching_rule\n" in text
     assert json.loads(render_json(e))["matched_rule"] is None
+
+
+async def test_403_errors_are_shown_as_a_third_value(keys: Keys, mint: Mint) -> None:
+    """An error is neither [x] nor [ ]: "[!]" with a short reason, which never quotes the request."""
+    rules: list[Any] = [
+        {
+            "name": "staff",
+            "require": {
+                "not": {"expression": "claims.email.endsWith('@contractor.example')"},
+                "any_of": [{"claims": {"team": "ops"}}, {"expression": "claims[claims.sub] == 1"}],
+            },
+        }
+    ]
+    settings = settings_with(rules)
+    token = mint(sub="s3cret-sub")  # no email, no team; sub is not a claim name
+    e = await explained(keys, request("GET", "/x", token, settings, x_key="s3cret-header"), settings)
+    text, output = render_text(e), render_json(e)
+    assert_token_absent(token, text, output)
+    lines = text.splitlines()
+    requirements = lines[lines.index('requirements of rules[0] "staff"') + 1 :][:6]
+    assert requirements == [
+        "      [!] all of  (error: a requirement below is an error)",
+        "        [!] any of  (error: a requirement below is an error)",
+        "          [!] claim team = 'ops'  (error: claim team is absent or null)",
+        "          [!] expression claims[claims.sub] == 1  (error: Key not found in map)",
+        "        [!] not  (error: a requirement below is an error)",
+        "          [!] expression claims.email.endsWith('@contractor.example')"
+        '  (error: Key not found in map "email")',
+    ]
+    assert 'decision  DENY 403 requirement_not_met (rule "staff", provider idp)' in text
+    steps = json.loads(output)["requirements"]
+    assert steps[5] == {
+        "depth": 2,
+        "requirement": "expression claims.email.endsWith('@contractor.example')",
+        "holds": False,
+        "error": 'Key not found in map "email"',
+    }
+    assert all(s["error"] is not None and s["holds"] is False for s in steps)
+    requirements_only = json.dumps(steps) + "\n".join(requirements)
+    assert "s3cret" not in requirements_only
 
 
 # ---- dry run, other token places ----

@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 from typing import Any
+
+import pytest
 
 from ext_authz.model import Allow, Deny, Request
 from ext_authz.pipeline import Pipeline
@@ -78,3 +83,130 @@ async def test_keys_unavailable(mint: Mint) -> None:
     assert json.loads(decision.body)["error"] == "temporarily_unavailable"
     # An anonymous route goes on without identity.
     assert isinstance(await p.decide(req("/public/x", token=mint())), Allow)
+
+
+# ---- a requirement that errs never allows (three-valued requirements) ----
+
+CONTRACTOR = "claims.email.endsWith('@contractor.example')"
+ERROR_RULES: list[Any] = [
+    {"match": {"paths": ["/not"]}, "require": {"not": {"expression": CONTRACTOR}}},
+    {"match": {"paths": ["/strikes"]}, "require": {"not": {"expression": "int(claims.strikes) >= 3"}}},
+    {"match": {"paths": ["/level"]}, "require": {"not": {"expression": "claims.level"}}},
+    {
+        "match": {"paths": ["/any"]},
+        "require": {"any_of": [{"not": {"expression": CONTRACTOR}}, {"scopes": ["admin"]}]},
+    },
+    {"match": {"paths": ["/all"]}, "require": {"scopes": ["read"], "not": {"expression": CONTRACTOR}}},
+    {
+        "match": {"paths": ["/not-any"]},
+        "require": {"not": {"any_of": [{"expression": CONTRACTOR}, {"claims": {"banned": True}}]}},
+    },
+    {"match": {"paths": ["/not-claim"]}, "require": {"not": {"claims": {"role": "contractor"}}}},
+    {"match": {"paths": ["/top"]}, "require": {"expression": "claims.email.endsWith('@example.com')"}},
+]
+
+# (path, claims) pairs that allowed on a two-valued evaluator (an error counted as false) and deny now.
+ERRORS_THAT_ALLOWED: list[tuple[str, dict[str, Any]]] = [
+    ("/not", {}),  # no email claim
+    ("/not", {"email": ["eve@contractor.example"]}),  # an array email
+    ("/strikes", {"strikes": "9x"}),  # int("9x")
+    ("/level", {"level": 3}),  # not a boolean
+    ("/any", {}),
+    ("/any", {"email": ["eve@contractor.example"], "scope": "read"}),
+    ("/all", {"scope": "read"}),
+    ("/all", {"scope": "read", "strikes": 1, "email": 7}),
+    ("/not-any", {"banned": False}),
+    ("/not-claim", {}),  # a missing claim under not: unknown, denied (the documented choice)
+    ("/not-claim", {"role": {"name": "contractor"}}),  # an object
+]
+
+
+async def test_an_error_under_not_denies(resolver: StaticResolver, mint: Mint) -> None:
+    p = Pipeline(make_settings(rules=ERROR_RULES), resolver, clock=clock)
+    for path, token_claims in ERRORS_THAT_ALLOWED:
+        decision = await p.decide(req(path, token=mint(**token_claims)))
+        assert isinstance(decision, Deny), (path, token_claims)
+        assert (decision.status, decision.code) == (403, "requirement_not_met"), (path, token_claims)
+
+
+async def test_defined_requirements_still_decide(resolver: StaticResolver, mint: Mint) -> None:
+    p = Pipeline(make_settings(rules=ERROR_RULES), resolver, clock=clock)
+    cases: list[tuple[str, dict[str, Any], bool]] = [
+        ("/not", {"email": "bob@example.com"}, True),
+        ("/not", {"email": "eve@contractor.example"}, False),
+        ("/strikes", {"strikes": "1"}, True),
+        ("/strikes", {"strikes": "3"}, False),
+        ("/any", {"scope": "admin"}, True),  # any_of: one true child wins over an error
+        ("/all", {"scope": "read", "email": "bob@example.com"}, True),
+        ("/all", {"email": "bob@example.com"}, False),
+        ("/not-any", {"email": "bob@example.com", "banned": False}, True),
+        ("/not-any", {"banned": True}, False),  # any_of: true, whatever the error beside it
+        ("/not-claim", {"role": "staff"}, True),
+        ("/not-claim", {"role": ["staff", "contractor"]}, False),
+        ("/top", {"email": "bob@example.com"}, True),
+        ("/top", {}, False),
+    ]
+    for path, token_claims, allowed in cases:
+        decision = await p.decide(req(path, token=mint(**token_claims)))
+        assert isinstance(decision, Allow) is allowed, (path, token_claims)
+
+
+async def test_an_error_in_dry_run_is_a_recorded_denial(resolver: StaticResolver, mint: Mint) -> None:
+    rules = [{"require": {"not": {"expression": CONTRACTOR}}, "mode": "dry_run"}]
+    p = Pipeline(make_settings(rules=rules), resolver, clock=clock)
+    decision = await p.decide(req(token=mint()))
+    assert isinstance(decision, Allow)
+    assert decision.metadata["dry_run_denial"] == {"status": 403, "code": "requirement_not_met"}
+
+
+# ---- header regexes are linear-time (RE2) ----
+
+# Run in a child process with a deadline: on a backtracking engine this pattern against this value
+# takes exponential time (tens of seconds at 30 characters), and no in-process timeout can interrupt
+# a regex match that holds the GIL.
+REDOS_CHILD = """
+import asyncio, json, time
+from ext_authz.model import Request
+from ext_authz.pipeline import Pipeline
+from ext_authz.settings import parse
+
+settings = parse({
+    "providers": [{"name": "idp", "issuer": "https://idp.example.com/", "audiences": ["api"],
+                   "jwks_uri": "https://idp.example.com/jwks"}],
+    "rules": [
+        {"match": {"headers": {"x-id": {"regex": "([a-z0-9]+-?)+"}}}, "allow": "anonymous"},
+        {"require": {}},
+    ],
+})
+pipeline = Pipeline(settings, keys=None)
+result = {}
+for name, value in (("pathological", "a" * 10240 + "!"), ("matching", "a-" * 5120)):
+    request = Request("GET", "/orders", headers={"x-id": value})
+    started = time.perf_counter()
+    decision = asyncio.run(pipeline.decide(request))
+    result[name] = [time.perf_counter() - started, type(decision).__name__]
+print(json.dumps(result))
+"""
+
+
+def test_a_pathological_header_regex_answers_in_milliseconds() -> None:
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", REDOS_CHILD],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+            cwd=Path(__file__).parents[2],
+        )
+    except subprocess.TimeoutExpired:
+        pytest.fail("one decision with a 10 KB header took more than 30 s (a backtracking regex)")
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    pathological_seconds, pathological = result["pathological"]
+    matching_seconds, matching = result["matching"]
+    assert pathological == "Deny"  # no match: the next rule needs a token
+    assert matching == "Allow"
+    # A few milliseconds on RE2 (the decision includes asyncio.run's loop set-up); 50 ms leaves room
+    # for a loaded machine.
+    assert pathological_seconds < 0.05 and matching_seconds < 0.05, result

@@ -67,7 +67,7 @@ BAD_RULES: list[tuple[str, Any, str, str]] = [
         "header bad regex",
         {"match": {"headers": {"x": {"regex": "("}}}, "require": {}},
         "rules[0].match.headers.x.regex",
-        "regular expression",
+        "RE2 cannot compile '('",
     ),
     (
         "header two specs",
@@ -208,3 +208,48 @@ def test_rule_names_and_modes() -> None:
     assert [r.name for r in s.rules] == ["admin-api", "rules[1]"]
     assert [r.dry_run for r in s.rules] == [True, False]
     assert s.dry_run
+
+
+@pytest.mark.parametrize(
+    ("pattern", "reason"),
+    [
+        (r"(a)\1", "invalid escape sequence"),  # a backreference
+        (r"(?=a)a", "invalid perl operator"),  # lookahead
+        (r"(?<=a)b", "invalid perl operator"),  # lookbehind
+        (r"a++", "bad repetition operator"),  # possessive
+        (r"(?>a)", "invalid perl operator"),  # atomic group
+        (r"((a{100}){100}){100}", "invalid repetition size"),  # beyond RE2's limits
+    ],
+)
+def test_header_regex_that_re2_cannot_compile_names_the_rule(pattern: str, reason: str) -> None:
+    """Header regexes are RE2 (linear time): a pattern only backtracking engines run is a config
+    error at its key path, naming the rule by its index."""
+    error = error_of(
+        {"match": {"paths": ["/a"]}, "require": {}},
+        {"match": {"paths": ["/b"]}, "require": {}},
+        {"name": "foo", "match": {"headers": {"x-foo": {"regex": pattern}}}, "require": {}},
+    )
+    assert error.key_path == "rules[2].match.headers.x-foo.regex"
+    assert error.message.startswith(f"RE2 cannot compile {pattern!r}: {reason}")
+    assert "RE2 syntax" in error.message
+
+
+def test_header_regex_is_re2_with_full_match() -> None:
+    s = parse(
+        {
+            "providers": [PROVIDER],
+            "rules": [{"match": {"headers": {"x": {"regex": "v[0-9]+|beta"}}}, "require": {}}],
+        }
+    )
+    regex = s.rules[0].match.headers[0].regex
+    assert regex is not None and type(regex).__module__.startswith("re2")
+    assert regex.fullmatch("v12") and regex.fullmatch("beta")
+    assert not regex.fullmatch("v12-beta") and not regex.fullmatch("xbeta")
+
+
+def test_header_regex_classes_are_ascii_as_documented() -> None:
+    s = parse(
+        {"providers": [PROVIDER], "rules": [{"match": {"headers": {"x": {"regex": r"\w+"}}}, "require": {}}]}
+    )
+    regex = s.rules[0].match.headers[0].regex
+    assert regex is not None and regex.fullmatch("a_1") and not regex.fullmatch("é")
