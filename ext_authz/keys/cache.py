@@ -47,6 +47,7 @@ ERROR_BACKOFF_SECONDS = 5.0
 MAC_VERSION = "ext-authz/jwks-cache/v1"
 # Twice the fetcher's 512 KiB cap on a JWKS: anything larger was not stored by ext-authz.
 MAX_DOCUMENT_BYTES = 1 << 20
+_PROCESS_SECRET = os.urandom(32)
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,9 +159,9 @@ def unseal(secret: bytes, key: CacheKey, raw: str, *, not_after: float) -> Cache
 class SharedKeyCache:
     def __init__(self, settings: JwksCacheSettings) -> None:
         self.backend = settings.backend
-        # No secret (only when built in code: the config requires one for redis): a random key of
-        # this process, so that nothing another process stored is ever trusted.
-        self._secret = settings.secret or os.urandom(32)
+        # No secret (the memory backend, or redis built in code: the config requires one for it):
+        # this process's random key, so that nothing another process stored is ever trusted.
+        self._secret = settings.secret or _PROCESS_SECRET
         self._cache: Any
         if settings.backend == "redis":
             assert settings.url is not None
