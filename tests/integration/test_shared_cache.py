@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import redis as redis_py
 
 from ext_authz import settings
 from ext_authz.keys.cache import (
@@ -208,6 +209,8 @@ def test_frozen_redis_fails_no_request_and_rotation_still_works(
 # adopted it and accepted the attacker's tokens, silently and until the entry expired.
 
 GENUINE_CLOCK_SKEW = 60
+# What the README tells operators to allow an ACL user (keys: ~ext-authz:jwks:*).
+ACL_COMMANDS = ("+get", "+set", "+setex", "+psetex", "+del")
 
 
 def attacker_jwks(issuer: TestIssuer, attacker: SigningKey) -> dict[str, Any]:
@@ -465,3 +468,27 @@ async def test_rediss_speaks_tls_and_verifies_the_server_certificate(
             assert await _round_trip(clear, key) is None
         finally:
             await clear.close()
+
+
+async def test_an_acl_user_limited_to_the_cache_keys_and_commands_the_readme_lists(
+    tmp_path: Path, issuer: TestIssuer, secured_redis: RedisServer
+) -> None:
+    admin = redis_py.Redis(host="127.0.0.1", port=secured_redis.port, password=secured_redis.password)
+    try:
+        admin.execute_command(  # type: ignore[no-untyped-call]
+            "ACL", "SETUSER", "ext-authz", "on", ">aclPassw0rd", "~ext-authz:jwks:*", *ACL_COMMANDS
+        )
+    finally:
+        admin.close()
+    url = f"redis://ext-authz:aclPassw0rd@127.0.0.1:{secured_redis.port}/0"
+    cache = SharedKeyCache(redis_settings(tmp_path, issuer, secured_redis, url).jwks_cache)
+    key = cache_key("https://idp.example.com/", "")
+    try:
+        assert isinstance(await _round_trip(cache, key), CachedDocument)
+        assert await cache.acquire("lock", key, 5) is True
+        assert await cache.acquire("lock", key, 5) is False
+        await cache.release("lock", key)
+        assert await cache.acquire("lock", key, 5) is True
+        assert cache._usable(), "a command the ACL refused made the cache back off"
+    finally:
+        await cache.close()
