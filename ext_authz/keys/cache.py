@@ -206,6 +206,8 @@ class SharedKeyCache:
             return None
         try:
             raw = await self._cache.get(f"doc:{key.digest}", timeout=self._timeout(budget))
+        except UnicodeDecodeError:  # Redis answered, with bytes ext-authz never writes
+            return Rejected("malformed")
         except Exception as exc:
             self._failed("get", exc)
             return None

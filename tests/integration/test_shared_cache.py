@@ -251,8 +251,14 @@ def _envelope(key: CacheKey, fetched_at: object, max_age: object, jwks: object, 
     )
 
 
-def planted_document(variant: str, key: CacheKey, jwks: dict[str, Any], now: float) -> str:
+def planted_document(variant: str, key: CacheKey, jwks: dict[str, Any], now: float) -> str | bytes:
     """The raw Redis value of each attack (all carry the attacker's key set)."""
+    if variant == "not_utf8":
+        return (
+            json.dumps({"jwks": jwks, "fetched_at": 1e12, "max_age": None, "x": "\udcff"})
+            .encode("utf-8", "surrogateescape")
+            .replace(b"\\udcff", b"\xff")
+        )
     if variant == "no_mac":  # the format every process trusted before
         return json.dumps({"jwks": jwks, "fetched_at": 1e12, "max_age": None})
     if variant == "wrong_secret":
@@ -290,6 +296,7 @@ ATTACKS = [
     "replayed_other_issuer",
     "tampered_fetched_at",
     "nested",
+    "not_utf8",
     "nan",
     "inf",
     "huge_int",

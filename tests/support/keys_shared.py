@@ -40,7 +40,7 @@ def document_key(digest: str) -> str:
     return redis_key("doc", digest)
 
 
-def plant(server: RedisServer, key: str, value: str) -> None:
+def plant(server: RedisServer, key: str, value: str | bytes) -> None:
     client = redis_py.Redis(host=HOST, port=server.port, password=server.password, socket_timeout=2)
     try:
         client.set(key, value)
