@@ -28,7 +28,6 @@ import copy
 import importlib.metadata
 import json
 import re
-import secrets
 import shlex
 import subprocess
 import urllib.parse
@@ -44,6 +43,7 @@ import yaml
 
 from ext_authz import cli, devissuer
 from tests.support.envoy import validate_config
+from tests.support.keys_shared import with_test_secrets
 from tests.support.processes import venv_binary
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -753,29 +753,6 @@ def referenced_ext_authz_configs() -> list[Path]:
     for directory in KUSTOMIZATIONS.values():
         configs += kubernetes_configs(Kustomization(directory))[0]
     return [*configs, *redis_component_configs()]
-
-
-RUNTIME_SECRET_KEYS = ("secret_file", "password_file")
-
-
-def with_test_secrets(path: Path, directory: Path) -> Path:
-    """The config as `check-config` sees it inside its container. The secret files it names exist
-    only at run time (compose secrets, a Kubernetes Secret volume; their wiring is tested above),
-    so a copy of the config points them at generated ones here."""
-    config = document(path)
-    cache = config.get("jwks_cache", {})
-    if not any(key in cache for key in RUNTIME_SECRET_KEYS):
-        return path
-    directory.mkdir(parents=True)
-    for key in RUNTIME_SECRET_KEYS:
-        if key in cache:
-            assert Path(cache[key]).is_absolute(), (path, key)  # mounted, not beside the config
-            secret = directory / Path(cache[key]).name
-            secret.write_text(secrets.token_hex(32) + "\n")
-            cache[key] = str(secret)
-    copy_path = directory / path.name
-    copy_path.write_text(yaml.safe_dump(config, sort_keys=False))
-    return copy_path
 
 
 def test_ext_authz_configs_referenced_by_deployments_pass_check_config(

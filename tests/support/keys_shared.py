@@ -6,6 +6,7 @@
   server's. What is tested is the client side: that `rediss://` speaks TLS and verifies the
   server's certificate against `jwks_cache.ca_file`.
 - `plant`: write a raw value into Redis, as anyone with write access could.
+- `with_test_secrets`: a shipped config whose secret files exist only at run time, made loadable.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import ipaddress
+import secrets
 import socket
 import ssl
 import threading
@@ -20,6 +22,7 @@ from pathlib import Path
 from typing import Self
 
 import redis as redis_py
+import yaml
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -55,6 +58,32 @@ def read(server: RedisServer, key: str) -> str | None:
     finally:
         client.close()
     return None if value is None else bytes(value).decode()  # type: ignore[arg-type]
+
+
+RUNTIME_SECRET_KEYS = ("secret_file", "password_file")
+
+
+def with_test_secrets(path: Path, directory: Path) -> Path:
+    """The config as ext-authz sees it inside its container.
+
+    The secret files a shipped config names (jwks_cache.secret_file, password_file) exist only at
+    run time (compose secrets, a Kubernetes Secret volume), so a copy in `directory` (created)
+    points them at generated ones. A config that names none is returned as it is.
+    """
+    config = yaml.safe_load(path.read_text(encoding="utf-8"))
+    cache = config.get("jwks_cache", {})
+    if not any(key in cache for key in RUNTIME_SECRET_KEYS):
+        return path
+    directory.mkdir(parents=True, exist_ok=True)
+    for key in RUNTIME_SECRET_KEYS:
+        if key in cache:
+            assert Path(cache[key]).is_absolute(), (path, key)  # mounted, not beside the config
+            secret = directory / Path(cache[key]).name
+            secret.write_text(secrets.token_hex(32) + "\n")
+            cache[key] = str(secret)
+    copy_path = directory / path.name
+    copy_path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return copy_path
 
 
 def _name(common_name: str) -> x509.Name:
