@@ -15,7 +15,9 @@ Per provider (``ProviderKeys``):
 
 Fetches go through the shared cache (``cache.SharedKeyCache``): a process first adopts a fresher
 document another process stored, otherwise takes a short lock so that only one process of a
-fleet fetches from the IdP while the others wait for its result.
+fleet fetches from the IdP while the others wait for its result. A shared document that fails
+authentication (see ``cache.unseal``) is counted as ``rejected_shared`` and never waited for: the
+process fetches from the IdP itself.
 """
 
 from __future__ import annotations
