@@ -26,7 +26,9 @@ class KeyCollector(Collector):
 
     def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
         fetches = CounterMetricFamily(
-            "ext_authz_key_fetches", "Key set fetches by outcome", labels=["provider", "outcome"]
+            "ext_authz_key_fetches",
+            "Key set fetches by outcome (rejected_shared: a shared key set that failed verification)",
+            labels=["provider", "outcome"],
         )
         refetches = CounterMetricFamily(
             "ext_authz_kid_refetches",

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import os
 import ssl
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 from ext_authz.configreader import (
     RESERVED_HEADERS,
@@ -96,6 +97,33 @@ class JwksCacheSettings:
     backend: Literal["memory", "redis"] = "memory"
     url: str | None = None
     timeout_seconds: float = 0.5
+    # The HMAC key that authenticates every shared document (`secret_file` or `secret_env`;
+    # required for redis). Empty: a random per-process key, so nothing another process stored is
+    # ever trusted. Never shown by repr, never logged.
+    secret: bytes = field(default=b"", repr=False)
+    # The Redis password from `password_file` / `password_env` (else the URL's, if any).
+    password: str | None = field(default=None, repr=False)
+    ca_file: str | None = None  # CA bundle for rediss:// (default: the system's)
+
+    def __repr__(self) -> str:
+        # The URL may carry a password (redis://:PASSWORD@host): never print it.
+        return (
+            f"JwksCacheSettings(backend={self.backend!r}, url={redact_url(self.url)!r}, "
+            f"timeout_seconds={self.timeout_seconds!r}, secret=<{len(self.secret)} bytes>, "
+            f"password={'<set>' if self.password else None}, ca_file={self.ca_file!r})"
+        )
+
+
+def redact_url(url: str | None) -> str | None:
+    """The URL with any password replaced by ``***`` (for logs and reprs)."""
+    if url is None:
+        return None
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.netloc.rpartition("@")[2]
+    return parts._replace(netloc=f"{user}:***@{host}").geturl()
 
 
 @dataclass(frozen=True, slots=True)
@@ -357,15 +385,16 @@ def _key_policy(p: Mapping[str, object], path: str, base_dir: Path) -> KeyPolicy
     return policy
 
 
-def _jwks_cache(raw: object) -> JwksCacheSettings:
-    c = mapping(raw, "jwks_cache", ("backend", "url", "timeout_seconds"))
+def _jwks_cache(raw: object, base_dir: Path = Path(".")) -> JwksCacheSettings:
+    c = mapping(raw, "jwks_cache", _JWKS_CACHE_KEYS)
     backend = c.get("backend", "memory")
     if backend not in ("memory", "redis"):
         fail("jwks_cache.backend", "must be memory or redis")
     timeout = number(c.get("timeout_seconds", 0.5), "jwks_cache.timeout_seconds", 0.01, 10)
     if backend == "memory":
-        if "url" in c:
-            fail("jwks_cache.url", "only the redis backend takes a url")
+        for key in ("url", *_REDIS_ONLY_KEYS):
+            if key in c:
+                fail(f"jwks_cache.{key}", f"only the redis backend takes a {key}")
         return JwksCacheSettings("memory", None, timeout)
     if "url" not in c:
         fail("jwks_cache.url", "is required for the redis backend (redis://host:6379/0)")
@@ -380,7 +409,83 @@ def _jwks_cache(raw: object) -> JwksCacheSettings:
             raise ValueError(db)
     except ValueError:
         fail("jwks_cache.url", "has a bad port or database number")
-    return JwksCacheSettings("redis", url, timeout)
+    return _jwks_cache_credentials(c, JwksCacheSettings("redis", url, timeout), base_dir)
+
+
+_REDIS_ONLY_KEYS = ("secret_file", "secret_env", "password_file", "password_env", "ca_file")
+_JWKS_CACHE_KEYS = ("backend", "url", "timeout_seconds", *_REDIS_ONLY_KEYS)
+MIN_SECRET_BYTES = 32
+
+
+def _jwks_cache_credentials(
+    c: Mapping[str, object], cache: JwksCacheSettings, base_dir: Path
+) -> JwksCacheSettings:
+    """The redis backend's HMAC secret (required), Redis password and CA file (optional)."""
+    secret = _secret_value(c, "secret", base_dir)
+    if secret is None:
+        fail(
+            "jwks_cache.secret_file",
+            "is required for the redis backend (or secret_env): a file of at least "
+            f"{MIN_SECRET_BYTES} random bytes, e.g. `openssl rand -hex 32`, the same for every replica",
+        )
+    if len(secret.value) < MIN_SECRET_BYTES:
+        fail(secret.path, f"the secret must be at least {MIN_SECRET_BYTES} bytes long")
+    password_bytes = _secret_value(c, "password", base_dir)
+    password = None
+    if password_bytes is not None:
+        if urlsplit(cache.url or "").password is not None:
+            fail(password_bytes.path, "the url already contains a password: give only one")
+        try:
+            password = password_bytes.value.decode("utf-8")
+        except UnicodeDecodeError:
+            fail(password_bytes.path, "the password is not UTF-8 text")
+        if not password:
+            fail(password_bytes.path, "the password is empty")
+    elif (url_password := urlsplit(cache.url or "").password) is not None:
+        password = unquote(url_password)
+    ca_file = None
+    if "ca_file" in c:
+        if urlsplit(cache.url or "").scheme != "rediss":
+            fail("jwks_cache.ca_file", "only a rediss:// (TLS) url takes a ca_file")
+        ca_file = str(base_dir / string(c["ca_file"], "jwks_cache.ca_file"))
+        try:
+            ssl.create_default_context(cafile=ca_file)
+        except (OSError, ssl.SSLError) as exc:
+            fail("jwks_cache.ca_file", f"cannot load CA certificates from {ca_file}: {exc}")
+    return replace(cache, secret=secret.value, password=password, ca_file=ca_file)
+
+
+@dataclass(frozen=True, slots=True)
+class _Secret:
+    path: str  # the key path it came from, for error messages
+    value: bytes = field(repr=False)
+
+
+def _secret_value(c: Mapping[str, object], name: str, base_dir: Path) -> _Secret | None:
+    """`NAME_file` (relative to the config file) or `NAME_env`: the bytes, one trailing newline
+    dropped. Error messages name the file or variable, never the content."""
+    given = [k for k in (f"{name}_file", f"{name}_env") if k in c]
+    if not given:
+        return None
+    if len(given) > 1:
+        fail(f"jwks_cache.{given[1]}", f"give only one of {name}_file, {name}_env")
+    path = f"jwks_cache.{given[0]}"
+    if given[0].endswith("_file"):
+        file = base_dir / string(c[given[0]], path)
+        try:
+            value = file.read_bytes()
+        except OSError as exc:
+            fail(path, f"cannot read {file}: {exc.strerror or type(exc).__name__}")
+    else:
+        variable = string(c[given[0]], path)
+        text = os.environ.get(variable)
+        if not text:
+            fail(path, f"the environment variable {variable} is not set or empty")
+        value = os.fsencode(text)
+    value = value.removesuffix(b"\n").removesuffix(b"\r")
+    if not value:
+        fail(path, "is empty")
+    return _Secret(path, value)
 
 
 def _static_keys(document: object, path: str) -> KeySet:
@@ -438,7 +543,7 @@ def parse(document: object, *, base_dir: Path = Path("."), source: str = "<confi
     readiness = top.get("readiness", "all")
     if readiness not in ("all", "any"):
         fail("readiness", "must be all (every provider has keys) or any (at least one has)")
-    jwks_cache = _jwks_cache(top.get("jwks_cache", {}))
+    jwks_cache = _jwks_cache(top.get("jwks_cache", {}), base_dir)
     max_header_value_bytes = int(
         number(top.get("max_header_value_bytes", 8192), "max_header_value_bytes", 64, 60 * 1024)
     )

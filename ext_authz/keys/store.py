@@ -15,7 +15,9 @@ Per provider (``ProviderKeys``):
 
 Fetches go through the shared cache (``cache.SharedKeyCache``): a process first adopts a fresher
 document another process stored, otherwise takes a short lock so that only one process of a
-fleet fetches from the IdP while the others wait for its result.
+fleet fetches from the IdP while the others wait for its result. A shared document that fails
+authentication (see ``cache.unseal``) is counted as ``rejected_shared`` and never waited for: the
+process fetches from the IdP itself.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from ext_authz.errors import KeysUnavailable, UnknownKey
-from ext_authz.keys.cache import CachedDocument, SharedKeyCache, cache_key
+from ext_authz.keys.cache import CachedDocument, Rejected, SharedKeyCache, cache_key
 from ext_authz.keys.fetch import Fetcher, FetchError
 from ext_authz.keys.jwks import JWKSError, KeySet, VerificationKey, parse_jwks, select_key
 from ext_authz.settings import ProviderSettings, url_problem
@@ -196,13 +198,16 @@ class ProviderKeys:
     async def _do_refresh(self, from_idp: bool) -> Result:
         if self._cache is None:
             return await self._fetch_from_idp() if from_idp else "unchanged"
-        if await self._adopt_shared():
+        shared = await self._adopt_shared()
+        if shared == "installed":
             return "installed"
         if not from_idp:
             return "unchanged"
         lock_ttl = self.policy.fetch_timeout_seconds + 1
         lock = await self._cache.acquire("lock", self._cache_key, lock_ttl, budget=self._cache_budget)
-        if lock is False and await self._wait_for_peer():
+        # A rejected (forged or broken) document: fetch at once rather than wait on a peer whose
+        # result whoever wrote it could keep overwriting.
+        if lock is False and shared != "rejected" and await self._wait_for_peer():
             return "installed"
         try:
             return await self._fetch_from_idp()
@@ -210,28 +215,47 @@ class ProviderKeys:
             if lock:
                 await self._cache.release("lock", self._cache_key, budget=self._cache_budget)
 
-    async def _adopt_shared(self) -> bool:
+    async def _adopt_shared(self) -> Literal["installed", "no", "rejected"]:
         """Install the shared document if another process fetched it after we did."""
         assert self._cache is not None
-        entry = await self._cache.get(self._cache_key, budget=self._cache_budget)
+        not_after = self._clock() + self.provider.clock_skew_seconds  # a peer's clock may be ahead
+        entry = await self._cache.get(self._cache_key, budget=self._cache_budget, not_after=not_after)
+        if isinstance(entry, Rejected):
+            self._rejected_shared(entry.reason)
+            return "rejected"
         if entry is None or (self._fetched_at is not None and entry.fetched_at <= self._fetched_at):
-            return False
+            return "no"
         if self._clock() - entry.fetched_at >= self._interval(entry.max_age):
-            return False  # due for a refresh itself
+            return "no"  # due for a refresh itself
         try:
             keys = self._usable_keys(entry.jwks)
         except (FetchError, JWKSError):
-            return False
+            return "no"
         self._install(keys, entry.fetched_at, entry.max_age, source="shared", started=time.monotonic())
-        return True
+        return "installed"
+
+    def _rejected_shared(self, reason: str) -> None:
+        self.stats.fetches["rejected_shared"] += 1
+        log.warning(
+            "ignoring a shared key document that failed verification: fetching from the IdP",
+            extra={
+                "fields": {
+                    "provider": self.provider.name,
+                    "outcome": "rejected_shared",
+                    "reason": reason,
+                    "backend": self._cache.backend if self._cache is not None else None,
+                }
+            },
+        )
 
     async def _wait_for_peer(self) -> bool:
         """Another process holds the fetch lock: wait (bounded) for the document it stores."""
         polls = max(1, int(self.policy.fetch_timeout_seconds / PEER_POLL_SECONDS))
         for _ in range(polls):
             await asyncio.sleep(PEER_POLL_SECONDS)
-            if await self._adopt_shared():
-                return True
+            shared = await self._adopt_shared()
+            if shared != "no":
+                return shared == "installed"  # rejected: stop waiting, fetch ourselves
         return False
 
     def _usable_keys(self, document: object) -> KeySet:

@@ -24,6 +24,7 @@ and `check-config`, in test_envoy_config.py and test_cli.py).
 
 from __future__ import annotations
 
+import copy
 import importlib.metadata
 import json
 import re
@@ -42,6 +43,7 @@ import yaml
 
 from ext_authz import cli, devissuer
 from tests.support.envoy import validate_config
+from tests.support.keys_shared import with_test_secrets
 from tests.support.processes import venv_binary
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -50,6 +52,7 @@ DOCKERFILE = DEPLOY / "Dockerfile"
 COMPOSE = DEPLOY / "docker-compose.yml"
 KUBERNETES_VERSION = "1.37"
 KUSTOMIZATIONS = {"base": DEPLOY / "kubernetes", "sidecar": DEPLOY / "kubernetes" / "sidecar"}
+REDIS_COMPONENT = DEPLOY / "kubernetes" / "redis-cache"  # a kustomize Component of the base
 ISTIO = DEPLOY / "istio"
 NOT_SCANNED = {".git", ".venv", "node_modules", "__pycache__", ".mypy_cache", ".ruff_cache", ".pytest_cache"}
 NOT_SCANNED |= {"build", "dist", ".ext-authz-dev"}
@@ -214,6 +217,34 @@ def test_compose_services_fit_together() -> None:
     issuer_host = urllib.parse.urlsplit(provider["issuer"]).hostname
     assert issuer_host in services
     assert _option(services[issuer_host]["command"], "--issuer-url") == provider["issuer"]
+
+
+def test_compose_redis_is_locked_down_and_ext_authz_has_its_secrets() -> None:
+    """Redis inside the trust boundary: a password, no published port; ext-authz gets the HMAC
+    key and the password as compose secrets (from the environment: nothing secret in the repo)."""
+    compose = document(COMPOSE)
+    services = compose["services"]
+    [authz_config] = compose_configs()[0]
+    cache = document(authz_config)["jwks_cache"]
+    mounted = {f"/run/secrets/{name}": name for name in services["ext-authz"]["secrets"]}
+
+    assert cache["backend"] == "redis"
+    secret, password = mounted[cache["secret_file"]], mounted[cache["password_file"]]
+    for name in (secret, password):
+        assert set(compose["secrets"][name]) == {"environment"}, name
+        assert re.fullmatch(r"[A-Z][A-Z0-9_]+", compose["secrets"][name]["environment"])
+    redis = services["redis"]
+    assert "ports" not in redis and "network_mode" not in redis
+    assert password in redis["secrets"]
+    script = " ".join(redis["command"])
+    assert f"/run/secrets/{password}" in script and "requirepass" in script
+    assert "--requirepass" not in script  # not in argv, where `ps` shows it
+    assert "REDISCLI_AUTH=" in " ".join(redis["healthcheck"]["test"])
+    assert redis["read_only"] is True and redis["cap_drop"] == ["ALL"]
+    # The top-of-file recipe writes both variables.
+    header = COMPOSE.read_text(encoding="utf-8")
+    for name in (secret, password):
+        assert compose["secrets"][name]["environment"] + "=" in header
 
 
 # ---- Kubernetes --------------------------------------------------------------------------------
@@ -721,18 +752,132 @@ def referenced_ext_authz_configs() -> list[Path]:
     configs = [make_run_configs()[0], *compose_configs()[0]]
     for directory in KUSTOMIZATIONS.values():
         configs += kubernetes_configs(Kustomization(directory))[0]
-    return configs
+    return [*configs, *redis_component_configs()]
 
 
 def test_ext_authz_configs_referenced_by_deployments_pass_check_config(
-    capsys: pytest.CaptureFixture[str],
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
     configs = referenced_ext_authz_configs()
-    assert len(configs) == len(set(configs)) == 4  # make run, compose, Kubernetes base and sidecar
+    # make run, compose, Kubernetes base, sidecar and the base with the redis-cache component
+    assert len(configs) == len(set(configs)) == 5
 
-    for path in configs:
+    for i, path in enumerate(configs):
+        checked = with_test_secrets(path, tmp_path / str(i))
         # `ext-authz check-config PATH` through the console script's entry point.
-        status = cli.main(["check-config", str(path)])
+        status = cli.main(["check-config", str(checked)])
         out, err = capsys.readouterr()
         assert status == 0, f"{path}: {err}"
-        assert out.startswith(f"{path}: ok")
+        assert out.startswith(f"{checked}: ok")
+
+
+# ---- Kubernetes: the redis-cache component -----------------------------------------------------
+
+
+def _json_patch_add(target: Any, operations: list[dict[str, Any]]) -> None:
+    """RFC 6902 `add` (all the component uses): object members and `-` (append) in arrays."""
+    for operation in operations:
+        assert operation["op"] == "add", operation
+        *parents, last = [p.replace("~1", "/").replace("~0", "~") for p in operation["path"].split("/")[1:]]
+        node = target
+        for part in parents:
+            node = node[int(part)] if isinstance(node, list) else node[part]
+        if isinstance(node, list) and last == "-":
+            node.append(operation["value"])
+        elif isinstance(node, list):
+            node.insert(int(last), operation["value"])
+        else:
+            node[last] = operation["value"]
+
+
+def redis_component_objects() -> list[dict[str, Any]]:
+    """What `kubectl apply -k` sends for the base with `components: [redis-cache]`."""
+    spec = document(REDIS_COMPONENT / "kustomization.yaml")
+    assert (spec["apiVersion"], spec["kind"]) == ("kustomize.config.k8s.io/v1alpha1", "Component")
+    objects = copy.deepcopy(Kustomization(KUSTOMIZATIONS["base"]).objects())
+    for entry in spec["configMapGenerator"]:
+        assert entry["behavior"] == "replace"
+        [config_map] = [
+            o for o in objects if o["kind"] == "ConfigMap" and o["metadata"]["name"] == entry["name"]
+        ]
+        config_map["data"] = {
+            Path(f).name: (REDIS_COMPONENT / f).read_text(encoding="utf-8") for f in entry["files"]
+        }
+    objects += [r for name in spec["resources"] for r in documents(REDIS_COMPONENT / name)]
+    for patch in spec["patches"]:
+        target = patch["target"]
+        [patched] = [
+            o
+            for o in objects
+            if o["kind"] == target["kind"]
+            and o["metadata"]["name"] == target["name"]
+            and o["apiVersion"] == "/".join(filter(None, (target.get("group"), target["version"])))
+        ]
+        _json_patch_add(patched, yaml.safe_load((REDIS_COMPONENT / patch["path"]).read_text()))
+    return objects
+
+
+def redis_component_configs() -> list[Path]:
+    spec = document(REDIS_COMPONENT / "kustomization.yaml")
+    return [REDIS_COMPONENT / f for entry in spec["configMapGenerator"] for f in entry["files"]]
+
+
+def test_redis_component_objects_match_the_kubernetes_schemas() -> None:
+    spec = document(REDIS_COMPONENT / "kustomization.yaml")
+    listed = {*spec["resources"], *(p["path"] for p in spec["patches"])}
+    listed |= {Path(f).name for f in redis_component_configs()}
+    on_disk = {p.name for p in REDIS_COMPONENT.glob("*.yaml")} - {"kustomization.yaml"}
+
+    assert listed == on_disk
+    for resource in redis_component_objects():
+        assert kubernetes_validate.validate(resource, KUBERNETES_VERSION, strict=True) == KUBERNETES_VERSION
+
+
+def test_redis_component_wiring() -> None:
+    """The config's secret files come from the mounted Secret; only ext-authz reaches Redis."""
+    objects = redis_component_objects()
+    [deployment] = [o for o in objects if o["kind"] == "Deployment"]
+    pod = deployment["spec"]["template"]["spec"]
+    labels = deployment["spec"]["template"]["metadata"]["labels"]
+    [container] = pod["containers"]
+    [config_file] = redis_component_configs()
+    config = document(config_file)
+    cache = config["jwks_cache"]
+
+    # The component's config is the base config plus jwks_cache: the two cannot drift apart.
+    base_config = document(Kustomization(KUSTOMIZATIONS["base"]).directory / "ext-authz.yaml")
+    assert {k: v for k, v in config.items() if k != "jwks_cache"} == base_config
+    assert "jwks_cache" not in base_config
+    assert cache["backend"] == "redis" and "secret_file" in cache
+    [secret_volume] = [v for v in pod["volumes"] if "secret" in v]
+    [mount] = [m for m in container["volumeMounts"] if m["name"] == secret_volume["name"]]
+    assert mount["readOnly"] is True
+    instructions = (REDIS_COMPONENT / "kustomization.yaml").read_text()
+    for key in ("secret_file", "password_file"):
+        directory, _, name = cache[key].rpartition("/")
+        assert directory == mount["mountPath"], key
+        assert f"--from-literal={name}=" in instructions, key  # the documented Secret has that key
+        assert f"secret generic {secret_volume['secret']['secretName']}" in instructions
+    assert secret_volume["secret"]["defaultMode"] == 0o440
+    assert pod["securityContext"]["fsGroup"] == pod["securityContext"]["runAsGroup"]
+    # The config ConfigMap is still the one mounted (now with the component's content).
+    [config_map] = [o for o in objects if o["kind"] == "ConfigMap"]
+    assert config_map["data"]["ext-authz.yaml"] == config_file.read_text()
+
+    url = urllib.parse.urlsplit(cache["url"])
+    port = url.port or 6379
+    policies = {o["metadata"]["name"]: o["spec"] for o in objects if o["kind"] == "NetworkPolicy"}
+    redis_labels = {"app.kubernetes.io/name": "redis"}
+    assert any(
+        {"podSelector": {"matchLabels": redis_labels}} in rule.get("to", [])
+        and {"port": port, "protocol": "TCP"} in rule["ports"]
+        for rule in policies["ext-authz"]["egress"]
+    )
+    redis_policy = policies["redis"]
+    assert redis_policy["podSelector"]["matchLabels"] == redis_labels
+    assert set(redis_policy["policyTypes"]) == {"Ingress", "Egress"} and redis_policy["egress"] == []
+    [rule] = redis_policy["ingress"]
+    [source] = rule["from"]
+    assert set(source) == {"podSelector"}  # no namespaceSelector or ipBlock: this namespace's pods
+    assert source["podSelector"]["matchLabels"].items() <= labels.items()
+    assert rule["ports"] == [{"port": port, "protocol": "TCP"}]

@@ -13,6 +13,7 @@ import pytest
 from ext_authz import settings
 from ext_authz.authorization import RequestView, Rules
 from ext_authz.model import Request
+from tests.support.keys_shared import with_test_secrets
 
 ROOT = Path(__file__).resolve().parents[2]
 SHIPPED = sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / "deploy").rglob("ext-authz.yaml"))
@@ -37,17 +38,17 @@ WITH_ADMIN = (
 
 
 @pytest.mark.parametrize("file", WITH_ADMIN)
-def test_admin_and_its_subpaths_share_one_rule(file: str) -> None:
-    config = settings.load(ROOT / file)
+def test_admin_and_its_subpaths_share_one_rule(file: str, tmp_path: Path) -> None:
+    config = settings.load(with_test_secrets(ROOT / file, tmp_path))
     assert _rule_for(config, "/admin") == "admin"
     assert _rule_for(config, "/admin/") == "admin"
     assert _rule_for(config, "/admin/users") == "admin"
 
 
 @pytest.mark.parametrize("file", SHIPPED)
-def test_no_protected_prefix_leaves_its_root_to_a_later_rule(file: str) -> None:
+def test_no_protected_prefix_leaves_its_root_to_a_later_rule(file: str, tmp_path: Path) -> None:
     """A non-anonymous ``/x/*`` rule also decides ``/x`` (else ``/x`` falls through to a later rule)."""
-    config = settings.load(ROOT / file)
+    config = settings.load(with_test_secrets(ROOT / file, tmp_path))
     for rule in config.rules:
         if rule.anonymous or rule.match.paths is None or rule.match.methods is not None:
             continue

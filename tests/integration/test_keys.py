@@ -526,7 +526,11 @@ def _good_document() -> dict[str, Any]:
     return {
         "listen": "127.0.0.1:0",
         "readiness": "any",
-        "jwks_cache": {"backend": "redis", "url": "redis://127.0.0.1:6379/0"},
+        "jwks_cache": {
+            "backend": "redis",
+            "url": "redis://127.0.0.1:6379/0",
+            "secret_file": "jwks-cache-secret",  # test_every_new_key_is_accepted writes it
+        },
         "providers": [
             {
                 "name": "example",
@@ -539,6 +543,7 @@ def _good_document() -> dict[str, Any]:
 
 
 def test_every_new_key_is_accepted(tmp_path: Path) -> None:
+    (tmp_path / "jwks-cache-secret").write_text("0123456789abcdef0123456789abcdef\n")
     result = run_check_config(write_config(tmp_path, _good_document()))
     assert result.returncode == 0, result.stderr
     memory = {**_good_document(), "jwks_cache": {"backend": "memory"}, "readiness": "all"}

@@ -5,6 +5,8 @@ no system package are needed. The port is picked by binding a socket to port 0 a
 another process may take it in between, so a start whose bind fails is retried on a new port.
 `pause()` freezes the server (SIGSTOP): connections stay open and nothing is answered, which is
 what a slow or hung Redis looks like to a client; `resume()` (SIGCONT) undoes it.
+`RedisServer(password=...)` starts it with `--requirepass`: `url` then carries the password and
+this module's own commands authenticate first.
 """
 
 from __future__ import annotations
@@ -34,35 +36,51 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def inline_command(port: int, command: str, *, timeout: float = 1.0) -> bytes:
+def inline_command(port: int, command: str, *, timeout: float = 1.0, password: str | None = None) -> bytes:
     """Send one inline command (e.g. `PING`, `DBSIZE`) and return its one-line RESP reply.
 
-    Raises OSError when the server cannot be reached or does not answer within `timeout`.
+    With `password`, `AUTH password` goes first (its reply must be +OK). Raises OSError when the
+    server cannot be reached or does not answer within `timeout`.
     """
     with socket.create_connection((HOST, port), timeout=timeout) as sock:
+        if password is not None:
+            sock.sendall(f"AUTH {password}".encode("ascii") + b"\r\n")
+            if (reply := _line(sock, "AUTH")) != b"+OK\r\n":
+                raise ConnectionRefusedError(f"redis refused AUTH: {reply!r}")
         sock.sendall(command.encode("ascii") + b"\r\n")
-        reply = b""
-        while not reply.endswith(b"\r\n"):
-            chunk = sock.recv(256)
-            if not chunk:
-                raise ConnectionResetError(f"redis closed the connection after {command}")
-            reply += chunk
-        return reply
+        return _line(sock, command)
 
 
-def ping(port: int, *, timeout: float = 1.0) -> bool:
+def _line(sock: socket.socket, command: str) -> bytes:
+    reply = b""
+    while not reply.endswith(b"\r\n"):
+        chunk = sock.recv(256)
+        if not chunk:
+            raise ConnectionResetError(f"redis closed the connection after {command}")
+        reply += chunk
+    return reply
+
+
+def ping(port: int, *, timeout: float = 1.0, password: str | None = None) -> bool:
     """True if a Redis server on `port` answers PING with +PONG."""
     try:
-        return inline_command(port, "PING", timeout=timeout) == b"+PONG\r\n"
+        return inline_command(port, "PING", timeout=timeout, password=password) == b"+PONG\r\n"
     except OSError:
         return False
 
 
 class RedisServer(StopOnExit):
-    """`redis-server` on 127.0.0.1; `url` is `redis://127.0.0.1:PORT/0`. Use as a context manager."""
+    """`redis-server` on 127.0.0.1; `url` is `redis://127.0.0.1:PORT/0`. Use as a context manager.
 
-    def __init__(self, *, timeout: float = DEFAULT_READY_TIMEOUT) -> None:
+    `password` (letters and digits): started with `--requirepass`; `url` is then
+    `redis://:PASSWORD@127.0.0.1:PORT/0`.
+    """
+
+    def __init__(self, *, timeout: float = DEFAULT_READY_TIMEOUT, password: str | None = None) -> None:
+        if password is not None and not password.isalnum():
+            raise ValueError("a test password must be letters and digits (it goes into a URL and argv)")
         self._timeout = timeout
+        self.password = password
         self._workdir: Path | None = None
         self._process: ManagedProcess | None = None
         self._port: int | None = None
@@ -76,7 +94,8 @@ class RedisServer(StopOnExit):
 
     @property
     def url(self) -> str:
-        return f"redis://{HOST}:{self.port}/0"
+        credentials = f":{self.password}@" if self.password is not None else ""
+        return f"redis://{credentials}{HOST}:{self.port}/0"
 
     @property
     def process(self) -> ManagedProcess:
@@ -124,20 +143,22 @@ class RedisServer(StopOnExit):
             "--dir",
             str(self._workdir),
         ]
+        if self.password is not None:
+            argv += ["--requirepass", self.password]
         return ManagedProcess("redis-server", argv, cwd=self._workdir)
 
     def _wait_until_answering(self, process: ManagedProcess, port: int, deadline: float) -> bool:
         while time.monotonic() < deadline:
             if process.popen.poll() is not None:
                 return False
-            if ping(port, timeout=0.5):
+            if ping(port, timeout=0.5, password=self.password):
                 return True
             time.sleep(0.05)
         return False
 
     def dbsize(self) -> int:
         """How many keys the server holds (proof that something was stored in it)."""
-        reply = inline_command(self.port, "DBSIZE")
+        reply = inline_command(self.port, "DBSIZE", password=self.password)
         if not reply.startswith(b":"):
             raise RuntimeError(f"unexpected DBSIZE reply {reply!r}")
         return int(reply[1:])

@@ -362,7 +362,7 @@ def test_operations_defaults() -> None:
     assert s.admin == "127.0.0.1:9002" and s.log.decisions == "deny" and s.log.subject == "omit"
 
 
-def test_key_policy_defaults_and_cache() -> None:
+def test_key_policy_defaults_and_cache(tmp_path: Path) -> None:
     s = parse(config())
     policy = s.providers[0].keys
     assert (policy.refresh_interval_seconds, policy.refetch_min_interval_seconds) == (600, 30)
@@ -371,7 +371,14 @@ def test_key_policy_defaults_and_cache() -> None:
     assert policy.ca_file is None
     assert s.readiness == "all"
     assert s.jwks_cache.backend == "memory"
-    redis = parse(config(readiness="any", jwks_cache={"backend": "redis", "url": "redis://:pw@cache:6380/2"}))
+    (tmp_path / "secret").write_text("s" * 32)
+    redis = parse(
+        config(
+            readiness="any",
+            jwks_cache={"backend": "redis", "url": "redis://:pw@cache:6380/2", "secret_file": "secret"},
+        ),
+        base_dir=tmp_path,
+    )
     assert redis.readiness == "any"
     assert redis.jwks_cache.url == "redis://:pw@cache:6380/2"
 
@@ -461,3 +468,94 @@ def test_duplicate_yaml_keys_are_errors(tmp_path: Path) -> None:
     )
     with pytest.raises(ConfigError, match=r"duplicate key 'issuer' at line 4"):
         settings.load(file)
+
+
+# ---- jwks_cache: the shared cache's secret, Redis credentials and TLS ----
+
+SECRET = "0123456789abcdef0123456789abcdef"  # 32 bytes
+
+
+def redis_cache(**keys: Any) -> dict[str, Any]:
+    return config(jwks_cache={"backend": "redis", "url": "redis://cache:6379/0", **keys})
+
+
+def test_redis_cache_secret_from_a_file_or_the_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "secret").write_text(SECRET + "\n")  # one trailing newline is dropped
+    from_file = parse(redis_cache(secret_file="secret"), base_dir=tmp_path).jwks_cache
+    assert from_file.secret == SECRET.encode()
+    monkeypatch.setenv("EXT_AUTHZ_TEST_JWKS_SECRET", SECRET + "x")
+    from_env = parse(redis_cache(secret_env="EXT_AUTHZ_TEST_JWKS_SECRET")).jwks_cache
+    assert from_env.secret == (SECRET + "x").encode()
+    # A changed secret is a changed setting (a reload says it needs a restart).
+    assert from_file != from_env
+    # Nobody sees it: not in the repr, not in str() of the whole settings.
+    everything = parse(redis_cache(secret_file="secret"), base_dir=tmp_path)
+    assert SECRET not in repr(from_file) and SECRET not in str(everything)
+
+
+def test_redis_url_password_is_used_and_never_shown(tmp_path: Path) -> None:
+    (tmp_path / "secret").write_text(SECRET)
+    cache = parse(
+        config(
+            jwks_cache={
+                "backend": "redis",
+                "url": "rediss://alice:p%40ss-w0rd@cache/1",
+                "secret_file": "secret",
+            }
+        ),
+        base_dir=tmp_path,
+    ).jwks_cache
+    assert cache.password == "p@ss-w0rd"  # percent-decoded
+    assert "p%40ss-w0rd" not in repr(cache) and "p@ss-w0rd" not in repr(cache)
+    assert "rediss://alice:***@cache/1" in repr(cache)
+    (tmp_path / "password").write_text("from-a-file\n")
+    cache = parse(redis_cache(secret_file="secret", password_file="password"), base_dir=tmp_path).jwks_cache
+    assert cache.password == "from-a-file"
+    assert "from-a-file" not in repr(cache)
+
+
+def test_redis_cache_secret_problems(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "short").write_text("s" * 31 + "\n")
+    (tmp_path / "empty").write_text("\n")
+    (tmp_path / "secret").write_text(SECRET)
+    (tmp_path / "password").write_text("pw")
+    monkeypatch.setenv("EXT_AUTHZ_TEST_EMPTY", "")
+    monkeypatch.delenv("EXT_AUTHZ_TEST_UNSET", raising=False)
+    cases: list[tuple[dict[str, Any], str, str]] = [
+        (redis_cache(), "jwks_cache.secret_file", "required for the redis backend"),
+        (redis_cache(secret_file="short"), "jwks_cache.secret_file", "at least 32 bytes"),
+        (redis_cache(secret_file="empty"), "jwks_cache.secret_file", "empty"),
+        (redis_cache(secret_file="missing"), "jwks_cache.secret_file", "cannot read"),
+        (redis_cache(secret_env="EXT_AUTHZ_TEST_UNSET"), "jwks_cache.secret_env", "not set or empty"),
+        (redis_cache(secret_env="EXT_AUTHZ_TEST_EMPTY"), "jwks_cache.secret_env", "not set or empty"),
+        (redis_cache(secret_file="secret", secret_env="X"), "jwks_cache.secret_env", "only one"),
+        (redis_cache(secret_file=["secret"]), "jwks_cache.secret_file", "string"),
+        (config(jwks_cache={"secret_file": "secret"}), "jwks_cache.secret_file", "only the redis backend"),
+        (config(jwks_cache={"password_env": "X"}), "jwks_cache.password_env", "only the redis backend"),
+        (
+            config(jwks_cache={"backend": "redis", "url": "redis://:pw@h/0", "secret_file": "secret",
+                               "password_file": "password"}),
+            "jwks_cache.password_file",
+            "already contains a password",
+        ),
+        (redis_cache(secret_file="secret", ca_file="ca.pem"), "jwks_cache.ca_file", "rediss://"),
+        (
+            config(jwks_cache={"backend": "redis", "url": "rediss://h/0", "secret_file": "secret",
+                               "ca_file": "missing.pem"}),
+            "jwks_cache.ca_file",
+            "cannot load",
+        ),
+    ]  # fmt: skip
+    for document, key_path, message in cases:
+        error = error_of(document, tmp_path)
+        assert (error.key_path, message in error.message) == (key_path, True), (document, error)
+    # A secret that is too short is still never echoed.
+    (tmp_path / "short").write_text("TOPSECRET" * 3)
+    assert "TOPSECRET" not in str(error_of(redis_cache(secret_file="short"), tmp_path))
+
+
+def test_memory_cache_takes_no_secret_and_generates_none() -> None:
+    cache = parse(config()).jwks_cache
+    assert (cache.backend, cache.secret, cache.password, cache.ca_file) == ("memory", b"", None, None)
