@@ -370,3 +370,43 @@ def test_envoy_reaches_ext_authz_over_tls(
                 # Envoy without a client certificate: refused at the handshake, so Envoy fails closed.
                 assert stats.get("cluster.ext_authz.ssl.handshake", 0) == 0, stats
         authz.process.check_alive()
+
+
+# ---- serve --workers -----------------------------------------------------------------------------
+
+
+async def test_every_worker_serves_tls_and_the_fleet_admin_listener_too(
+    issuer: TestIssuer, ca: CertificateAuthority, tmp_path: Path
+) -> None:
+    write_files(tmp_path / "tls", ca.issue(), ca)
+    client = ca.issue("envoy", client=True)
+    path = tmp_path / "ext-authz.yaml"
+    tls = tls_section(mutual=True, admin=True)
+    path.write_text(yaml.safe_dump(document(issuer, tls, admin="127.0.0.1:0")))
+    with start_ext_authz(path, extra_args=["--workers", "2"]) as fleet:
+        line = fleet.process.wait_for_line(lambda t: '"supervising"' in t, timeout=20, what="supervising")
+        admin = (json_log_line(line) or {})["admin"]
+        assert isinstance(admin, str)
+        admin_port = int(admin.rpartition(":")[2])
+        # Both workers up: each logs its own "serving" line, with TLS.
+        fleet.process.wait_for_line(
+            lambda _: sum('"serving"' in t and '"mutual"' in t for t in fleet.process.output_lines()) >= 2,
+            timeout=20,
+            what="serving from both workers",
+        )
+        # New connections, spread by the kernel over both workers: every one is mutual TLS.
+        for _ in range(8):
+            assert await check(fleet.address, ca, client, token=issuer.mint()) == 0
+            assert await refused(fleet.address, ca)
+        # The supervisor reads its workers' (loopback, plaintext) admin listeners and serves the
+        # fleet's over TLS.
+        assert await wait_for(lambda: https_get(admin_port, "/readyz", ca) == 200)
+        assert "ext_authz_workers 2" in await asyncio.to_thread(https_text, admin_port, "/metrics", ca)
+
+
+def https_text(port: int, path: str, ca: CertificateAuthority) -> str:
+    context = ssl.create_default_context(cadata=ca.cert_pem.decode())
+    with urllib.request.urlopen(
+        f"https://{SERVER_NAME}:{port}{path}", timeout=5, context=context
+    ) as response:
+        return str(response.read().decode())
