@@ -298,39 +298,25 @@ async def test_admin_listener_over_tls_renews_too(
 # ---- the real ext-authz behind a real Envoy ------------------------------------------------------
 
 
+SHIPPED_TLS_CLUSTER = Path(__file__).resolve().parents[2] / "deploy" / "envoy" / "ext-authz-tls-cluster.yaml"
+
+
 def upstream_tls(directory: Path, *, client_certificate: bool) -> dict[str, Any]:
-    """The ext_authz cluster's transport socket, as in deploy/envoy/ext-authz-tls-cluster.yaml."""
-    common: dict[str, Any] = {
-        "alpn_protocols": ["h2"],
-        "validation_context": {
-            "trusted_ca": {"filename": str(directory / "ca.crt")},
-            "match_typed_subject_alt_names": [{"san_type": "DNS", "matcher": {"exact": SERVER_NAME}}],
-        },
-    }
-    if client_certificate:
-        common["tls_certificates"] = [
-            {
-                "certificate_chain": {"filename": str(directory / "envoy.crt")},
-                "private_key": {"filename": str(directory / "envoy.key")},
-            }
-        ]
-    return {
-        "name": "envoy.transport_sockets.tls",
-        "typed_config": {
-            "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
-            "sni": SERVER_NAME,
-            "common_tls_context": common,
-        },
-    }
+    """The transport socket of deploy/envoy/ext-authz-tls-cluster.yaml, with this test's files and name."""
+    text = SHIPPED_TLS_CLUSTER.read_text(encoding="utf-8")
+    text = text.replace("/etc/envoy/ext-authz-client", str(directory))
+    text = text.replace("ext-authz.ext-authz.svc.cluster.local", SERVER_NAME)
+    transport: dict[str, Any] = yaml.safe_load(text)["transport_socket"]
+    if not client_certificate:  # the snippet's "TLS only" variant
+        del transport["typed_config"]["common_tls_context"]["tls_certificates"]
+    return transport
 
 
 @pytest.fixture(scope="module")
 def envoy_certificates(ca: CertificateAuthority, tmp_path_factory: pytest.TempPathFactory) -> Path:
     directory = tmp_path_factory.mktemp("envoy-tls")
     envoy = ca.issue("envoy", client=True)
-    (directory / "envoy.crt").write_bytes(envoy.cert_pem)
-    (directory / "envoy.key").write_bytes(envoy.key_pem)
-    (directory / "ca.crt").write_bytes(ca.cert_pem)
+    write_files(directory, envoy, ca)  # tls.crt, tls.key, ca.crt: as the snippet names them
     return directory
 
 
