@@ -32,7 +32,7 @@ from ext_authz.decisionlog import DecisionLog
 from ext_authz.keys.cache import SharedKeyCache
 from ext_authz.keys.fetch import HttpFetcher
 from ext_authz.keys.store import KeyStore
-from ext_authz.metrics import Metrics
+from ext_authz.metrics import Metrics, TlsCollector
 from ext_authz.model import Decision, Request
 from ext_authz.pipeline import Pipeline
 from ext_authz.settings import Settings
@@ -106,6 +106,8 @@ class Server:
             self.tls = ServerTls(settings.tls) if settings.tls is not None else None
         except TlsFileError as exc:
             raise ServeError(f"tls.{exc.field}: {exc.message}") from None
+        if self.tls is not None:
+            self.metrics.registry.register(TlsCollector(self.tls.state))
         admin_address = admin_listen or settings.admin
         # A supervisor's workers serve their admin listener to the supervisor alone, on loopback.
         admin_tls = self.tls is not None and self.tls.settings.admin and not admin_plaintext

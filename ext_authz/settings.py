@@ -471,11 +471,11 @@ def parse(document: object, *, base_dir: Path = Path("."), source: str = "<confi
         _tracing(top.get("tracing", {})),
         _token_cache(top.get("token_cache", {})),
         source,
-        tls=_tls(top["tls"], base_dir) if top.get("tls") is not None else None,
+        tls=_tls(top["tls"], base_dir, admin) if top.get("tls") is not None else None,
     )
 
 
-def _tls(raw: object, base_dir: Path) -> TlsSettings:
+def _tls(raw: object, base_dir: Path, admin_address: str | None) -> TlsSettings:
     """The files are read and checked now: a listener never starts with a pair that cannot work."""
     c = mapping(raw, "tls", ("cert_file", "key_file", "client_ca_file", "admin"))
     for key in ("cert_file", "key_file"):
@@ -486,11 +486,14 @@ def _tls(raw: object, base_dir: Path) -> TlsSettings:
         return str(base_dir / string(c[key], f"tls.{key}"))
 
     client_ca_file = file("client_ca_file") if c.get("client_ca_file") is not None else None
+    admin = boolean(c.get("admin", False), "tls.admin")
+    if admin and admin_address is None:
+        fail("tls.admin", "there is no admin listener (set `admin: HOST:PORT`)")
     tls = TlsSettings(
         cert_file=file("cert_file"),
         key_file=file("key_file"),
         client_ca_file=client_ca_file,
-        admin=boolean(c.get("admin", False), "tls.admin"),
+        admin=admin,
     )
     try:
         read_material(tls.cert_file, tls.key_file, tls.client_ca_file)

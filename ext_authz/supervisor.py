@@ -39,7 +39,11 @@ log = logging.getLogger(__name__)
 MAX_RESTARTS = 5
 RESTART_WINDOW_SECONDS = 30.0
 # Gauges whose sum over workers means nothing: the fleet value is the largest.
-_MAX_ACROSS_WORKERS = {"ext_authz_key_age_seconds", "ext_authz_build_info"}
+_MAX_ACROSS_WORKERS = {
+    "ext_authz_key_age_seconds",
+    "ext_authz_build_info",
+    "ext_authz_tls_certificate_expiry_timestamp_seconds",  # one file: the same in every worker
+}
 
 
 def worker_count(value: str) -> int:

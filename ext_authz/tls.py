@@ -39,12 +39,17 @@ class ServerTls:
         files = (settings.cert_file, settings.key_file, settings.client_ca_file)
         self.material: Material = read_material(*files)
         self.renewals = 0
+        self.refusals = 0  # distinct unusable states of the files seen
         # (generation, configuration): replaced as one value, so the fetcher reads it atomically.
         self._config = (0, self._grpc_config(self.material))
         self._served_generation = 0
         self._rejected: object = None  # the last refused state of the files, logged once
         self._admin: ssl.SSLContext | None = None
         self._warn_if_expired(self.material)
+
+    def state(self) -> tuple[float, int, int]:
+        """For metrics: the served certificate's expiry, renewals, refusals."""
+        return self.material.not_after, self.renewals, self.refusals
 
     @property
     def mutual(self) -> bool:
@@ -143,6 +148,7 @@ class ServerTls:
         if state == self._rejected:
             return
         self._rejected = state
+        self.refusals += 1
         log.warning(
             "renewed TLS files are not usable (yet): the old certificate stays in force",
             extra={"fields": {"key": f"tls.{field}", "error": message}},

@@ -21,6 +21,7 @@ import grpc
 import pytest
 import yaml
 from cryptography import x509
+from prometheus_client.parser import text_string_to_metric_families
 
 from ext_authz import settings
 from ext_authz._proto.envoy.service.auth.v3 import (
@@ -207,6 +208,16 @@ async def test_renewed_files_reach_new_connections_and_a_half_written_pair_keeps
         files["tls.key"].write_bytes(third.key_pem)
         assert await wait_for(lambda: served_certificate(served.port, ca, client) == third.serial)
         assert served.server.tls is not None and served.server.tls.renewals == 2
+        exposition = served.server.metrics.exposition().decode()
+        assert 'ext_authz_tls_renewals_total{outcome="renewed"} 2.0' in exposition
+        assert 'ext_authz_tls_renewals_total{outcome="refused"} 1.0' in exposition
+        expiry = x509.load_pem_x509_certificate(third.cert_pem).not_valid_after_utc.timestamp()
+        [family] = [
+            f
+            for f in text_string_to_metric_families(exposition)
+            if f.name == "ext_authz_tls_certificate_expiry_timestamp_seconds"
+        ]
+        assert family.samples[0].value == expiry  # the certificate now served
     finally:
         await served.server.stop(0)
 

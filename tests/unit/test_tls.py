@@ -35,7 +35,8 @@ def tls_dir(tmp_path: Path, ca: CertificateAuthority) -> Path:
 
 
 def parse(tmp_path: Path, tls: object) -> settings.Settings:
-    return settings.parse({"providers": [PROVIDER], "tls": tls}, base_dir=tmp_path)
+    document = {"providers": [PROVIDER], "admin": "127.0.0.1:0", "tls": tls}
+    return settings.parse(document, base_dir=tmp_path)
 
 
 def section(**changes: Any) -> dict[str, Any]:
@@ -105,6 +106,12 @@ def test_bad_tls_files_name_the_key_path(
         parse(tmp_path, change(tls_dir, ca))
     assert caught.value.key_path == key_path
     assert words in caught.value.message
+
+
+def test_tls_admin_needs_an_admin_listener(tmp_path: Path, tls_dir: Path) -> None:
+    with pytest.raises(settings.ConfigError) as caught:
+        settings.parse({"providers": [PROVIDER], "tls": section(admin=True)}, base_dir=tmp_path)
+    assert caught.value.key_path == "tls.admin"
 
 
 def _other_key(directory: Path) -> Path:
