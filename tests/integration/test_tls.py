@@ -165,6 +165,9 @@ async def test_mutual_tls_requires_a_client_certificate_from_the_ca(
         assert await check(served.address, ca, client, token=issuer.mint()) == 0
         assert await refused(served.address, ca)  # no client certificate
         assert await refused(served.address, ca, other_ca.issue("intruder", client=True))
+        # Signed by the CA but not for client authentication (a server certificate, e.g. one
+        # lifted from another service): refused, BoringSSL checks the extended key usage.
+        assert await refused(served.address, ca, ca.issue())
         assert await refused(served.address, None)
         # Refused at the handshake: no Check ever ran for them.
         assert await check(served.address, ca, client) == 16
@@ -197,9 +200,12 @@ async def test_renewed_files_reach_new_connections_and_a_half_written_pair_keeps
 
         # cert-manager writes one file, then the other: a new certificate with the old key.
         third = ca.issue()
+        tls = served.server.tls
+        assert tls is not None
         with caplog.at_level(logging.WARNING, logger="ext_authz.tls"):
             files["tls.crt"].write_bytes(third.cert_pem)
-            await asyncio.sleep(2.5)  # two polls and more
+            assert await wait_for(lambda: tls.refusals == 1)
+            await asyncio.sleep(2.2)  # two more polls of the same half-written pair
             assert served_certificate(served.port, ca, client) == second.serial
             assert await check(served.address, ca, client, token=issuer.mint()) == 0
         warnings = [r for r in caplog.records if r.name == "ext_authz.tls" and r.levelno == logging.WARNING]
@@ -207,7 +213,7 @@ async def test_renewed_files_reach_new_connections_and_a_half_written_pair_keeps
         assert getattr(warnings[0], "fields", {})["key"] == "tls.key_file"
         files["tls.key"].write_bytes(third.key_pem)
         assert await wait_for(lambda: served_certificate(served.port, ca, client) == third.serial)
-        assert served.server.tls is not None and served.server.tls.renewals == 2
+        assert tls.renewals == 2
         exposition = served.server.metrics.exposition().decode()
         assert 'ext_authz_tls_renewals_total{outcome="renewed"} 2.0' in exposition
         assert 'ext_authz_tls_renewals_total{outcome="refused"} 1.0' in exposition
