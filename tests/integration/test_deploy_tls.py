@@ -293,6 +293,7 @@ def test_overlay_wiring(overlay: list[dict[str, Any]]) -> None:
             "httpGet": {"path": path, "port": "admin", "scheme": "HTTPS"},
         }
     assert ports["admin"] == int(config["admin"].rpartition(":")[2])
+    assert deployment["spec"]["template"]["metadata"]["annotations"]["prometheus.io/scheme"] == "https"
     # What Envoy verifies is what cert-manager puts in the certificate, and it reaches the Service.
     cluster = document(TLS_CLUSTER)
     tls_context = cluster["transport_socket"]["typed_config"]
