@@ -18,6 +18,7 @@ import contextlib
 import hashlib
 import logging
 import signal
+import ssl
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -110,14 +111,19 @@ class Server:
             self.metrics.registry.register(TlsCollector(self.tls.state))
         admin_address = admin_listen or settings.admin
         # A supervisor's workers serve their admin listener to the supervisor alone, on loopback.
-        admin_tls = self.tls is not None and self.tls.settings.admin and not admin_plaintext
+        admin_context = None
+        if self.tls is not None and self.tls.settings.admin and admin_address and not admin_plaintext:
+            try:
+                admin_context = self.tls.admin_context()
+            except (OSError, ssl.SSLError) as exc:
+                raise ServeError(f"tls: the admin listener cannot load the certificate: {exc}") from None
         self.admin = (
             AdminServer(
                 admin_address,
                 ready=self.ready,
                 metrics=self.metrics.exposition,
                 address_file=admin_address_file,
-                ssl_context=self.tls.admin_context() if admin_tls and self.tls is not None else None,
+                ssl_context=admin_context,
             )
             if admin_address
             else None

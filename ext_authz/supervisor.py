@@ -20,6 +20,7 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import sys
 import tempfile
 import time
@@ -138,7 +139,8 @@ class Supervisor:
         tls = self.settings.tls
         try:
             admin_tls = ServerTls(tls) if tls is not None and tls.admin and self.settings.admin else None
-        except TlsFileError as exc:
+            admin_context = admin_tls.admin_context() if admin_tls is not None else None
+        except (TlsFileError, OSError, ssl.SSLError) as exc:
             log.error("cannot serve the admin listener over TLS", extra={"fields": {"error": str(exc)}})
             return 1
         address, reservation = reserve_port(self._listen)
@@ -161,7 +163,7 @@ class Supervisor:
                     self.settings.admin,
                     ready=self._ready,
                     metrics=self._metrics,
-                    ssl_context=admin_tls.admin_context() if admin_tls is not None else None,
+                    ssl_context=admin_context,
                 )
                 await admin.start()
                 if admin_tls is not None:
