@@ -228,6 +228,46 @@ async def test_renewed_files_reach_new_connections_and_a_half_written_pair_keeps
         await served.server.stop(0)
 
 
+async def test_no_check_fails_while_certificates_renew_under_load(
+    issuer: TestIssuer, ca: CertificateAuthority, tmp_path: Path
+) -> None:
+    """New connections (each a handshake, each a fetcher call in gRPC core) race renewals."""
+    volume = SecretVolume(tmp_path / "tls")
+
+    def renew() -> Issued:
+        issued = ca.issue()
+        volume.update({"tls.crt": issued.cert_pem, "tls.key": issued.key_pem, "ca.crt": ca.cert_pem})
+        return issued
+
+    renew()
+    served = await serve(issuer, tmp_path, tls_section(mutual=True))
+    client = ca.issue("envoy", client=True)
+    token = issuer.mint()
+    statuses: list[int] = []
+    done = asyncio.Event()
+
+    async def caller() -> None:
+        for _ in range(300):  # bounded; runs until the renewals are through
+            if done.is_set():
+                return
+            statuses.append(await check(served.address, ca, client, token=token))
+
+    tls = served.server.tls
+    assert tls is not None
+    try:
+        callers = [asyncio.ensure_future(caller()) for _ in range(3)]
+        for renewals in range(1, 4):
+            last = renew()
+            assert await wait_for(lambda: tls.renewals == renewals)  # noqa: B023 - awaited at once
+        done.set()
+        await asyncio.gather(*callers)
+        assert len(statuses) >= 20 and set(statuses) == {0}, statuses
+        assert served_certificate(served.port, ca, client) == last.serial
+    finally:
+        done.set()
+        await served.server.stop(0)
+
+
 async def test_a_secret_volume_symlink_swap_is_a_renewal(
     issuer: TestIssuer, ca: CertificateAuthority, tmp_path: Path
 ) -> None:
