@@ -6,6 +6,7 @@ import asyncio
 import inspect
 import logging
 import os
+import ssl
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -24,8 +25,10 @@ class AdminServer:
         ready: Callable[[], bool | Awaitable[bool]],
         metrics: Callable[[], bytes | Awaitable[bytes]],
         address_file: str | None = None,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         self._address_file = address_file
+        self._ssl_context = ssl_context
         self._address = address
         self._ready = ready
         self._metrics = metrics
@@ -39,7 +42,9 @@ class AdminServer:
     async def start(self) -> str:
         await self._runner.setup()
         host, _, port = self._address.rpartition(":")
-        site = web.TCPSite(self._runner, host.strip("[]"), int(port), reuse_address=True)
+        site = web.TCPSite(
+            self._runner, host.strip("[]"), int(port), reuse_address=True, ssl_context=self._ssl_context
+        )
         await site.start()
         addresses = self._runner.addresses
         bound_port = addresses[0][1] if addresses else int(port)
@@ -47,7 +52,8 @@ class AdminServer:
         if self._address_file is not None:
             # A supervisor reads the bound address from here (the port may have been 0).
             await asyncio.to_thread(_write_atomically, Path(self._address_file), self.bound + "\n")
-        log.info("admin listening", extra={"fields": {"address": self.bound}})
+        fields = {"address": self.bound, "tls": self._ssl_context is not None}
+        log.info("admin listening", extra={"fields": fields})
         return self.bound
 
     async def stop(self) -> None:

@@ -57,6 +57,7 @@ def _parser() -> argparse.ArgumentParser:
     serve_cmd.add_argument("--worker-index", type=int, help=argparse.SUPPRESS)
     serve_cmd.add_argument("--admin-listen", help=argparse.SUPPRESS)
     serve_cmd.add_argument("--admin-address-file", help=argparse.SUPPRESS)
+    serve_cmd.add_argument("--admin-plaintext", action="store_true", help=argparse.SUPPRESS)
     check_cmd = commands.add_parser("check-config", help="validate a config file and exit")
     check_cmd.add_argument("file", metavar="FILE")
 
@@ -196,6 +197,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 reuse_port=args.reuse_port,
                 admin_listen=args.admin_listen,
                 admin_address_file=args.admin_address_file,
+                admin_plaintext=args.admin_plaintext,
             )
         )
     except ServeError as exc:

@@ -68,6 +68,29 @@ class TokenCacheCollector(Collector):
         yield GaugeMetricFamily("ext_authz_token_cache_size", "Verified tokens cached", value=size)
 
 
+class TlsCollector(Collector):
+    """The served certificate's expiry and its renewals, read at scrape time (alert before expiry)."""
+
+    def __init__(self, state: Callable[[], tuple[float, int, int]]) -> None:
+        self._state = state
+
+    def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
+        not_after, renewed, refused = self._state()
+        yield GaugeMetricFamily(
+            "ext_authz_tls_certificate_expiry_timestamp_seconds",
+            "When the certificate served to new connections expires (POSIX seconds)",
+            value=not_after,
+        )
+        renewals = CounterMetricFamily(
+            "ext_authz_tls_renewals",
+            "Changed certificate files: renewed (now served) or refused (not a usable pair; old one kept)",
+            labels=["outcome"],
+        )
+        renewals.add_metric(["renewed"], renewed)
+        renewals.add_metric(["refused"], refused)
+        yield renewals
+
+
 class Metrics:
     def __init__(
         self,

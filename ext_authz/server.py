@@ -18,6 +18,7 @@ import contextlib
 import hashlib
 import logging
 import signal
+import ssl
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -32,10 +33,12 @@ from ext_authz.decisionlog import DecisionLog
 from ext_authz.keys.cache import SharedKeyCache
 from ext_authz.keys.fetch import HttpFetcher
 from ext_authz.keys.store import KeyStore
-from ext_authz.metrics import Metrics
+from ext_authz.metrics import Metrics, TlsCollector
 from ext_authz.model import Decision, Request
 from ext_authz.pipeline import Pipeline
 from ext_authz.settings import Settings
+from ext_authz.tls import ServerTls
+from ext_authz.tlsfiles import TlsFileError
 from ext_authz.tokencache import CacheCounters
 from ext_authz.tracing import Tracing
 from ext_authz.transport.health import Health
@@ -75,6 +78,7 @@ class Server:
         reuse_port: bool = False,
         admin_listen: str | None = None,
         admin_address_file: str | None = None,
+        admin_plaintext: bool = False,
     ) -> None:
         self._clock = clock
         self._address = listen or settings.listen
@@ -98,13 +102,28 @@ class Server:
         add_servicer = external_auth_pb2_grpc.add_AuthorizationServicer_to_server
         add_servicer(self.servicer, self._grpc)  # type: ignore[no-untyped-call]
         self.health.register(self._grpc)
+        # The files were checked at config load; this reads them again (they may have been renewed).
+        try:
+            self.tls = ServerTls(settings.tls) if settings.tls is not None else None
+        except TlsFileError as exc:
+            raise ServeError(f"tls.{exc.field}: {exc.message}") from None
+        if self.tls is not None:
+            self.metrics.registry.register(TlsCollector(self.tls.state))
         admin_address = admin_listen or settings.admin
+        # A supervisor's workers serve their admin listener to the supervisor alone, on loopback.
+        admin_context = None
+        if self.tls is not None and self.tls.settings.admin and admin_address and not admin_plaintext:
+            try:
+                admin_context = self.tls.admin_context()
+            except (OSError, ssl.SSLError) as exc:
+                raise ServeError(f"tls: the admin listener cannot load the certificate: {exc}") from None
         self.admin = (
             AdminServer(
                 admin_address,
                 ready=self.ready,
                 metrics=self.metrics.exposition,
                 address_file=admin_address_file,
+                ssl_context=admin_context,
             )
             if admin_address
             else None
@@ -149,7 +168,10 @@ class Server:
     async def start(self) -> str:
         """Bind and start serving; returns the bound HOST:PORT. Raises ServeError."""
         try:
-            port = self._grpc.add_insecure_port(self._address)
+            if self.tls is not None:
+                port = self._grpc.add_secure_port(self._address, self.tls.grpc_credentials())
+            else:
+                port = self._grpc.add_insecure_port(self._address)
         except RuntimeError as exc:
             await self._close()
             raise ServeError(f"cannot listen on {self._address}: {exc}") from None
@@ -164,7 +186,11 @@ class Server:
                 await self._close()
                 raise ServeError(f"cannot listen on {self.settings.admin} (admin): {exc.strerror}") from None
         bound = f"{self._address.rpartition(':')[0]}:{port}"
-        log.info("serving", extra={"fields": {"address": bound, "providers": len(self.settings.providers)}})
+        tls = "off" if self.tls is None else "mutual" if self.tls.mutual else "on"
+        fields = {"address": bound, "providers": len(self.settings.providers), "tls": tls}
+        log.info("serving", extra={"fields": fields})
+        if self.tls is not None:
+            self._spawn(self.tls.watch(), "tls-watch")
         self.keys.start()
         self._keys_changed()  # providers with inline keys may be ready already
         if self._config_path is not None:
@@ -246,6 +272,8 @@ class Server:
                 ("listen", self.settings.listen, new.listen),
                 ("admin", self.settings.admin, new.admin),
                 ("jwks_cache", self.settings.jwks_cache, new.jwks_cache),
+                # Renewed file contents need no restart (see tls.py); other files or options do.
+                ("tls", self.settings.tls, new.tls),
             ):
                 if old_value != new_value:
                     log.warning("a changed setting needs a restart", extra={"fields": {"key": key}})
@@ -290,6 +318,7 @@ async def serve(
     reuse_port: bool = False,
     admin_listen: str | None = None,
     admin_address_file: str | None = None,
+    admin_plaintext: bool = False,
 ) -> None:
     """Serve until SIGTERM or SIGINT, then stop gracefully; SIGHUP reloads the config."""
     stop = asyncio.Event()
@@ -303,6 +332,7 @@ async def serve(
             reuse_port=reuse_port,
             admin_listen=admin_listen,
             admin_address_file=admin_address_file,
+            admin_plaintext=admin_plaintext,
         )
         await server.start()
         while not stop.is_set():

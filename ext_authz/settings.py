@@ -35,6 +35,7 @@ from ext_authz.configreader import (
 )
 from ext_authz.keys.jwks import SUPPORTED_ALGORITHMS, JWKSError, KeySet, parse_jwks
 from ext_authz.policy import DEFAULT_RULE, RuleSettings, parse_rules
+from ext_authz.tlsfiles import TlsFileError, read_material
 
 __all__ = ["ClaimHeader", "ConfigError", "RuleSettings", "parse_claim_path"]
 
@@ -170,6 +171,16 @@ class ShutdownSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class TlsSettings:
+    """``tls:``: the Check listener serves TLS; with ``client_ca_file``, mutual TLS."""
+
+    cert_file: str  # resolved against the config file's directory
+    key_file: str
+    client_ca_file: str | None = None  # require and verify client certificates (mTLS)
+    admin: bool = False  # the admin listener serves TLS too (same certificate, no client certificates)
+
+
+@dataclass(frozen=True, slots=True)
 class Settings:
     listen: str
     realm: str
@@ -186,6 +197,7 @@ class Settings:
     tracing: TracingSettings = TracingSettings()
     token_cache_entries: int = 10_000  # verified tokens kept (0: no cache)
     source: str = "<config>"
+    tls: TlsSettings | None = None  # None: plaintext listeners
 
 
 def url_problem(url: str, *, allow_insecure_http: bool) -> str | None:
@@ -510,7 +522,7 @@ def _header_source(raw: object, path: str) -> HeaderSource:
 
 _TOP_KEYS = (
     "listen", "realm", "providers", "rules", "max_token_bytes", "max_header_value_bytes", "readiness",
-    "jwks_cache", "mode", "admin", "log", "shutdown", "tracing", "token_cache",
+    "jwks_cache", "mode", "admin", "log", "shutdown", "tracing", "token_cache", "tls",
 )  # fmt: skip
 
 
@@ -564,7 +576,35 @@ def parse(document: object, *, base_dir: Path = Path("."), source: str = "<confi
         _tracing(top.get("tracing", {})),
         _token_cache(top.get("token_cache", {})),
         source,
+        tls=_tls(top["tls"], base_dir, admin) if top.get("tls") is not None else None,
     )
+
+
+def _tls(raw: object, base_dir: Path, admin_address: str | None) -> TlsSettings:
+    """The files are read and checked now: a listener never starts with a pair that cannot work."""
+    c = mapping(raw, "tls", ("cert_file", "key_file", "client_ca_file", "admin"))
+    for key in ("cert_file", "key_file"):
+        if key not in c:
+            fail(f"tls.{key}", "is required")
+
+    def file(key: str) -> str:
+        return str(base_dir / string(c[key], f"tls.{key}"))
+
+    client_ca_file = file("client_ca_file") if c.get("client_ca_file") is not None else None
+    admin = boolean(c.get("admin", False), "tls.admin")
+    if admin and admin_address is None:
+        fail("tls.admin", "there is no admin listener (set `admin: HOST:PORT`)")
+    tls = TlsSettings(
+        cert_file=file("cert_file"),
+        key_file=file("key_file"),
+        client_ca_file=client_ca_file,
+        admin=admin,
+    )
+    try:
+        read_material(tls.cert_file, tls.key_file, tls.client_ca_file)
+    except TlsFileError as exc:
+        fail(f"tls.{exc.field}", exc.message)
+    return tls
 
 
 def _token_cache(raw: object) -> int:

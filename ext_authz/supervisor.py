@@ -20,6 +20,7 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import sys
 import tempfile
 import time
@@ -31,13 +32,19 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from ext_authz.admin import AdminServer
 from ext_authz.settings import Settings
+from ext_authz.tls import ServerTls
+from ext_authz.tlsfiles import TlsFileError
 
 log = logging.getLogger(__name__)
 
 MAX_RESTARTS = 5
 RESTART_WINDOW_SECONDS = 30.0
 # Gauges whose sum over workers means nothing: the fleet value is the largest.
-_MAX_ACROSS_WORKERS = {"ext_authz_key_age_seconds", "ext_authz_build_info"}
+_MAX_ACROSS_WORKERS = {
+    "ext_authz_key_age_seconds",
+    "ext_authz_build_info",
+    "ext_authz_tls_certificate_expiry_timestamp_seconds",  # one file: the same in every worker
+}
 
 
 def worker_count(value: str) -> int:
@@ -119,12 +126,23 @@ class Supervisor:
             argv += ["--log-level", self._log_level]
         if self.settings.admin is not None:
             argv += ["--admin-listen", "127.0.0.1:0", "--admin-address-file", str(self._admin_file(index))]
+            # Loopback, read by this supervisor only: plaintext even with tls.admin (the fleet's
+            # admin listener below is the one that serves TLS). Each worker's gRPC listener serves
+            # TLS from the same config file.
+            argv += ["--admin-plaintext"]
         return argv
 
     def _admin_file(self, index: int) -> Path:
         return self._rundir / f"worker-{index}.admin"
 
     async def run(self) -> int:
+        tls = self.settings.tls
+        try:
+            admin_tls = ServerTls(tls) if tls is not None and tls.admin and self.settings.admin else None
+            admin_context = admin_tls.admin_context() if admin_tls is not None else None
+        except (TlsFileError, OSError, ssl.SSLError) as exc:
+            log.error("cannot serve the admin listener over TLS", extra={"fields": {"error": str(exc)}})
+            return 1
         address, reservation = reserve_port(self._listen)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -132,6 +150,7 @@ class Supervisor:
         loop.add_signal_handler(signal.SIGINT, stop.set)
         loop.add_signal_handler(signal.SIGHUP, self._forward, signal.SIGHUP)
         admin = None
+        watcher: asyncio.Future[None] | None = None
         try:
             self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2))
             for index in range(self._count):
@@ -140,14 +159,24 @@ class Supervisor:
                 await worker.start()
                 self._workers.append(worker)
             if self.settings.admin is not None:
-                admin = AdminServer(self.settings.admin, ready=self._ready, metrics=self._metrics)
+                admin = AdminServer(
+                    self.settings.admin,
+                    ready=self._ready,
+                    metrics=self._metrics,
+                    ssl_context=admin_context,
+                )
                 await admin.start()
+                if admin_tls is not None:
+                    watcher = asyncio.ensure_future(admin_tls.watch())
             fields = {"address": address, "workers": self._count, "admin": admin.bound if admin else None}
             log.info("supervising", extra={"fields": fields})
             code = await self._supervise(stop)
         finally:
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 loop.remove_signal_handler(sig)
+            if watcher is not None:
+                watcher.cancel()
+                await asyncio.gather(watcher, return_exceptions=True)
             if admin is not None:
                 await admin.stop()
             if self._session is not None:

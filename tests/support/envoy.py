@@ -118,8 +118,11 @@ def envoy_config(
     access_log: bool = True,
     route_context_extensions: Mapping[str, Mapping[str, str]] | None = None,
     metadata_headers: Mapping[str, str] | None = None,
+    authz_transport_socket: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The bootstrap config (as a dict) used by `start_envoy`.
+
+    `authz_transport_socket` is the ext_authz cluster's `transport_socket` (e.g. TLS to ext-authz).
 
     Opt-in, for rule tests: `route_context_extensions` maps a path prefix to the
     `check_settings.context_extensions` of a route of its own (placed before the catch-all `/`
@@ -202,6 +205,9 @@ def envoy_config(
                 },
             }
         ]
+    authz_cluster = _static_cluster(AUTHZ_CLUSTER, authz_host, authz_port, http2=True)
+    if authz_transport_socket is not None:
+        authz_cluster["transport_socket"] = dict(authz_transport_socket)
     return {
         "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": 0}}},
         "static_resources": {
@@ -219,7 +225,7 @@ def envoy_config(
                 }
             ],
             "clusters": [
-                _static_cluster(AUTHZ_CLUSTER, authz_host, authz_port, http2=True),
+                authz_cluster,
                 _static_cluster(BACKEND_CLUSTER, "127.0.0.1", backend_port, http2=False),
             ],
         },
@@ -297,10 +303,11 @@ def start_envoy(
     timeout: float = DEFAULT_READY_TIMEOUT,
     route_context_extensions: Mapping[str, Mapping[str, str]] | None = None,
     metadata_headers: Mapping[str, str] | None = None,
+    authz_transport_socket: Mapping[str, Any] | None = None,
 ) -> EnvoyProcess:
     """Start Envoy and return once its listener accepts connections and the server is LIVE.
 
-    `route_context_extensions` and `metadata_headers`: see `envoy_config`.
+    `route_context_extensions`, `metadata_headers` and `authz_transport_socket`: see `envoy_config`.
     """
     workdir = Path(tempfile.mkdtemp(prefix="ext-authz-envoy-"))
     config = write_envoy_config(
@@ -311,6 +318,7 @@ def start_envoy(
         authz_timeout=authz_timeout,
         route_context_extensions=route_context_extensions,
         metadata_headers=metadata_headers,
+        authz_transport_socket=authz_transport_socket,
     )
     admin_path = workdir / "admin-address"
     argv = [
