@@ -105,6 +105,23 @@ def header_name(value: object, path: str) -> str:
     return name
 
 
+def header_target(value: object, path: str) -> str:
+    """A header ext-authz sets on allow: one Envoy will really set, and not one that steers Envoy.
+
+    Envoy never sets or removes pseudo-headers or ``host`` for an authorizer, its header mutation
+    rules ignore ``x-envoy-*`` (``allow_envoy`` is false by default), and where they do not,
+    ``x-envoy-*`` request headers steer Envoy itself (timeouts, retries): a claim must not.
+    """
+    name = header_name(value, path)
+    if name.startswith("x-envoy-"):
+        fail(
+            path, f"header {name!r} cannot be set by an authorizer (Envoy ignores or obeys x-envoy-* headers)"
+        )
+    if name in RESERVED_HEADERS:
+        fail(path, f"header {name!r} cannot be set by an authorizer")
+    return name
+
+
 def parse_claim_path(text: str, path: str) -> tuple[str, ...]:
     """``a.b`` or ``["https://example.com/roles"]`` (a bracketed, quoted segment may hold dots)."""
     segments: list[str] = []
@@ -130,7 +147,7 @@ def claim_header(raw: object, path: str) -> ClaimHeader:
             fail(f"{path}.{key}", "is required")
     claim = string(c["claim"], f"{path}.claim")
     return ClaimHeader(
-        header=header_name(c["header"], f"{path}.header"),
+        header=header_target(c["header"], f"{path}.header"),
         claim=claim,
         path=parse_claim_path(claim, f"{path}.claim"),
     )

@@ -24,6 +24,7 @@ from ext_authz.configreader import (
     claim_header,
     fail,
     header_name,
+    header_target,
     listof,
     load_yaml_file,
     mapping,
@@ -275,7 +276,7 @@ def _provider(raw: object, path: str, base_dir: Path) -> ProviderSettings:
     )
     payload_header = None
     if p.get("payload_header") is not None:
-        payload_header = header_name(p["payload_header"], f"{path}.payload_header")
+        payload_header = header_target(p["payload_header"], f"{path}.payload_header")
     targets = [c.header for c in claim_headers] + ([payload_header] if payload_header else [])
     for i, target in enumerate(targets):
         if target in targets[:i]:
