@@ -248,7 +248,7 @@ def test_array_values_that_would_read_as_other_elements(value: object, text: str
 
 def test_ambiguous_array_claim_is_left_out_and_logged(caplog: pytest.LogCaptureFixture) -> None:
     a = answers()
-    claims = {"sub": "alice", "groups": ["staff", "x,admin-secret-value"]}
+    claims: dict[str, object] = {"sub": "alice", "groups": ["staff", "x,admin-secret-value"]}
     with caplog.at_level("WARNING", logger="ext_authz.response"):
         allow = a.allow(Request("GET", "/", headers={"x-groups": "admin"}), principal(claims), RULE)
     assert dict(allow.headers_to_set) == {"x-user-id": "alice"}
