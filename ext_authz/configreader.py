@@ -108,9 +108,10 @@ def header_name(value: object, path: str) -> str:
 def header_target(value: object, path: str) -> str:
     """A header ext-authz sets on allow: one Envoy will really set, and not one that steers Envoy.
 
-    Envoy never sets or removes pseudo-headers or ``host`` for an authorizer, its header mutation
-    rules ignore ``x-envoy-*`` (``allow_envoy`` is false by default), and where they do not,
-    ``x-envoy-*`` request headers steer Envoy itself (timeouts, retries): a claim must not.
+    Envoy never removes pseudo-headers or ``host`` for an authorizer, and under header mutation
+    rules ignores sets of them and of ``x-envoy-*`` (``allow_envoy`` is false by default); without
+    the rules, setting them would reroute the request or steer Envoy itself (retry policies):
+    either way, no claim should.
     """
     name = header_name(value, path)
     if name.startswith("x-envoy-"):
