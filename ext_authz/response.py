@@ -60,6 +60,9 @@ def header_value(value: object) -> str | None:
 _MAX_SPELLED_SEPARATORS = 3
 
 
+_REMOVAL_CACHE_ENTRIES = 1024
+
+
 def underscore_spellings(name: str) -> tuple[str, ...]:
     """The names a backend that folds "_" into "-" reads as ``name`` (``name`` first)."""
     canonical = name.replace("_", "-")
@@ -110,6 +113,7 @@ class Answers:
             dict.fromkeys(spelling for name in sorted(owned) for spelling in underscore_spellings(name))
         )
         self._removed = frozenset(self.headers_always_removed)
+        self._removal_by_key: dict[tuple[str, ...], tuple[str, ...]] = {}
         # Names with too many dashes to spell out every way (folded to dashes): their other
         # spellings are removed when the CheckRequest shows them.
         self._folded_unlisted = frozenset(
@@ -182,17 +186,26 @@ class Answers:
         # the very names this decision sets: Envoy removes after it sets.
         if not to_set and not to_remove and not self._folded_unlisted:
             return self.headers_always_removed
+        # Decisions of one config set few distinct name lists: remember the answer for each.
+        key = (*(name for name, _ in to_set), "", *to_remove)
+        cached = self._removal_by_key.get(key)
+        if cached is not None:
+            return cached
         set_names = {name for name, _ in to_set}
         names = [*to_remove, *(n for n in self.headers_always_removed if n not in set_names)]
-        if self._folded_unlisted:
-            names += (
-                name
-                for name in request.headers
-                if "_" in name
-                and name not in self._removed
-                and name not in set_names
-                and name.replace("_", "-") in self._folded_unlisted
-            )
+        if not self._folded_unlisted:
+            result = tuple(dict.fromkeys(names))
+            if len(self._removal_by_key) < _REMOVAL_CACHE_ENTRIES:
+                self._removal_by_key[key] = result
+            return result
+        names += (
+            name
+            for name in request.headers
+            if "_" in name
+            and name not in self._removed
+            and name not in set_names
+            and name.replace("_", "-") in self._folded_unlisted
+        )
         return tuple(dict.fromkeys(names))
 
     @staticmethod

@@ -204,6 +204,11 @@ def test_owned_headers_are_removed_even_when_the_request_does_not_show_them() ->
     assert "x-user-id" not in removed  # set by this decision: Envoy removes after it sets
     assert {"x-user_id", "x_user-id", "x_user_id", "x-email", "x_email", "x-bad", "x_bad"} <= removed
     assert "x-jwt-payload" not in removed and "x_jwt_payload" in removed
+    # Another decision of the same config sets another list of names: its own removals.
+    with_email = a.allow(Request("GET", "/"), principal({"sub": "alice", "email": "a@x"}), RULE)
+    assert "x-email" not in with_email.headers_to_remove and "x_email" in with_email.headers_to_remove
+    again = a.allow(Request("GET", "/"), principal({"sub": "bob"}), RULE)
+    assert again.headers_to_remove == token.headers_to_remove and "x-email" in again.headers_to_remove
 
 
 def test_underscore_spellings() -> None:
