@@ -246,6 +246,20 @@ BAD_CONFIGS: list[tuple[str, object, str, str]] = [
         "carries tokens",
     ),
     (
+        # x_token would be removed upstream as a spelling of the identity header x-token.
+        "claim header is a spelling of the token header",
+        config(
+            providers=[
+                provider(
+                    from_headers=[{"name": "x_token"}],
+                    claim_to_headers=[{"header": "x-token", "claim": "sub"}],
+                )
+            ]
+        ),
+        "providers[0].claim_to_headers",
+        "token header 'x_token'",
+    ),
+    (
         "bad claim path",
         config(providers=[provider(claim_to_headers=[{"header": "a", "claim": "a..b"}])]),
         "providers[0].claim_to_headers[0].claim",
