@@ -143,7 +143,8 @@ class Answers:
                 text = header_value(value)
                 if text is None:
                     log.warning(
-                        "claim not emitted: an array with a nested value or an element holding ','",
+                        "claim not emitted: an array with a nested value, or an element with ',' "
+                        "or blanks at its edges",
                         extra={"fields": {"header": claim_header.header, "claim": claim_header.claim}},
                     )
                     continue
@@ -184,20 +185,19 @@ class Answers:
     ) -> tuple[str, ...]:
         # Every owned name, shown in the CheckRequest or not (allowed_headers may hide it), except
         # the very names this decision sets: Envoy removes after it sets.
-        if not to_set and not to_remove and not self._folded_unlisted:
-            return self.headers_always_removed
-        # Decisions of one config set few distinct name lists: remember the answer for each.
-        key = (*(name for name, _ in to_set), "", *to_remove)
-        cached = self._removal_by_key.get(key)
-        if cached is not None:
+        if not self._folded_unlisted:
+            if not to_set and not to_remove:
+                return self.headers_always_removed
+            # Decisions of one config set few distinct lists of names: one answer for each.
+            key = (*(name for name, _ in to_set), "", *to_remove)
+            cached = self._removal_by_key.get(key)
+            if cached is None:
+                cached = self._remove_except(to_set, to_remove)
+                if len(self._removal_by_key) < _REMOVAL_CACHE_ENTRIES:
+                    self._removal_by_key[key] = cached
             return cached
         set_names = {name for name, _ in to_set}
-        names = [*to_remove, *(n for n in self.headers_always_removed if n not in set_names)]
-        if not self._folded_unlisted:
-            result = tuple(dict.fromkeys(names))
-            if len(self._removal_by_key) < _REMOVAL_CACHE_ENTRIES:
-                self._removal_by_key[key] = result
-            return result
+        names = [*self._remove_except(to_set, to_remove)]
         names += (
             name
             for name in request.headers
@@ -206,6 +206,11 @@ class Answers:
             and name not in set_names
             and name.replace("_", "-") in self._folded_unlisted
         )
+        return tuple(dict.fromkeys(names))
+
+    def _remove_except(self, to_set: list[tuple[str, str]], to_remove: list[str]) -> tuple[str, ...]:
+        set_names = {name for name, _ in to_set}
+        names = (*to_remove, *(n for n in self.headers_always_removed if n not in set_names))
         return tuple(dict.fromkeys(names))
 
     @staticmethod
