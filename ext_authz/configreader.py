@@ -105,6 +105,24 @@ def header_name(value: object, path: str) -> str:
     return name
 
 
+def header_target(value: object, path: str) -> str:
+    """A header ext-authz sets on allow: one Envoy will really set, and not one that steers Envoy.
+
+    Envoy never removes pseudo-headers or ``host`` for an authorizer, and under header mutation
+    rules ignores sets of them and of ``x-envoy-*`` (``allow_envoy`` is false by default); without
+    the rules, setting them would reroute the request or steer Envoy itself (retry policies):
+    either way, no claim should.
+    """
+    name = header_name(value, path)
+    if name.startswith("x-envoy-"):
+        fail(
+            path, f"header {name!r} cannot be set by an authorizer (Envoy ignores or obeys x-envoy-* headers)"
+        )
+    if name in RESERVED_HEADERS:
+        fail(path, f"header {name!r} cannot be set by an authorizer")
+    return name
+
+
 def parse_claim_path(text: str, path: str) -> tuple[str, ...]:
     """``a.b`` or ``["https://example.com/roles"]`` (a bracketed, quoted segment may hold dots)."""
     segments: list[str] = []
@@ -130,7 +148,7 @@ def claim_header(raw: object, path: str) -> ClaimHeader:
             fail(f"{path}.{key}", "is required")
     claim = string(c["claim"], f"{path}.claim")
     return ClaimHeader(
-        header=header_name(c["header"], f"{path}.header"),
+        header=header_target(c["header"], f"{path}.header"),
         claim=claim,
         path=parse_claim_path(claim, f"{path}.claim"),
     )

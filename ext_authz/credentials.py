@@ -1,8 +1,12 @@
 """Stage 1: find the bearer token in the request.
 
-Every place any provider reads tokens from is searched. The same token in two places is one
-credential; two different tokens are an ambiguous request (RFC 6750 §2: a client uses one method),
-answered 400 invalid_request rather than guessing which one to trust.
+Every place any provider reads tokens from is searched. Two different tokens are an ambiguous
+request, answered 400 invalid_request rather than guessing which one to trust. RFC 6750 §2: a
+client uses one method to send the token. Every configured header source is the header method and
+every query parameter source the query method (ext-authz reads no bodies), so even the same token
+in a header and a query parameter is a 400. A cookie is not an RFC 6750 method: the same token in
+a header (or parameter) and a cookie is one credential, and so is the same token in two headers or
+two parameters (one method, sent twice).
 """
 
 from __future__ import annotations
@@ -10,8 +14,11 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 from urllib.parse import parse_qsl
 
-from ext_authz.errors import EmptyToken, MultipleTokens
+from ext_authz.errors import EmptyToken, MultipleTokenMethods, MultipleTokens
 from ext_authz.model import Credential, Request, TokenLocation
+
+# The RFC 6750 §2 methods ext-authz reads: the request header field and the URI query parameter.
+_RFC6750_METHODS = frozenset({"header", "param"})
 
 
 class CredentialFinder:
@@ -31,7 +38,10 @@ class CredentialFinder:
         if len(found) > 1:
             raise MultipleTokens()
         ((token, locations),) = found.items()
-        return Credential(token, tuple(dict.fromkeys(locations)))
+        unique = tuple(dict.fromkeys(locations))
+        if len(unique) > 1 and len({loc.kind for loc in unique} & _RFC6750_METHODS) > 1:
+            raise MultipleTokenMethods()
+        return Credential(token, unique)
 
     def _candidates(self, request: Request) -> Iterator[tuple[str, TokenLocation]]:
         for location in self._headers:

@@ -65,6 +65,17 @@ class MultipleTokens(InvalidRequest):
     description = "the request carries more than one token"
 
 
+class MultipleTokenMethods(InvalidRequest):
+    """The token is sent by more than one RFC 6750 method: header and query parameter (§2: one).
+
+    Even the same token: a client that puts it in the URL too leaks it to logs and Referer
+    headers, and two copies invite two components to disagree on which one was checked.
+    """
+
+    code = "multiple_token_methods"
+    description = "the token is sent by more than one method"
+
+
 class EmptyToken(InvalidRequest):
     code = "empty_token"
     description = "the authorization scheme carries no token"
@@ -96,6 +107,17 @@ class UnsupportedAlgorithm(InvalidToken):
 class UnsupportedCritical(InvalidToken):
     code = "critical_header_unsupported"
     description = "the token requires an unsupported critical header extension"
+
+
+class UnsupportedB64Header(InvalidToken):
+    """``b64`` in the JWS header (RFC 7797, any value, with or without ``crit``): not implemented.
+
+    A recipient that implements RFC 7797 and one that does not read different payloads from the
+    same JWS; rather than pick one reading, the token is refused.
+    """
+
+    code = "b64_header_unsupported"
+    description = "the token b64 header parameter of RFC 7797 is not supported"
 
 
 class TokenTypeNotAccepted(InvalidToken):

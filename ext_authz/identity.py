@@ -10,6 +10,8 @@ Security notes:
   HMAC-with-a-public-key can never verify.
 - Keys are never taken from the token: ``jku``, ``x5u``, ``jwk`` and ``x5c`` are ignored.
 - ``crit`` names extensions we would have to understand (RFC 7515 §4.1.11); we understand none.
+- ``b64`` (RFC 7797 unencoded payload) is refused whatever its value and whether or not ``crit``
+  lists it: an implementation of RFC 7797 and one without it read different payloads.
 - The signature is verified before any claim is looked at, so a forged token always reads as a bad
   signature and never reveals which claim checks it would have passed.
 """
@@ -208,6 +210,9 @@ class Verifier:
         alg = header.get("alg")
         if not isinstance(alg, str) or alg not in provider.algorithms:
             raise errors.UnsupportedAlgorithm()
+        if "b64" in header:
+            # Before crit: `crit: ["b64"]` gets the precise answer, and so does b64 alone.
+            raise errors.UnsupportedB64Header()
         if "crit" in header:
             raise errors.UnsupportedCritical()
         self._check_type(provider, header.get("typ"))

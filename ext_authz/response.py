@@ -1,8 +1,10 @@
 """Stage 4: a decision → what Envoy does with the request. Pure.
 
-On allow, identity headers come from the verified claims; every header name ext-authz owns that the
-request carries but this decision does not set is removed, so a client can never get a forged
-identity header to the backend. On deny, the answer follows RFC 6750 §3.
+On allow, identity headers come from the verified claims; every header name ext-authz owns that
+this decision does not set is removed, whether or not the CheckRequest shows it (Envoy's
+``allowed_headers`` may hide it from us), so a client can never get a forged identity header to
+the backend. Underscore spellings go too (``x_user_id`` for ``x-user-id``): CGI, WSGI and Rack
+backends read both as one name. On deny, the answer follows RFC 6750 §3.
 """
 
 from __future__ import annotations
@@ -29,14 +31,48 @@ def _scalar_text(value: object) -> str | None:
     return None
 
 
+def _list_element(value: object) -> str | None:
+    text = _scalar_text(value)
+    # An element with "," (or with blanks around it, which list parsers trim, RFC 9110 §5.6.1)
+    # would read as other elements once joined: ["x,admin"] must not become "x,admin".
+    if text is None or "," in text or text != text.strip(" \t"):
+        return None
+    return text
+
+
 def header_value(value: object) -> str | None:
-    """A claim as header text: strings as they are, numbers and booleans as JSON, arrays joined."""
+    """A claim as header text: strings as they are, numbers and booleans as JSON, arrays joined.
+
+    None when there is no faithful text: no claim, or an array with a nested array or object, or
+    with an element that would read as other elements once joined with ",".
+    """
     if isinstance(value, list):
-        parts = [_scalar_text(v) for v in value]
+        parts = [_list_element(v) for v in value]
         return None if any(p is None for p in parts) else ",".join(p for p in parts if p is not None)
     if isinstance(value, dict):
         return json.dumps(value, separators=(",", ":"))
     return _scalar_text(value)
+
+
+# A name with k dashes has 2**k underscore spellings: all of them are removed up to this k (8
+# names, enough for x-user-id, x-jwt-payload, x-forwarded-user-id), beyond it the all-underscore
+# one, and any other spelling when the CheckRequest shows it (Envoy's DROP_HEADER covers the rest).
+_MAX_SPELLED_SEPARATORS = 3
+
+
+_REMOVAL_CACHE_ENTRIES = 1024
+
+
+def underscore_spellings(name: str) -> tuple[str, ...]:
+    """The names a backend that folds "_" into "-" reads as ``name`` (``name`` first)."""
+    canonical = name.replace("_", "-")
+    parts = canonical.split("-")
+    if len(parts) - 1 > _MAX_SPELLED_SEPARATORS:
+        return tuple(dict.fromkeys((name, canonical, canonical.replace("-", "_"))))
+    spellings = [parts[0]]
+    for part in parts[1:]:
+        spellings = [f"{head}{sep}{part}" for head in spellings for sep in ("-", "_")]
+    return tuple(dict.fromkeys((name, *spellings)))
 
 
 def is_safe_header_value(value: str, max_bytes: int = 8192) -> bool:
@@ -71,6 +107,20 @@ class Answers:
         for rule in settings.rules:
             owned.update(c.header for c in rule.claim_to_headers)
         self.owned_headers = frozenset(owned)
+        # Removed from every allowed request unless the decision sets that very name: computed
+        # once, sent as is when nothing is set (anonymous routes).
+        self.headers_always_removed = tuple(
+            dict.fromkeys(spelling for name in sorted(owned) for spelling in underscore_spellings(name))
+        )
+        self._removed = frozenset(self.headers_always_removed)
+        self._removal_by_key: dict[tuple[str, ...], tuple[str, ...]] = {}
+        # Names with too many dashes to spell out every way (folded to dashes): their other
+        # spellings are removed when the CheckRequest shows them.
+        self._folded_unlisted = frozenset(
+            folded
+            for folded in (name.replace("_", "-") for name in owned)
+            if folded.count("-") > _MAX_SPELLED_SEPARATORS
+        )
 
     def allow(
         self,
@@ -87,8 +137,16 @@ class Answers:
         if principal is not None:
             headers = self._providers[principal.provider]
             for claim_header in headers.claims + rule.claim_to_headers:
-                text = header_value(claim_value(principal.claims, claim_header.path))
+                value = claim_value(principal.claims, claim_header.path)
+                if value is None:
+                    continue
+                text = header_value(value)
                 if text is None:
+                    log.warning(
+                        "claim not emitted: an array with a nested value, or an element with ',' "
+                        "or blanks at its edges",
+                        extra={"fields": {"header": claim_header.header, "claim": claim_header.claim}},
+                    )
                     continue
                 if not is_safe_header_value(text, self._max_header_bytes):
                     log.warning(
@@ -111,13 +169,9 @@ class Answers:
             # The verified claims object itself (shared by every hit of the token cache), so that
             # the transport can reuse what it built from it.
             metadata["claims"] = principal.claims
-        set_names = {name for name, _ in to_set}
-        to_remove.extend(
-            name for name in sorted(self.owned_headers) if name in request.headers and name not in set_names
-        )
         return Allow(
             headers_to_set=tuple(to_set),
-            headers_to_remove=tuple(dict.fromkeys(to_remove)),
+            headers_to_remove=self._headers_to_remove(request, to_set, to_remove),
             query_params_to_remove=tuple(dict.fromkeys(params_to_remove)),
             metadata=metadata,
             rule=rule.name,
@@ -125,6 +179,39 @@ class Answers:
             subject=principal.subject if principal else None,
             reason=reason or ("token" if principal else "anonymous"),
         )
+
+    def _headers_to_remove(
+        self, request: Request, to_set: list[tuple[str, str]], to_remove: list[str]
+    ) -> tuple[str, ...]:
+        # Every owned name, shown in the CheckRequest or not (allowed_headers may hide it), except
+        # the very names this decision sets: Envoy removes after it sets.
+        if not self._folded_unlisted:
+            if not to_set and not to_remove:
+                return self.headers_always_removed
+            # Decisions of one config set few distinct lists of names: one answer for each.
+            key = (*(name for name, _ in to_set), "", *to_remove)
+            cached = self._removal_by_key.get(key)
+            if cached is None:
+                cached = self._remove_except(to_set, to_remove)
+                if len(self._removal_by_key) < _REMOVAL_CACHE_ENTRIES:
+                    self._removal_by_key[key] = cached
+            return cached
+        set_names = {name for name, _ in to_set}
+        names = [*self._remove_except(to_set, to_remove)]
+        names += (
+            name
+            for name in request.headers
+            if "_" in name
+            and name not in self._removed
+            and name not in set_names
+            and name.replace("_", "-") in self._folded_unlisted
+        )
+        return tuple(dict.fromkeys(names))
+
+    def _remove_except(self, to_set: list[tuple[str, str]], to_remove: list[str]) -> tuple[str, ...]:
+        set_names = {name for name, _ in to_set}
+        names = (*to_remove, *(n for n in self.headers_always_removed if n not in set_names))
+        return tuple(dict.fromkeys(names))
 
     @staticmethod
     def _strip_token(

@@ -25,6 +25,7 @@ from ext_authz.configreader import (
     claim_header,
     fail,
     header_name,
+    header_target,
     listof,
     load_yaml_file,
     mapping,
@@ -315,7 +316,7 @@ def _provider(raw: object, path: str, base_dir: Path) -> ProviderSettings:
     )
     payload_header = None
     if p.get("payload_header") is not None:
-        payload_header = header_name(p["payload_header"], f"{path}.payload_header")
+        payload_header = header_target(p["payload_header"], f"{path}.payload_header")
     targets = [c.header for c in claim_headers] + ([payload_header] if payload_header else [])
     for i, target in enumerate(targets):
         if target in targets[:i]:
@@ -549,6 +550,7 @@ def parse(document: object, *, base_dir: Path = Path("."), source: str = "<confi
         # No rules: every request needs a valid token from any provider.
         rules = (replace(DEFAULT_RULE, dry_run=mode == "dry_run"),)
     _check_owned_headers(providers, rules)
+    _check_token_header_spellings(providers, rules)
     max_token_bytes = int(
         number(top.get("max_token_bytes", DEFAULT_MAX_TOKEN_BYTES), "max_token_bytes", 256, 1 << 20)
     )
@@ -686,6 +688,32 @@ def _check_owned_headers(providers: tuple[ProviderSettings, ...], rules: tuple[R
                 fail(where, f"header {target!r} also carries tokens")
             if target in RESERVED_HEADERS:
                 fail(where, f"header {target!r} cannot be set by an authorizer")
+
+
+def _check_token_header_spellings(
+    providers: tuple[ProviderSettings, ...], rules: tuple[RuleSettings, ...]
+) -> None:
+    """Every underscore spelling of an identity header is removed upstream (response.py), and
+    backends that fold "_" into "-" read them as one name: none may be a header carrying tokens."""
+    sources = {h.name.replace("_", "-"): h.name for p in providers for h in p.from_headers}
+    owners = [
+        (
+            f"providers[{i}].claim_to_headers",
+            [c.header for c in p.claim_to_headers] + [p.payload_header or ""],
+        )
+        for i, p in enumerate(providers)
+    ]
+    owners += [
+        (f"rules[{i}].claim_to_headers", [c.header for c in r.claim_to_headers]) for i, r in enumerate(rules)
+    ]
+    for where, targets in owners:
+        for target in filter(None, targets):
+            source = sources.get(target.replace("_", "-"))
+            if source is not None:
+                fail(
+                    where,
+                    f"header {target!r} is the token header {source!r} to backends that read '_' as '-'",
+                )
 
 
 def load(file: str | Path) -> Settings:

@@ -213,6 +213,7 @@ CORPUS: list[tuple[str, Callable[[Minter], str], bool]] = [
     ("typ-not-accepted", lambda m: m.token(header={"typ": "JOSE+JSON"}), DENY),
     ("crit", lambda m: m.token(header={"crit": ["exp"], "exp": m.now + 60}), DENY),
     ("b64-false-with-crit", lambda m: m.token(header={"b64": False, "crit": ["b64"]}), DENY),
+    ("b64-true-without-crit", lambda m: m.token(header={"b64": True}), DENY),
     ("jku-header-ignored", lambda m: m.token(header={"jku": "https://attacker.example/jwks.json"}), ALLOW),
     (
         "duplicate-claim",
@@ -285,8 +286,14 @@ DIFFERENCES: dict[str, tuple[bool, bool, str]] = {
     "b64-false-with-crit": (
         DENY,
         ALLOW,
-        "same crit rule (RFC 7797 unencoded payloads are not supported); jwt_authn verifies the "
-        "encoded form and ignores b64 and crit",
+        "RFC 7797 is not implemented: ext-authz refuses any b64 header member (crit or not); "
+        "jwt_authn verifies the encoded form and ignores b64 and crit",
+    ),
+    "b64-true-without-crit": (
+        DENY,
+        ALLOW,
+        "the same b64 rule: an RFC 7797 implementation and one without it may read a token with "
+        "b64 differently, so ext-authz refuses it; jwt_authn ignores b64",
     ),
     "over-16-KiB": (
         DENY,

@@ -272,6 +272,13 @@ ATTACKS = [
         400,
         "invalid_request",
     ),
+    Attack(
+        "header-and-query-parameter-same-token",
+        lambda f: (f"/orders?access_token={(t := f.token())}", [("Authorization", f"Bearer {t}")]),
+        400,
+        "invalid_request",
+    ),
+    Attack("b64-true-without-crit", lambda f: f.token(header={"b64": True})),
 ]
 
 

@@ -12,14 +12,15 @@ import json
 import re
 import time
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import jwt
 import pytest
 
-from tests.support.envoy import Exchange, Gateway
+from tests.support.echo import EchoBackend
+from tests.support.envoy import TRACE_HEADER, Exchange, Gateway, start_envoy
 from tests.support.idp import (
     TestIssuer,
     decode_unverified_payload,
@@ -27,7 +28,7 @@ from tests.support.idp import (
     hmac_token,
     tamper_signature,
 )
-from tests.support.processes import start_ext_authz
+from tests.support.processes import ExtAuthzProcess, start_ext_authz
 
 REALM = "ext-authz"
 IDENTITY_HEADERS = ("x-user-id", "x-user-email", "x-user-groups", "x-jwt-payload")
@@ -363,6 +364,56 @@ def test_underscored_lookalike_of_an_identity_header_is_dropped(gateway: Gateway
     seen = backend_headers(exchange)
     assert "x_user_id" not in seen, exchange.describe()
     assert "x-user-id" not in seen, exchange.describe()
+
+
+# ---- forged headers the authorizer never sees ------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def hiding_gateway(issuer: TestIssuer, echo: EchoBackend, authz_server: ExtAuthzProcess) -> Iterator[Gateway]:
+    """Envoy whose ext_authz filter shows ext-authz only the token and the trace header
+    (`allowed_headers`), keeping Envoy's default `headers_with_underscores_action: ALLOW`."""
+    with start_envoy(
+        authz_server.address,
+        echo.port,
+        allowed_headers=["authorization", TRACE_HEADER],
+        headers_with_underscores_action="ALLOW",
+    ) as envoy:
+        yield Gateway(envoy, echo, issuer, authz_server, False)
+        authz_server.process.check_alive()
+
+
+FORGED_HIDDEN = [
+    ("x-user-id", "mallory"),
+    ("x_user_id", "mallory"),
+    ("x-user_id", "mallory"),
+    ("x-user-email", "forged@x"),
+    ("x_user_email", "forged@x"),
+    ("x_jwt_payload", "e30"),
+]
+
+
+@pytest.mark.parametrize(
+    ("path", "claims", "sets"),
+    [
+        ("/public/x", None, {}),  # anonymous route, no token
+        ("/orders", {"sub": None}, {"x-user-id": None}),  # token route, the claim is absent
+        ("/orders", {}, {"x-user-id": ["alice"]}),  # the claim is there: ours replaces theirs
+    ],
+    ids=["anonymous", "token-without-claim", "token-with-claim"],
+)
+def test_forged_identity_headers_hidden_from_the_authorizer_never_reach_the_backend(
+    hiding_gateway: Gateway, path: str, claims: dict[str, Any] | None, sets: dict[str, list[str] | None]
+) -> None:
+    token = hiding_gateway.issuer.mint(claims) if claims is not None else None
+
+    exchange = hiding_gateway.get(path, FORGED_HIDDEN, token=token)
+
+    seen = backend_headers(exchange)
+    for name, _ in FORGED_HIDDEN:
+        assert seen.get(name) == sets.get(name), exchange.describe()
+    for values in seen.values():
+        assert not any(v in ("mallory", "forged@x", "e30") for v in values), exchange.describe()
 
 
 # ---- process lifecycle -----------------------------------------------------------------------

@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 import yaml
+from jwt.algorithms import get_default_algorithms
 
 from tests.support.echo import EchoBackend
 from tests.support.envoy import AUTHZ_METADATA_HEADER, Exchange, Gateway, start_envoy
@@ -129,8 +130,30 @@ def test_different_tokens_in_header_and_query_are_400(gateway: Gateway) -> None:
     assert exchange.response.status == 400, exchange.describe()
     assert challenge_error(exchange) == "invalid_request"
     assert exchange.backend is None
+
+
+def test_same_token_by_two_rfc6750_methods_is_400_but_a_cookie_is_not_a_method(gateway: Gateway) -> None:
     same = gateway.issuer.mint()
-    assert seen(gateway.get(f"/orders?access_token={same}", token=same))["x-user-id"] == ["alice"]
+    exchange = gateway.get(f"/orders?access_token={same}", token=same)
+    assert exchange.response.status == 400, exchange.describe()
+    assert challenge_error(exchange) == "invalid_request"
+    assert exchange.response.json()["error_description"] == "the token is sent by more than one method"
+    assert exchange.backend is None
+    assert same not in exchange.response.body.decode()
+    # RFC 6750 §2 names the header, the form body and the query; a cookie is none of them.
+    assert seen(gateway.get("/orders", [("Cookie", f"session={same}")], token=same))["x-user-id"] == ["alice"]
+    cookie_and_query = gateway.get(f"/orders?access_token={same}", [("Cookie", f"session={same}")])
+    assert seen(cookie_and_query)["x-user-id"] == ["alice"]
+
+
+def signed_with_header(issuer: TestIssuer, header: dict[str, Any]) -> str:
+    """A token validly signed over its encoded payload, with these header members as given
+    (PyJWT would drop `b64: true` and detach the payload for `b64: false`)."""
+    key = issuer.key()
+    head = b64url(json.dumps({"alg": key.alg, "kid": key.kid, "typ": "JWT", **header}).encode())
+    body = b64url(json.dumps(issuer.claims()).encode())
+    signature = get_default_algorithms()[key.alg].sign(f"{head}.{body}".encode(), key.private_key)
+    return f"{head}.{body}.{b64url(signature)}"
 
 
 @pytest.mark.parametrize(
@@ -138,12 +161,16 @@ def test_different_tokens_in_header_and_query_are_400(gateway: Gateway) -> None:
     [
         ("crit", {"crit": ["exp"], "exp": 1}, "critical"),
         ("typ", {"typ": "JOSE+JSON"}, "type"),
+        # RFC 7797 is not implemented: b64 is refused, crit or not, even when validly signed.
+        ("b64-true", {"b64": True}, "b64"),
+        ("b64-false", {"b64": False}, "b64"),
+        ("b64-with-crit", {"b64": False, "crit": ["b64"]}, "b64"),
     ],
 )
 def test_header_checks_through_envoy(
     gateway: Gateway, case: str, header: dict[str, Any], description: str
 ) -> None:
-    exchange = gateway.get("/orders", token=gateway.issuer.mint(headers=header))
+    exchange = gateway.get("/orders", token=signed_with_header(gateway.issuer, header))
     assert exchange.response.status == 401, exchange.describe()
     assert challenge_error(exchange) == "invalid_token"
     assert description in (exchange.response.header("www-authenticate") or "")

@@ -119,6 +119,8 @@ def envoy_config(
     route_context_extensions: Mapping[str, Mapping[str, str]] | None = None,
     metadata_headers: Mapping[str, str] | None = None,
     authz_transport_socket: Mapping[str, Any] | None = None,
+    allowed_headers: Sequence[str] | None = None,
+    headers_with_underscores_action: str = "DROP_HEADER",
 ) -> dict[str, Any]:
     """The bootstrap config (as a dict) used by `start_envoy`.
 
@@ -128,6 +130,11 @@ def envoy_config(
     `check_settings.context_extensions` of a route of its own (placed before the catch-all `/`
     route), and `metadata_headers` maps a request header name to a key of the ext_authz dynamic
     metadata that every route copies into that header for the backend (`-` when absent).
+
+    For header-hygiene tests: `allowed_headers` (exact names) sets the ext_authz filter's
+    `allowed_headers`, so only those request headers reach ext-authz (Envoy adds a few of its
+    own); `headers_with_underscores_action` replaces envoy.yaml's DROP_HEADER (Envoy's own
+    default is ALLOW).
     """
     authz_host, authz_port = _split_host_port(authz_address)
     ext_authz: dict[str, Any] = {
@@ -140,6 +147,8 @@ def envoy_config(
         "encode_raw_headers": encode_raw_headers,
         "decoder_header_mutation_rules": dict(DECODER_HEADER_MUTATION_RULES),
     }
+    if allowed_headers is not None:
+        ext_authz["allowed_headers"] = {"patterns": [{"exact": name} for name in allowed_headers]}
     # Shows the backend what ext-authz put in dynamic_metadata.
     headers_to_add: list[dict[str, Any]] = [
         {
@@ -166,7 +175,7 @@ def envoy_config(
         "normalize_path": True,
         "merge_slashes": True,
         "path_with_escaped_slashes_action": "UNESCAPE_AND_REDIRECT",
-        "common_http_protocol_options": {"headers_with_underscores_action": "DROP_HEADER"},
+        "common_http_protocol_options": {"headers_with_underscores_action": headers_with_underscores_action},
         "route_config": {
             "name": "local_route",
             "virtual_hosts": [
@@ -304,10 +313,13 @@ def start_envoy(
     route_context_extensions: Mapping[str, Mapping[str, str]] | None = None,
     metadata_headers: Mapping[str, str] | None = None,
     authz_transport_socket: Mapping[str, Any] | None = None,
+    allowed_headers: Sequence[str] | None = None,
+    headers_with_underscores_action: str = "DROP_HEADER",
 ) -> EnvoyProcess:
     """Start Envoy and return once its listener accepts connections and the server is LIVE.
 
-    `route_context_extensions`, `metadata_headers` and `authz_transport_socket`: see `envoy_config`.
+    `route_context_extensions`, `metadata_headers`, `authz_transport_socket`, `allowed_headers` and
+    `headers_with_underscores_action`: see `envoy_config`.
     """
     workdir = Path(tempfile.mkdtemp(prefix="ext-authz-envoy-"))
     config = write_envoy_config(
@@ -319,6 +331,8 @@ def start_envoy(
         route_context_extensions=route_context_extensions,
         metadata_headers=metadata_headers,
         authz_transport_socket=authz_transport_socket,
+        allowed_headers=allowed_headers,
+        headers_with_underscores_action=headers_with_underscores_action,
     )
     admin_path = workdir / "admin-address"
     argv = [

@@ -37,6 +37,7 @@ from ext_authz._proto.envoy.service.auth.v3 import attribute_context_pb2, extern
 from ext_authz.identity import parse_token
 from ext_authz.keys.jwks import parse_jwks
 from ext_authz.pipeline import Pipeline
+from ext_authz.response import underscore_spellings
 from ext_authz.transport.servicer import AuthorizationServicer
 from tests.support.idp import SigningKey, b64url, b64url_decode, public_jwk
 from tests.unit.conftest import ISSUER, NOW, Keys, StaticResolver, claims, clock, make_settings
@@ -50,6 +51,7 @@ OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
 P256_ORDER = 0xFFFFFFFF00000000FFFFFFFFFFFFFFFFBCE6FAADA7179E84F3B9CAC2FC632551
 
 OWNED = ("x-user-id", "x-user-email", "x-note", "x-roles", "x-jwt-payload", "x-tenant")
+OWNED_SPELLINGS = {spelling for name in OWNED for spelling in underscore_spellings(name)}
 PROVIDER: dict[str, Any] = {
     "from_params": ["access_token"],
     "claim_to_headers": [
@@ -519,8 +521,18 @@ HEADER_CASES = [
     _case(
         "b64-false-with-crit",
         lambda f: f.token(header={"b64": False, "crit": ["b64"]}),
-        "critical_header_unsupported",
+        "b64_header_unsupported",
     ),
+    # RFC 7797 is not implemented: `b64` is refused whatever its value, crit or not, even on a
+    # token validly signed over the encoded payload (nothing else would deny these).
+    _case("b64-false-without-crit", lambda f: f.token(header={"b64": False}), "b64_header_unsupported"),
+    _case("b64-true-without-crit", lambda f: f.token(header={"b64": True}), "b64_header_unsupported"),
+    _case(
+        "b64-true-with-crit",
+        lambda f: f.token(header={"b64": True, "crit": ["b64"]}),
+        "b64_header_unsupported",
+    ),
+    _case("b64-null", lambda f: f.token(header={"b64": None}), "b64_header_unsupported"),
     _case(
         # RFC 7797 unencoded payload: the middle segment is the raw JSON, not base64url.
         "b64-false-unencoded-payload",
@@ -531,7 +543,7 @@ HEADER_CASES = [
         # Signed over the unencoded payload but sent encoded, and no crit: the signature cannot match.
         "b64-false-signed-unencoded-sent-encoded",
         lambda f: unencoded_payload_token(f, crit=False),
-        "bad_signature",
+        "b64_header_unsupported",
     ),
     _case("jwe-5-parts", lambda f: jwe_token(), "malformed_token"),
     _case("jwe-5-parts-dir", lambda f: jwe_token("dir"), "malformed_token"),
@@ -850,6 +862,16 @@ REQUEST_CASES = [
         INVALID_REQUEST,
     ),
     _case(
+        # RFC 6750 §2: one method per request, even for the same token.
+        "header-and-query-parameter-same-token",
+        lambda f: check_request(
+            {"authorization": f"Bearer {(t := f.token())}"}, path=f"/orders?access_token={t}"
+        ),
+        "multiple_token_methods",
+        400,
+        INVALID_REQUEST,
+    ),
+    _case(
         "two-query-parameters-differ",
         lambda f: check_request(path=f"/orders?access_token={f.token()}&access_token={f.token(sub='bob')}"),
         "multiple_tokens",
@@ -969,10 +991,6 @@ AUTHENTIC_ODDITIES = [
     ("kid-null-is-no-kid", lambda f: f.token(header={"kid": None})),  # one RSA key fits: no ambiguity
     ("no-kid-one-key-fits", lambda f: f.token(header={"kid": _ABSENT})),
     ("cty-jwt-with-claims-payload", lambda f: f.token(header={"cty": "JWT"})),  # cty is informational
-    (
-        "b64-false-without-crit",
-        lambda f: f.token(header={"b64": False}),
-    ),  # ignored (RFC 7797 §6): signed as sent
     ("jku-ignored-on-issuer-signed-token", lambda f: f.token(header={"jku": "https://attacker.example/"})),
     ("aud-array-containing-api", lambda f: f.token(aud=["other", "api"])),
     ("typ-case-insensitive", lambda f: f.token(header={"typ": "application/JWT"})),
@@ -981,8 +999,8 @@ AUTHENTIC_ODDITIES = [
         lambda f: check_request({"authorization": f"Bearer {(t := f.token())}, Bearer {t}"}),
     ),
     (
-        "same-token-header-and-query",
-        lambda f: check_request({"authorization": f"Bearer {(t := f.token())}"}, path=f"/o?access_token={t}"),
+        "same-token-twice-in-the-query",
+        lambda f: check_request(path=f"/o?access_token={(t := f.token())}&access_token={t}"),
     ),
     ("scheme-case-insensitive", lambda f: check_request({"authorization": f"bEaReR {f.token()}"})),
     (
@@ -1039,6 +1057,11 @@ UNSAFE_VALUES = [
     ("over-cap", "x" * 8193),
     ("over-cap-multibyte", "é" * 4097),  # 8194 bytes in 4097 characters: the cap is in bytes
     ("array-with-crlf-member", ["ok", "bad\r\nx-admin: true"]),
+    # Joined with ",", these would read as other elements (["x,admin"] as "x" and "admin").
+    ("array-element-with-comma", ["reader", "x,admin"]),
+    ("array-element-with-blank-edge", ["reader", " admin"]),
+    ("array-with-nested-array", ["reader", ["admin"]]),
+    ("array-with-object", ["reader", {"role": "admin"}]),
 ]
 # Legal field values (RFC 9110 §5.5: obs-text bytes are allowed; Envoy rejects only NUL, CR, LF).
 SAFE_VALUES = [
@@ -1112,6 +1135,14 @@ FORGED_SPELLINGS: list[tuple[str, Callable[[str, dict[str, str]], CheckRequest]]
             + [(name, b"third") for name in OWNED],
         ),
     ),
+    (
+        "underscored",
+        lambda path, extra: check_request(
+            {**extra, **{n.replace("-", "_"): "forged" for n in OWNED}, "x-user_id": "forged"}, path=path
+        ),
+    ),
+    # Envoy's allowed_headers (or another filter) may hide the forged copies from ext-authz.
+    ("hidden", lambda path, extra: check_request(extra, path=path)),
 ]
 ROUTE_KINDS: list[tuple[str, str, Callable[[Forge], dict[str, str]], set[str]]] = [
     # (route kind, path, credentials, the owned headers this decision sets)
@@ -1172,8 +1203,9 @@ async def test_forged_identity_headers_never_survive(
     emitted = response_headers(ok.headers)
     assert set(emitted) & set(OWNED) == sets
     assert all("forged" not in v and "again" not in v and "third" not in v for v in emitted.values())
-    # Envoy removes after it sets: a name we set must not be removed; every other owned one must.
-    assert set(ok.headers_to_remove) == set(OWNED) - sets
+    # Envoy removes after it sets: a name we set must not be removed; every other owned one must,
+    # and every underscore spelling of each, whether the request shows them or not.
+    assert set(ok.headers_to_remove) == OWNED_SPELLINGS - sets
 
 
 async def test_denied_request_is_not_forwarded_at_all(servicer: AuthorizationServicer) -> None:

@@ -29,7 +29,12 @@ def request(query: str = "", **headers: str) -> Request:
         (request(cookie="a=1; session=abc; b=2"), "abc", [COOKIE]),
         (request(cookie='session="abc"'), "abc", [COOKIE]),
         (request("x=1&access_token=abc"), "abc", [PARAM]),
-        (request("access_token=abc", authorization="Bearer abc"), "abc", [AUTH, PARAM]),
+        # A cookie is not an RFC 6750 method: beside a header or a parameter it is the same credential.
+        (request(authorization="Bearer abc", cookie="session=abc"), "abc", [AUTH, COOKIE]),
+        (request("access_token=abc", cookie="session=abc"), "abc", [COOKIE, PARAM]),
+        # Two header sources are one method (the header), sent twice.
+        (request(authorization="Bearer abc", x_token="abc"), "abc", [AUTH, X_TOKEN]),
+        (request("access_token=abc&access_token=abc"), "abc", [PARAM]),
         (request(authorization="Basic dXNlcjpwYXNz, Bearer abc"), "abc", [AUTH]),
     ],
 )
@@ -62,6 +67,14 @@ def test_none(req: Request) -> None:
         (request(authorization="Bearer a", x_token="b"), errors.MultipleTokens),
         (request("access_token=b", authorization="Bearer a"), errors.MultipleTokens),
         (request("access_token=a&access_token=b"), errors.MultipleTokens),
+        (request("access_token=a", authorization="Bearer a", cookie="session=b"), errors.MultipleTokens),
+        # RFC 6750 §2: one method per request, even for the same token.
+        (request("access_token=abc", authorization="Bearer abc"), errors.MultipleTokenMethods),
+        (request("access_token=abc", x_token="abc"), errors.MultipleTokenMethods),
+        (
+            request("access_token=abc", authorization="Bearer abc", cookie="session=abc"),
+            errors.MultipleTokenMethods,
+        ),
         (request(authorization="Bearer"), errors.EmptyToken),
         (request(authorization="Bearer   "), errors.EmptyToken),
         (request("access_token="), errors.EmptyToken),
@@ -71,6 +84,13 @@ def test_ambiguous_or_empty_is_invalid_request(req: Request, error: type[errors.
     with pytest.raises(error) as caught:
         FINDER.find(req)
     assert caught.value.status == 400 and caught.value.rfc6750_error == "invalid_request"
+
+
+def test_two_methods_have_their_own_code() -> None:
+    with pytest.raises(errors.MultipleTokenMethods) as caught:
+        FINDER.find(request("access_token=abc", authorization="Bearer abc"))
+    assert caught.value.code == "multiple_token_methods"
+    assert "abc" not in caught.value.detail
 
 
 def test_same_token_twice_is_one_credential() -> None:

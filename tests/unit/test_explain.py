@@ -102,9 +102,12 @@ async def test_allow_text(keys: Keys, mint: Mint) -> None:
         "        [x] not",
         "          [ ] claim suspended = True",
     ]
-    assert lines[-2:] == [
+    assert lines[-5:] == [
         'decision  ALLOW 200 (rule "admin", provider idp)',
         "          set header x-user-id: alice",
+        "          remove header x-user_id",
+        "          remove header x_user-id",
+        "          remove header x_user_id",
     ]
 
 
@@ -132,7 +135,7 @@ async def test_allow_json(keys: Keys, mint: Mint) -> None:
         "rule": "admin",
         "provider": "idp",
         "headers_to_set": [{"name": "x-user-id", "value": "alice"}],
-        "headers_to_remove": [],
+        "headers_to_remove": ["x-user_id", "x_user-id", "x_user_id"],
         "query_parameters_to_remove": [],
     }
 
@@ -143,7 +146,12 @@ async def test_allow_removes_forged_identity_headers_on_anonymous_route(keys: Ke
     assert "request   GET /public/../public/x  (judged as /public/x)" in text
     assert "token     none" in text
     assert 'requirements of rules[0] "health": none: the rule allows anonymous requests' in text
-    assert text.endswith('decision  ALLOW 200 (rule "health")\n          remove header x-user-id\n')
+    assert text.endswith(
+        'decision  ALLOW 200 (rule "health")\n'
+        + "".join(
+            f"          remove header {n}\n" for n in ("x-user-id", "x-user_id", "x_user-id", "x_user_id")
+        )
+    )
 
 
 # ---- 401 ----

@@ -208,6 +208,21 @@ async def test_crit_is_rejected(resolver: StaticResolver, keys: Keys) -> None:
 
 
 @pytest.mark.parametrize(
+    "extra", [{"b64": True}, {"b64": False}, {"b64": True, "crit": ["b64"]}, {"b64": False, "crit": ["b64"]}]
+)
+async def test_b64_is_rejected_with_or_without_crit(
+    resolver: StaticResolver, keys: Keys, extra: dict[str, Any]
+) -> None:
+    # Validly signed over the encoded payload, as an implementation without RFC 7797 would check
+    # it: only the b64 member can deny it.
+    token = sign_raw({"alg": "RS256", "kid": keys.rsa.kid, **extra}, claims(), keys.rsa)
+    error = await rejected(resolver, token)
+    assert type(error) is errors.UnsupportedB64Header
+    assert (error.status, error.rfc6750_error, error.code) == (401, "invalid_token", "b64_header_unsupported")
+    await verify(resolver, sign_raw({"alg": "RS256", "kid": keys.rsa.kid}, claims(), keys.rsa))
+
+
+@pytest.mark.parametrize(
     "token",
     [
         "",

@@ -153,7 +153,7 @@ BAD_RULES: list[tuple[str, Any, str, str]] = [
     (
         "claim header reserved",
         {"require": {}, "claim_to_headers": [{"header": "host", "claim": "sub"}]},
-        "rules[0].claim_to_headers",
+        "rules[0].claim_to_headers[0].header",
         "cannot be set",
     ),
     (

@@ -11,7 +11,7 @@ from ext_authz import errors
 from ext_authz.claims import claim_value
 from ext_authz.model import Credential, Principal, Request, TokenLocation
 from ext_authz.policy import DEFAULT_RULE
-from ext_authz.response import Answers, header_value, is_safe_header_value
+from ext_authz.response import Answers, header_value, is_safe_header_value, underscore_spellings
 from tests.unit.conftest import make_settings
 
 CLAIM_HEADERS = [
@@ -34,6 +34,10 @@ def answers(**provider: object) -> Answers:
 
 def principal(claims: dict[str, object], *locations: TokenLocation) -> Principal:
     return Principal("idp", claims, "PAYLOAD", Credential("tok", locations))
+
+
+def spellings(*names: str) -> set[str]:
+    return {spelling for name in names for spelling in underscore_spellings(name)}
 
 
 def test_values() -> None:
@@ -74,9 +78,13 @@ def test_allow_sets_claims_and_strips_forgeries() -> None:
         "x-verified": "true",
         "x-jwt-payload": "PAYLOAD",
     }
-    # Owned headers the client sent and this decision does not set are removed: no email claim,
-    # and the unsafe claim value is left out (the decision stands).
-    assert set(allow.headers_to_remove) == {"x-email", "x-bad"}
+    # Owned headers this decision does not set are removed: no email claim, and the unsafe claim
+    # value is left out (the decision stands); so is every underscore spelling of an owned name.
+    owned = [c["header"] for c in CLAIM_HEADERS] + ["x-jwt-payload"]
+    assert set(allow.headers_to_remove) == spellings(*owned) - set(dict(allow.headers_to_set))
+    assert {"x-email", "x-bad", "x_user_id", "x_user-id", "x-user_id", "x_email"} <= set(
+        allow.headers_to_remove
+    )
     assert allow.metadata == {"rule": "rules[0]", "provider": "idp", "claims": claims}
 
 
@@ -84,7 +92,8 @@ def test_anonymous_allow_removes_every_owned_header() -> None:
     forged = {"x-user-id": "mallory", "x-jwt-payload": "e30", "x-other": "kept"}
     allow = answers(payload_header="x-jwt-payload").allow(Request("GET", "/", headers=forged), None, RULE)
     assert allow.headers_to_set == ()
-    assert set(allow.headers_to_remove) == {"x-user-id", "x-jwt-payload"}
+    owned = [c["header"] for c in CLAIM_HEADERS] + ["x-jwt-payload"]
+    assert set(allow.headers_to_remove) == spellings(*owned)
     assert allow.metadata == {"rule": "rules[0]"}
 
 
@@ -180,3 +189,80 @@ def test_rule_claim_headers_are_added_and_owned() -> None:
     assert "x-org" not in a.owned_headers  # owned only when a rule of the config declares it
     allow = a.allow(Request("GET", "/"), principal({"sub": "alice", "org": "o1"}), rule)
     assert ("x-org", "o1") in allow.headers_to_set
+
+
+def test_owned_headers_are_removed_even_when_the_request_does_not_show_them() -> None:
+    # Envoy's allowed_headers (or an earlier filter) may hide a forged copy from the CheckRequest.
+    a = answers(payload_header="x-jwt-payload")
+    anonymous = a.allow(Request("GET", "/"), None, RULE)
+    assert set(anonymous.headers_to_remove) == spellings(
+        *(c["header"] for c in CLAIM_HEADERS), "x-jwt-payload"
+    )
+    assert anonymous.headers_to_remove is a.headers_always_removed  # nothing computed per request
+    token = a.allow(Request("GET", "/"), principal({"sub": "alice"}), RULE)
+    removed = set(token.headers_to_remove)
+    assert "x-user-id" not in removed  # set by this decision: Envoy removes after it sets
+    assert {"x-user_id", "x_user-id", "x_user_id", "x-email", "x_email", "x-bad", "x_bad"} <= removed
+    assert "x-jwt-payload" not in removed and "x_jwt_payload" in removed
+    # Another decision of the same config sets another list of names: its own removals.
+    with_email = a.allow(Request("GET", "/"), principal({"sub": "alice", "email": "a@x"}), RULE)
+    assert "x-email" not in with_email.headers_to_remove and "x_email" in with_email.headers_to_remove
+    again = a.allow(Request("GET", "/"), principal({"sub": "bob"}), RULE)
+    assert again.headers_to_remove == token.headers_to_remove and "x-email" in again.headers_to_remove
+
+
+def test_underscore_spellings() -> None:
+    assert underscore_spellings("x-user-id") == ("x-user-id", "x-user_id", "x_user-id", "x_user_id")
+    assert underscore_spellings("single") == ("single",)
+    assert set(underscore_spellings("x_user")) == {"x_user", "x-user"}
+    assert len(underscore_spellings("x-forwarded-user-id")) == 8
+    # More dashes than that: the name, its dashed and its all-underscore spelling.
+    assert set(underscore_spellings("x-a-b-c-d")) == {"x-a-b-c-d", "x_a_b_c_d"}
+
+
+def test_long_names_lose_any_spelling_the_request_shows() -> None:
+    a = answers(claim_to_headers=[{"header": "x-auth-user-org-id", "claim": "sub"}])
+    assert set(a.headers_always_removed) == {"x-auth-user-org-id", "x_auth_user_org_id"}
+    shown = {"x-auth_user-org_id": "forged", "x_auth-user_org-id": "forged", "x-other_name": "kept"}
+    anonymous = a.allow(Request("GET", "/", headers=shown), None, RULE)
+    assert set(anonymous.headers_to_remove) == {"x-auth-user-org-id", "x_auth_user_org_id", *shown} - {
+        "x-other_name"
+    }
+    token = a.allow(Request("GET", "/", headers=shown), principal({"sub": "alice"}), RULE)
+    assert set(token.headers_to_remove) == {"x_auth_user_org_id", "x-auth_user-org_id", "x_auth-user_org-id"}
+
+
+@pytest.mark.parametrize(
+    ("value", "text"),
+    [
+        (["a", "b"], "a,b"),
+        (["a b", "c"], "a b,c"),
+        (["x,admin"], None),
+        (["reader", "x, admin"], None),
+        (["reader", " admin"], None),
+        (["admin\t"], None),
+        (["a", ["b"]], None),
+        ([["a", "b"]], None),
+        (["a", {"b": 1}], None),
+        ([1, True, 2.5], "1,true,2.5"),
+    ],
+)
+def test_array_values_that_would_read_as_other_elements(value: object, text: str | None) -> None:
+    assert header_value(value) == text
+
+
+def test_ambiguous_array_claim_is_left_out_and_logged(caplog: pytest.LogCaptureFixture) -> None:
+    a = answers()
+    claims: dict[str, object] = {"sub": "alice", "groups": ["staff", "x,admin-secret-value"]}
+    with caplog.at_level("WARNING", logger="ext_authz.response"):
+        allow = a.allow(Request("GET", "/", headers={"x-groups": "admin"}), principal(claims), RULE)
+    assert dict(allow.headers_to_set) == {"x-user-id": "alice"}
+    assert "x-groups" in allow.headers_to_remove  # the client's copy goes too
+    (record,) = caplog.records
+    assert record.fields == {"header": "x-groups", "claim": "groups"}  # type: ignore[attr-defined]
+    assert "admin-secret-value" not in record.getMessage()
+    # An absent claim is not worth a log line.
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="ext_authz.response"):
+        a.allow(Request("GET", "/"), principal({"sub": "alice"}), RULE)
+    assert caplog.records == []

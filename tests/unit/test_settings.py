@@ -174,8 +174,60 @@ BAD_CONFIGS: list[tuple[str, object, str, str]] = [
     (
         "host header",
         config(providers=[provider(claim_to_headers=[{"header": "Host", "claim": "sub"}])]),
-        "providers[0].claim_to_headers",
+        "providers[0].claim_to_headers[0].header",
         "cannot be set",
+    ),
+    (
+        # Envoy's header mutation rules ignore x-envoy-* (allow_envoy: false), or obey them.
+        "x-envoy header",
+        config(
+            providers=[
+                provider(
+                    claim_to_headers=[
+                        {"header": "x-user-id", "claim": "sub"},
+                        {"header": "X-Envoy-Upstream-Rq-Timeout-Ms", "claim": "t"},
+                    ]
+                )
+            ]
+        ),
+        "providers[0].claim_to_headers[1].header",
+        "x-envoy-",
+    ),
+    (
+        "x-envoy payload header",
+        config(providers=[provider(payload_header="x-envoy-original-path")]),
+        "providers[0].payload_header",
+        "cannot be set",
+    ),
+    (
+        "host payload header",
+        config(providers=[provider(payload_header="host")]),
+        "providers[0].payload_header",
+        "cannot be set",
+    ),
+    (
+        "pseudo payload header",
+        config(providers=[provider(payload_header=":authority")]),
+        "providers[0].payload_header",
+        "pseudo",
+    ),
+    (
+        "rule x-envoy header",
+        config(rules=[{"require": {}, "claim_to_headers": [{"header": "x-envoy-retry-on", "claim": "sub"}]}]),
+        "rules[0].claim_to_headers[0].header",
+        "x-envoy-",
+    ),
+    (
+        "rule host header",
+        config(rules=[{"require": {}, "claim_to_headers": [{"header": "host", "claim": "sub"}]}]),
+        "rules[0].claim_to_headers[0].header",
+        "cannot be set",
+    ),
+    (
+        "rule pseudo header",
+        config(rules=[{"require": {}, "claim_to_headers": [{"header": ":path", "claim": "sub"}]}]),
+        "rules[0].claim_to_headers[0].header",
+        "pseudo",
     ),
     (
         "claim header twice",
@@ -192,6 +244,20 @@ BAD_CONFIGS: list[tuple[str, object, str, str]] = [
         config(providers=[provider(claim_to_headers=[{"header": "authorization", "claim": "sub"}])]),
         "providers[0].claim_to_headers",
         "carries tokens",
+    ),
+    (
+        # x_token would be removed upstream as a spelling of the identity header x-token.
+        "claim header is a spelling of the token header",
+        config(
+            providers=[
+                provider(
+                    from_headers=[{"name": "x_token"}],
+                    claim_to_headers=[{"header": "x-token", "claim": "sub"}],
+                )
+            ]
+        ),
+        "providers[0].claim_to_headers",
+        "token header 'x_token'",
     ),
     (
         "bad claim path",
