@@ -158,6 +158,9 @@ class Settings:
     tracing: TracingSettings = TracingSettings()
     token_cache_entries: int = 10_000  # verified tokens kept (0: no cache)
     source: str = "<config>"
+    # "all": a path that backends could read differently (";", "%2F", "%5C", "\\", "%25") must
+    # pick the same rule under every reading; "rfc3986": only the RFC 3986 reading is judged.
+    path_readings: Literal["all", "rfc3986"] = "all"
 
 
 def url_problem(url: str, *, allow_insecure_http: bool) -> str | None:
@@ -406,6 +409,7 @@ def _header_source(raw: object, path: str) -> HeaderSource:
 _TOP_KEYS = (
     "listen", "realm", "providers", "rules", "max_token_bytes", "max_header_value_bytes", "readiness",
     "jwks_cache", "mode", "admin", "log", "shutdown", "tracing", "token_cache",
+    "path_readings",
 )  # fmt: skip
 
 
@@ -459,7 +463,17 @@ def parse(document: object, *, base_dir: Path = Path("."), source: str = "<confi
         _tracing(top.get("tracing", {})),
         _token_cache(top.get("token_cache", {})),
         source,
+        path_readings=_path_readings(top.get("path_readings", "all")),
     )
+
+
+def _path_readings(raw: object) -> Literal["all", "rfc3986"]:
+    if raw not in ("all", "rfc3986"):
+        fail(
+            "path_readings",
+            "must be all (every way a backend may read the path must pick the same rule) or rfc3986",
+        )
+    return "all" if raw == "all" else "rfc3986"
 
 
 def _token_cache(raw: object) -> int:
