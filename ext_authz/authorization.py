@@ -378,6 +378,14 @@ def explain_requirement(
 # ---- rules ----
 
 
+def _mentions_host(requirement: Requirement) -> bool:
+    if isinstance(requirement, AllOf | AnyOf):
+        return any(_mentions_host(child) for child in requirement.children)
+    if isinstance(requirement, Not):
+        return _mentions_host(requirement.child)
+    return isinstance(requirement, Expression) and "host" in requirement.text
+
+
 @dataclass(frozen=True, slots=True)
 class Matched:
     rule: RuleSettings
@@ -390,6 +398,12 @@ class Rules:
     def __init__(self, rules: tuple[RuleSettings, ...], providers: tuple[ProviderSettings, ...]) -> None:
         self.rules = rules
         self._locations = {p.name: p.claims for p in providers}
+        # Whether any rule reads the host (a `hosts:` condition, or an expression that may):
+        # then a request without one cannot be told apart from the guarded host, and is refused.
+        self.reads_host = any(
+            rule.match.hosts is not None or rule.match.host_suffixes or _mentions_host(rule.require)
+            for rule in rules
+        )
 
     def match(self, view: RequestView) -> Matched | None:
         """The rule for ``view.path`` (one reading)."""
@@ -404,7 +418,10 @@ class Rules:
 
         Raises AmbiguousPath when two readings pick different rules (or one none), or the same
         template rule with different parameters: the backend might serve what another rule guards.
+        Raises InvalidHost for a request without a host when a rule reads the host.
         """
+        if not view.host and self.reads_host:
+            raise errors.InvalidHost()
         matched = self.match(view)
         for path in view.other_paths:
             other = self.match(view.reading(path))

@@ -286,11 +286,12 @@ async def explain(pipeline: Pipeline, request: Request) -> Explanation:
     token = _token_verdict(pipeline, request, principal, error)
 
     readings: tuple[PathReading, ...] = ()
-    if view is not None and view.other_paths:
+    if view is not None:
         try:
             pipeline.rules.choose(view)
-        except errors.AmbiguousPath as ambiguous:
-            refused = ambiguous
+        except errors.InvalidRequest as malformed:
+            refused = malformed
+    if view is not None and view.other_paths:
         judged = principal if refused is None and matched is not None and not matched.rule.anonymous else None
         readings = _readings(pipeline.rules, request, view, judged, matched)
 

@@ -118,8 +118,13 @@ def envoy_config(
     access_log: bool = True,
     route_context_extensions: Mapping[str, Mapping[str, str]] | None = None,
     metadata_headers: Mapping[str, str] | None = None,
+    normalise_paths: bool = True,
 ) -> dict[str, Any]:
     """The bootstrap config (as a dict) used by `start_envoy`.
+
+    `normalise_paths=False` turns Envoy's path normalisation off (`normalize_path`,
+    `merge_slashes` false, `path_with_escaped_slashes_action: KEEP_UNCHANGED`), as a mesh that
+    leaves `;` and `%2F` alone does: ext-authz then sees the path the client sent.
 
     Opt-in, for rule tests: `route_context_extensions` maps a path prefix to the
     `check_settings.context_extensions` of a route of its own (placed before the catch-all `/`
@@ -160,9 +165,9 @@ def envoy_config(
         "stat_prefix": "ingress_http",
         # As in envoy.yaml: ext-authz must see the path the backend will serve, and no
         # underscored lookalike of an identity header may reach the backend.
-        "normalize_path": True,
-        "merge_slashes": True,
-        "path_with_escaped_slashes_action": "UNESCAPE_AND_REDIRECT",
+        "normalize_path": normalise_paths,
+        "merge_slashes": normalise_paths,
+        "path_with_escaped_slashes_action": "UNESCAPE_AND_REDIRECT" if normalise_paths else "KEEP_UNCHANGED",
         "common_http_protocol_options": {"headers_with_underscores_action": "DROP_HEADER"},
         "route_config": {
             "name": "local_route",
@@ -297,10 +302,11 @@ def start_envoy(
     timeout: float = DEFAULT_READY_TIMEOUT,
     route_context_extensions: Mapping[str, Mapping[str, str]] | None = None,
     metadata_headers: Mapping[str, str] | None = None,
+    normalise_paths: bool = True,
 ) -> EnvoyProcess:
     """Start Envoy and return once its listener accepts connections and the server is LIVE.
 
-    `route_context_extensions` and `metadata_headers`: see `envoy_config`.
+    `route_context_extensions`, `metadata_headers` and `normalise_paths`: see `envoy_config`.
     """
     workdir = Path(tempfile.mkdtemp(prefix="ext-authz-envoy-"))
     config = write_envoy_config(
@@ -311,6 +317,7 @@ def start_envoy(
         authz_timeout=authz_timeout,
         route_context_extensions=route_context_extensions,
         metadata_headers=metadata_headers,
+        normalise_paths=normalise_paths,
     )
     admin_path = workdir / "admin-address"
     argv = [

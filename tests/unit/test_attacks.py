@@ -1470,6 +1470,7 @@ HOST_SPELLINGS: list[tuple[str, str | None]] = [
     ("admin.example.com\\", None),
     (":443", None),
     (".", None),
+    ("", None),  # no host at all: it may be the guarded one
     ("[2001:db8::1]", "v6-host"),
     ("[2001:DB8::1]:443", "v6-host"),
     ("[2001:db8:0:0:0:0:0:1]", "v6-host"),
@@ -1507,9 +1508,30 @@ async def test_a_hosts_rule_cannot_be_skipped_by_spelling(
         assert isinstance(allowed, Allow) and allowed.rule == rule
 
 
-@pytest.mark.parametrize("host", ["api.example.com", "API.example.com.:8443", "localhost", "[::1]:80", ""])
+@pytest.mark.parametrize("host", ["api.example.com", "API.example.com.:8443", "localhost", "[::1]:80"])
 async def test_other_hosts_reach_the_open_rule(resolver: StaticResolver, host: str) -> None:
     decision = await Pipeline(make_settings(rules=HOST_RULES), resolver, clock=clock).decide(
         get("/x", host=host)
     )
     assert isinstance(decision, Allow) and decision.rule == "open"
+
+
+@pytest.mark.parametrize(
+    ("rules", "status"),
+    [
+        ([{"allow": "anonymous"}], 0),
+        ([{"match": {"hosts": ["*.example.com"]}, "require": {}}, {"allow": "anonymous"}], 400),
+        ([{"require": {"expression": "request.host != 'admin.example.com'"}}], 400),
+        ([{"require": {"any_of": [{"not": {"expression": "request.host == 'a'"}}]}}], 400),
+    ],
+)
+async def test_a_request_without_host_where_rules_read_the_host(
+    resolver: StaticResolver, forge: Forge, rules: list[Any], status: int
+) -> None:
+    decision = await Pipeline(make_settings(rules=rules), resolver, clock=clock).decide(
+        get("/x", forge.token(), host="")
+    )
+    if status == 0:
+        assert isinstance(decision, Allow)
+    else:
+        assert isinstance(decision, Deny) and (decision.status, decision.code) == (400, "invalid_host")
