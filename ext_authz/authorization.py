@@ -7,8 +7,9 @@ percent-decoding of unreserved characters, then removal of dot segments), and ``
 
 Backends do not all read a path the RFC 3986 way: Tomcat and Jetty drop ``;params`` from every
 segment before resolving dot segments (``/public/..;/admin`` is ``/admin`` to them), others decode
-``%2F`` / ``%5C`` or take ``\`` as a separator, or decode twice. When a path contains any of
-``;``, ``\``, ``%2F``, ``%5C`` or ``%25`` (any case), ``path_readings`` lists every such reading,
+``%2F`` / ``%5C`` or take ``\`` as a separator, decode twice, stop at ``%00``, or keep ``//``
+(RFC 3986 to the letter: ``/admin//../x`` is ``/admin/x``). When a path contains any of ``;``,
+``\``, ``//``, ``%2F``, ``%5C``, ``%25`` or ``%00`` (any case), ``path_readings`` lists every reading,
 and under ``path_readings: all`` (the default) every reading must pick the same rule with the
 same template parameters (else 400 ``ambiguous_path``) and the rule's requirements must hold under
 each. Any other path has exactly one reading and costs nothing extra.
@@ -52,13 +53,17 @@ _SLASHES = re.compile(r"/{2,}")
 NO_LOCATIONS = ClaimLocations((), (), ())
 
 
-def normalise_path(path: str) -> str:
-    """The path as rules see it: unreserved escapes decoded, dot segments removed, '//' merged."""
+def normalise_path(path: str, *, merge_slashes: bool = True) -> str:
+    """The path as rules see it: unreserved escapes decoded, dot segments removed, '//' merged.
+
+    ``merge_slashes=False`` is RFC 3986 to the letter (Java's URI.normalize, WHATWG URL parsers):
+    ``/admin//../x`` is ``/admin/x`` there, ``/x`` after merging.
+    """
     if not path:
         return path
     if "%" in path:
         path = _UNRESERVED_ESCAPE.sub(lambda m: chr(int(m.group(1), 16)), path)
-    if "//" in path:
+    if merge_slashes and "//" in path:
         path = _SLASHES.sub("/", path)
     if "." not in path:
         return path
@@ -84,7 +89,7 @@ def normalise_path(path: str) -> str:
 PathReadings = Literal["all", "rfc3986"]
 
 _SEPARATOR_ESCAPE = re.compile(r"%(?:2[fF]|5[cC])")
-_READING_TRIGGER = re.compile(r"[;\\]|%(?:2[fF]|5[cC]|25)")
+_READING_TRIGGER = re.compile(r"[;\\]|//|%(?:2[fF]|5[cC]|25|00)")
 
 
 def _strip_params(path: str) -> str:
@@ -97,16 +102,23 @@ def _cut_params(path: str) -> str:
     return path.partition(";")[0]
 
 
+def _cut_nul(path: str) -> str:
+    """C-based servers that decode ``%00`` and stop there (``/a%00/../b`` is ``/a``)."""
+    return path.partition("%00")[0]
+
+
 def _separators(path: str) -> str:
     """Servers that decode ``%2F`` and ``%5C``, or take ``\\`` as ``/`` (IIS, Windows, some proxies)."""
     return _SEPARATOR_ESCAPE.sub("/", path).replace("\\", "/")
 
 
+_PERCENT_ESCAPES = re.compile(r"%(?:25)+")
+
+
 def _decode_percent(path: str) -> str:
-    """Servers that decode again: ``%252e`` is ``%2e`` (then ``.``); repeated until none is left."""
-    while "%25" in path:
-        path = path.replace("%25", "%")
-    return path
+    """Servers that decode again: ``%252e`` is ``%2e`` (then ``.``), ``%25252e`` too: ``%25`` is
+    decoded until none is left, in one linear pass (a loop of ``replace`` would be quadratic)."""
+    return _PERCENT_ESCAPES.sub("%", path)
 
 
 _TRANSFORMS: tuple[tuple[str, tuple[Callable[[str], str], ...]], ...] = (
@@ -117,12 +129,18 @@ _TRANSFORMS: tuple[tuple[str, tuple[Callable[[str], str], ...]], ...] = (
     (";params stripped, then %2F %5C \\ as '/'", (_strip_params, _separators)),
     ("%2F %5C \\ as '/', then ;params stripped", (_separators, _strip_params)),
     ("%2F %5C \\ as '/', path cut at ';'", (_separators, _cut_params)),
+    ("path cut at %00", (_cut_nul,)),
 )
 
 
 def has_other_readings(path: str) -> bool:
     """Whether a backend could read ``path`` otherwise than RFC 3986 does (the fast test)."""
-    return ";" in path or "\\" in path or ("%" in path and _READING_TRIGGER.search(path) is not None)
+    return (
+        ";" in path
+        or "\\" in path
+        or "//" in path
+        or ("%" in path and _READING_TRIGGER.search(path) is not None)
+    )
 
 
 def path_readings(path: str) -> tuple[tuple[str, str], ...]:
@@ -138,8 +156,10 @@ def path_readings(path: str) -> tuple[tuple[str, str], ...]:
             text = base
             for step in steps:
                 text = step(text)
-            label = ", ".join(filter(None, (again, how if steps else "")))
-            readings.setdefault(normalise_path(text), label or how)
+            label = ", ".join(filter(None, (again, how if steps else ""))) or how
+            readings.setdefault(normalise_path(text), label)
+            if "//" in text:
+                readings.setdefault(normalise_path(text, merge_slashes=False), f"{label}, '//' kept")
     return tuple((how, p) for p, how in readings.items())
 
 

@@ -16,16 +16,18 @@ from __future__ import annotations
 import ipaddress
 import re
 
-# Labels of letters, digits, "-" and "_" (seen in internal names), separated by single dots.
-_REG_NAME = re.compile(r"[a-z0-9_-]+(?:\.[a-z0-9_-]+)*")
-_PORT = re.compile(r"[0-9]{0,5}")
+# Letters, digits, "-" and "_" (seen in internal names) in labels separated by single dots.
+_NAME_CHARACTERS = re.compile(r"[a-z0-9_.-]+")
 # WHATWG URL §3.5 "ends in a number": such a host is parsed as IPv4 by URL parsers (`127.1`,
 # `0x7f.0.0.1`), so only the one dotted-quad spelling is accepted.
 _ENDS_IN_NUMBER = re.compile(r"(?:^|\.)(?:[0-9]+|0x[0-9a-f]*)$")
 
 
 def _port_ok(port: str) -> bool:
-    return _PORT.fullmatch(port) is not None and (not port or int(port) <= 65535)
+    """Empty, or 0-65535 in ASCII digits (``str.isdigit`` alone accepts other scripts' digits)."""
+    if len(port) < 5:
+        return not port or (port.isascii() and port.isdigit())
+    return len(port) == 5 and port.isascii() and port.isdigit() and int(port) <= 65535
 
 
 def canonical_host(authority: str, *, port_allowed: bool = True) -> str | None:
@@ -51,9 +53,9 @@ def canonical_host(authority: str, *, port_allowed: bool = True) -> str | None:
         return None
     if name.endswith("."):
         name = name[:-1]
-    if _REG_NAME.fullmatch(name) is None:
+    if _NAME_CHARACTERS.fullmatch(name) is None or ".." in name or name[0] == "." or name[-1] == ".":
         return None
-    if _ENDS_IN_NUMBER.search(name):
+    if name[name.rfind(".") + 1].isdigit() and _ENDS_IN_NUMBER.search(name):
         try:
             ipaddress.IPv4Address(name)
         except ValueError:

@@ -158,8 +158,8 @@ class Settings:
     tracing: TracingSettings = TracingSettings()
     token_cache_entries: int = 10_000  # verified tokens kept (0: no cache)
     source: str = "<config>"
-    # "all": a path that backends could read differently (";", "%2F", "%5C", "\\", "%25") must
-    # pick the same rule under every reading; "rfc3986": only the RFC 3986 reading is judged.
+    # "all": a path that backends could read differently (";", "%2F", "%5C", "\\", "%25", "//",
+    # "%00") must pick the same rule under every reading; "rfc3986": only the RFC 3986 reading is judged.
     path_readings: Literal["all", "rfc3986"] = "all"
 
 

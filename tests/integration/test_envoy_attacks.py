@@ -526,6 +526,8 @@ RAW_PATHS = [
     "/public/..\\admin\\x",
     "/public/%252e%252e/admin/x",
     "/public/%2E%2E%2Fadmin/x",
+    "/admin//../public/x",
+    "/admin/x%00/../../public/y",
 ]
 
 

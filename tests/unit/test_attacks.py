@@ -1346,6 +1346,8 @@ AMBIGUOUS_PATHS = [
     "/public/.%2e;/admin/x",
     "/public/x%2f..%2f..%2fadmin/x",
     "/public;/../admin/x",
+    "/admin//../public/x",  # RFC 3986 to the letter keeps "//": /admin/public/x (Java URI, WHATWG)
+    "/admin/x%00/../../public/y",  # C servers stop at %00: /admin/x
 ]
 
 

@@ -107,6 +107,8 @@ def test_malformed_authority(authority: str) -> None:
         ("/a/%25252e%25252E/b", ["/a/%25252e%25252E/b", "/b"]),
         ("/a/100%25", ["/a/100%25", "/a/100%"]),
         ("/a;x%2f..%2f..%2fb", ["/a;x%2f..%2f..%2fb", "/a", "/b"]),
+        ("/a//../b", ["/b", "/a/b"]),
+        ("/a/x%00/../../b", ["/b", "/a/x"]),
     ],
 )
 def test_path_readings(raw: str, readings: list[str]) -> None:
