@@ -81,6 +81,20 @@ class EmptyToken(InvalidRequest):
     description = "the authorization scheme carries no token"
 
 
+class AmbiguousPath(InvalidRequest):
+    """Backends could read the path as resources that different rules (or parameters) guard."""
+
+    code = "ambiguous_path"
+    description = "the request path can be read as different resources"
+
+
+class InvalidHost(InvalidRequest):
+    """The authority is not one host in a spelling that can be read with certainty."""
+
+    code = "invalid_host"
+    description = "the request host is malformed"
+
+
 class InvalidToken(AuthError):
     """The token is expired, forged, malformed or not meant for us (RFC 6750 §3.1 invalid_token)."""
 

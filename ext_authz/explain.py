@@ -26,7 +26,15 @@ from pathlib import Path
 from urllib.parse import parse_qsl, urlencode
 
 from ext_authz import errors
-from ext_authz.authorization import RequestView, Truth, explain_match, explain_requirement
+from ext_authz.authorization import (
+    Matched,
+    RequestView,
+    Rules,
+    Truth,
+    explain_match,
+    explain_requirement,
+    path_readings,
+)
 from ext_authz.configreader import HEADER_NAME
 from ext_authz.identity import KeyResolver, parse_token
 from ext_authz.keys.cache import SharedKeyCache
@@ -235,6 +243,18 @@ class RequirementStep:
 
 
 @dataclass(frozen=True, slots=True)
+class PathReading:
+    """One way a backend may read the path, and the rule it picks (listed when readings differ)."""
+
+    how: str
+    path: str
+    rule: str | None
+    params: Mapping[str, str]
+    # Whether the rule's requirements hold under this reading (None: not evaluated).
+    requirements_hold: bool | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class Explanation:
     request: Request
     normalised_path: str
@@ -246,13 +266,20 @@ class Explanation:
     requirements_note: str | None
     dry_run: bool
     decision: Decision
+    # Every reading of the path when backends could read it differently (else empty).
+    readings: tuple[PathReading, ...] = ()
 
 
 async def explain(pipeline: Pipeline, request: Request) -> Explanation:
-    view = RequestView.of(request)
-    matched = pipeline.rules.match(view)
+    refused: errors.AuthError | None = None
+    try:
+        view: RequestView | None = RequestView.of(request, pipeline.settings.path_readings)
+    except errors.InvalidRequest as malformed:
+        view, refused = None, malformed
+    matched = pipeline.rules.match(view) if view is not None else None
     traces: list[RuleTrace] = []
-    for index, rule in enumerate(pipeline.rules.rules):
+    for index, rule in enumerate(pipeline.rules.rules if view is not None else ()):
+        assert view is not None
         hit = matched is not None and rule is matched.rule
         conditions = tuple(Check(text, ok) for text, ok in explain_match(rule.match, view))
         traces.append(RuleTrace(index, rule.name, hit, conditions))
@@ -262,15 +289,28 @@ async def explain(pipeline: Pipeline, request: Request) -> Explanation:
     principal, error = await pipeline.identify(request)
     token = _token_verdict(pipeline, request, principal, error)
 
+    readings: tuple[PathReading, ...] = ()
+    if view is not None:
+        try:
+            pipeline.rules.choose(view)
+        except errors.InvalidRequest as malformed:
+            refused = malformed
+    if view is not None and view.other_paths:
+        judged = principal if refused is None and matched is not None and not matched.rule.anonymous else None
+        readings = _readings(pipeline.rules, request, view, judged, matched)
+
     requirements: tuple[RequirementStep, ...] | None = None
     note: str | None = None
-    if matched is None:
+    if refused is not None:
+        note = f"not evaluated: {refused.detail} (400 {refused.code})"
+    elif matched is None:
         note = "no rule matches the request"
     elif matched.rule.anonymous:
         note = "none: the rule allows anonymous requests (a token is used when valid, ignored when not)"
     elif principal is None:
         note = f"not evaluated: {'the token was not verified' if error is not None else 'no token'}"
     else:
+        assert view is not None  # a request without one is refused above
         ctx = pipeline.rules.context(matched, principal, view)
         steps = explain_requirement(matched.rule.require, ctx)
         requirements = _without_wrappers(matched.rule.require, steps)
@@ -278,7 +318,7 @@ async def explain(pipeline: Pipeline, request: Request) -> Explanation:
     decision = await pipeline.decide(request)
     return Explanation(
         request=request,
-        normalised_path=view.path,
+        normalised_path=view.path if view is not None else request.path,
         rules=tuple(traces),
         matched=matched.rule if matched else None,
         params=dict(matched.params) if matched else {},
@@ -287,7 +327,32 @@ async def explain(pipeline: Pipeline, request: Request) -> Explanation:
         requirements_note=note,
         dry_run=matched.rule.dry_run if matched else pipeline.settings.dry_run,
         decision=decision,
+        readings=readings,
     )
+
+
+def _readings(
+    rules: Rules, request: Request, view: RequestView, principal: Principal | None, matched: Matched | None
+) -> tuple[PathReading, ...]:
+    """Each reading of the path, the rule it picks and (for a token rule every reading picks)
+    whether the requirements hold under it."""
+    shown: list[PathReading] = []
+    for how, path in path_readings(request.path):
+        reading = view.reading(path)
+        picked = rules.match(reading)
+        holds: bool | None = None
+        if principal is not None and matched is not None:
+            try:
+                rules.check(matched, rules.context(matched, principal, reading))
+                holds = True
+            except errors.AuthError:
+                holds = False
+        shown.append(
+            PathReading(
+                how, path, picked.rule.name if picked else None, dict(picked.params) if picked else {}, holds
+            )
+        )
+    return tuple(shown)
 
 
 def _preorder(requirement: Requirement) -> Iterator[Requirement]:
@@ -390,6 +455,16 @@ def as_json(e: Explanation) -> dict[str, object]:
             "headers": sorted(e.request.headers),
             "query_parameters": _query_names(e.request.query),
             "context": dict(e.request.context),
+            "readings": [
+                {
+                    "how": r.how,
+                    "path": r.path,
+                    "rule": r.rule,
+                    "params": dict(r.params),
+                    "requirements_hold": r.requirements_hold,
+                }
+                for r in e.readings
+            ],
         },
         "rules": [
             {
@@ -457,6 +532,14 @@ def _request_lines(e: Explanation) -> list[str]:
         lines.append(f"          query parameter names: {', '.join(_query_names(r.query))}")
     if r.context:
         lines.append(f"          context: {', '.join(f'{k}={v}' for k, v in r.context.items())}")
+    if e.readings:
+        lines.append("          backends may read the path as (every reading must pick the same rule):")
+        for reading in e.readings:
+            rule = json.dumps(reading.rule) if reading.rule is not None else "no rule"
+            params = "".join(f" {k}={v}" for k, v in reading.params.items())
+            verdict = {None: "", True: "  requirements hold", False: "  requirements fail"}
+            held = verdict[reading.requirements_hold]
+            lines.append(f"            {reading.path}  ({reading.how}) -> {rule}{params}{held}")
     return lines
 
 

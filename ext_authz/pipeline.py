@@ -51,6 +51,8 @@ class Pipeline:
             settings.providers, keys, max_token_bytes=settings.max_token_bytes, clock=clock, cache=cache
         )
         self.answers = Answers(settings)
+        # Only then is a request that no rule can be chosen for let through (and logged).
+        self._all_dry_run = settings.dry_run and all(rule.dry_run for rule in settings.rules)
 
     async def identify(self, request: Request) -> tuple[Principal | None, errors.AuthError | None]:
         """The verified principal, or why the request's credentials do not yield one."""
@@ -63,8 +65,16 @@ class Pipeline:
             return None, error
 
     async def decide(self, request: Request) -> Decision:
-        view = RequestView.of(request)
-        matched = self.rules.match(view)
+        try:
+            view = RequestView.of(request, self.settings.path_readings)
+            matched = self.rules.choose(view)
+        except errors.InvalidRequest as malformed:
+            # A malformed host, or a path whose readings pick different rules: no rule can be
+            # trusted to be the one the backend serves, so none decides (not even anonymous).
+            denial = self.answers.deny(malformed)
+            if self._all_dry_run:
+                return self._dry_run(denial, request, await self.identify(request), Matched(DEFAULT_RULE, {}))
+            return denial
         if matched is None:
             denial = self.answers.deny(errors.NoMatchingRule())
             if self.settings.dry_run:
@@ -83,7 +93,7 @@ class Pipeline:
             decision = self.answers.deny(errors.MissingToken(), rule)
         else:
             try:
-                self.rules.check(matched, self.rules.context(matched, principal, view))
+                self.rules.check_every_reading(matched, principal, view)
                 decision = self.answers.allow(request, principal, rule)
             except errors.AuthError as failed:
                 decision = self.answers.deny(failed, rule, principal)

@@ -31,9 +31,11 @@ from ext_authz.configreader import (
     str_list,
     string,
 )
+from ext_authz.hosts import canonical_host
 
 _PARAM = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
-_HOST = re.compile(r"^(\*\.)?[a-z0-9]([a-z0-9-]*[a-z0-9])?(\.[a-z0-9]([a-z0-9-]*[a-z0-9])?)*\.?$")
+# A wildcard's domain: DNS labels (no IP address).
+_HOST = re.compile(r"^[a-z0-9_]([a-z0-9_-]*[a-z0-9_])?(\.[a-z0-9_]([a-z0-9_-]*[a-z0-9_])?)*$")
 
 # ---- match ----
 
@@ -288,13 +290,19 @@ def _match(raw: object, path: str) -> Match:
     if "hosts" in m:
         exact = set()
         for i, host in enumerate(str_list(m["hosts"], f"{path}.hosts")):
-            host = host.lower().rstrip(".")
-            if not _HOST.match(host):
-                fail(f"{path}.hosts[{i}]", f"{host!r} is not a host name or *.domain (no port)")
-            if host.startswith("*."):
-                suffixes.append(host[1:])
+            wildcard = host.startswith("*.")
+            # The spelling requests are compared in (hosts.py): a request cannot miss the rule by
+            # spelling the same host differently.
+            canonical = canonical_host(host[2:] if wildcard else host, port_allowed=False)
+            if canonical is None or (wildcard and (canonical.startswith("[") or not _HOST.match(canonical))):
+                fail(
+                    f"{path}.hosts[{i}]",
+                    f"{host!r} is not a host name, an IP address ([v6] in brackets) or *.domain (no port)",
+                )
+            if wildcard:
+                suffixes.append("." + canonical)
             else:
-                exact.add(host)
+                exact.add(canonical)
         hosts = frozenset(exact)
     headers = tuple(
         _header_condition(name, value, f"{path}.headers")

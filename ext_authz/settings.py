@@ -199,6 +199,9 @@ class Settings:
     token_cache_entries: int = 10_000  # verified tokens kept (0: no cache)
     source: str = "<config>"
     tls: TlsSettings | None = None  # None: plaintext listeners
+    # "all": a path that backends could read differently (";", "%2F", "%5C", "\\", "%25", "//",
+    # "%00") must pick the same rule under every reading; "rfc3986": only the RFC 3986 reading is judged.
+    path_readings: Literal["all", "rfc3986"] = "all"
 
 
 def url_problem(url: str, *, allow_insecure_http: bool) -> str | None:
@@ -524,6 +527,7 @@ def _header_source(raw: object, path: str) -> HeaderSource:
 _TOP_KEYS = (
     "listen", "realm", "providers", "rules", "max_token_bytes", "max_header_value_bytes", "readiness",
     "jwks_cache", "mode", "admin", "log", "shutdown", "tracing", "token_cache", "tls",
+    "path_readings",
 )  # fmt: skip
 
 
@@ -579,6 +583,7 @@ def parse(document: object, *, base_dir: Path = Path("."), source: str = "<confi
         _token_cache(top.get("token_cache", {})),
         source,
         tls=_tls(top["tls"], base_dir, admin) if top.get("tls") is not None else None,
+        path_readings=_path_readings(top.get("path_readings", "all")),
     )
 
 
@@ -607,6 +612,15 @@ def _tls(raw: object, base_dir: Path, admin_address: str | None) -> TlsSettings:
     except TlsFileError as exc:
         fail(f"tls.{exc.field}", exc.message)
     return tls
+
+
+def _path_readings(raw: object) -> Literal["all", "rfc3986"]:
+    if raw not in ("all", "rfc3986"):
+        fail(
+            "path_readings",
+            "must be all (every way a backend may read the path must pick the same rule) or rfc3986",
+        )
+    return "all" if raw == "all" else "rfc3986"
 
 
 def _token_cache(raw: object) -> int:

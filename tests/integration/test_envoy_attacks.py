@@ -38,6 +38,7 @@ from tests.unit.conftest import Keys
 from tests.unit.test_attacks import P256_ORDER, Forge, jwe_token, nested_token, unencoded_payload_token
 
 AUDIENCE = "api"
+GUARDED_HOSTS = ["admin.example.com", "[2001:db8::1]"]  # rules[0]: a hosts rule before /public/*
 
 
 # ---- the stack ----
@@ -174,6 +175,7 @@ def authz(
             },
         ],
         "rules": [
+            {"match": {"hosts": GUARDED_HOSTS}, "require": {"scopes": ["admin"]}},
             {"match": {"paths": ["/public/*"]}, "allow": "anonymous"},
             {"match": {"paths": ["/admin/*"]}, "require": {"scopes": ["admin"]}},
             {"match": {"paths": ["/*"]}, "require": {}},
@@ -491,3 +493,125 @@ def _is_payload_segment(text: str) -> bool:
         return '"iss"' in b64url_decode(text).decode("utf-8")
     except ValueError:
         return False
+
+
+# ---- paths a backend could read differently, hosts spelled differently ----
+
+
+@pytest.fixture(scope="module")
+def raw_paths(keys: Keys, issuer: TestIssuer, down: TestIssuer, authz: LoggedExtAuthz) -> Iterator[Stack]:
+    """Envoy with path normalisation off (as under Istio's default BASE, which leaves `;` and
+    `%2F` alone): ext-authz sees, and the backend gets, the path exactly as the client sent it."""
+
+    def real_time_claims(**overrides: Any) -> dict[str, Any]:
+        return {**issuer.claims(), **overrides}
+
+    with EchoBackend() as echo, start_envoy(authz.address, echo.port, normalise_paths=False) as envoy:
+        yield Stack(envoy, echo, issuer, down, authz, Forge(keys, real_time_claims))
+        authz.check_alive()
+
+
+def test_the_raw_path_envoy_is_unnormalised(raw_paths: Stack) -> None:
+    hcm = raw_paths.envoy.workdir / "envoy.yaml"
+    config = yaml.safe_load(hcm.read_text())
+    (listener,) = config["static_resources"]["listeners"]
+    typed = listener["filter_chains"][0]["filters"][0]["typed_config"]
+    assert (typed["normalize_path"], typed["merge_slashes"]) == (False, False)
+    assert typed["path_with_escaped_slashes_action"] == "KEEP_UNCHANGED"
+    exchange = raw_paths.get("/public/a/../b;x=1/%2e%2e%2Fc")
+    assert exchange.backend is not None and exchange.backend["path"] == "/public/a/../b;x=1/%2e%2e%2Fc"
+
+
+# Envoy 1.40 with normalisation off passes each of these to ext-authz (and, when allowed, to the
+# backend) byte for byte, "\" included: ext-authz must refuse them itself.
+RAW_PATHS = [
+    "/public/..;/admin/x",
+    "/admin;x=1/users",
+    "/public/..%2fadmin/x",
+    "/public/%2e%2e%2fadmin/x",
+    "/public/..%5cadmin/x",
+    "/public/..\\admin\\x",
+    "/public/%252e%252e/admin/x",
+    "/public/%2E%2E%2Fadmin/x",
+    "/admin//../public/x",
+    "/admin/x%00/../../public/y",
+]
+
+
+@pytest.mark.parametrize("path", RAW_PATHS)
+def test_a_path_read_differently_never_reaches_the_backend(raw_paths: Stack, path: str) -> None:
+    for token in (None, raw_paths.forge.token(), raw_paths.forge.token(scope="admin")):
+        exchange = raw_paths.get(path, token=token)
+        assert exchange.backend is None, exchange.describe()
+        assert exchange.response.status == 400, exchange.describe()
+        assert challenge_error(exchange) == "invalid_request", exchange.describe()
+        assert exchange.response.json()["error_description"] == (
+            "the request path can be read as different resources"
+        )
+
+
+@pytest.mark.parametrize(
+    ("path", "token"),
+    [
+        ("/public/page;jsessionid=0123ABCD", False),
+        ("/public/a%2Fb.txt", False),
+        ("/admin/x;jsessionid=0123", True),
+        ("/files/a%2Fb%5Cc", True),
+    ],
+)
+def test_paths_whose_readings_agree_reach_the_backend_unchanged(
+    raw_paths: Stack, path: str, token: bool
+) -> None:
+    exchange = raw_paths.get(path, token=raw_paths.forge.token(scope="admin") if token else None)
+    assert exchange.response.status == 200, exchange.describe()
+    assert exchange.backend is not None and exchange.backend["path"] == path
+
+
+# Each is the guarded host to some backend: the hosts rule answers (401 without a token), or 400
+# from ext-authz (invalid_host) or from Envoy itself ("envoy": its codec refuses the Host header,
+# so no check is made and nothing reaches the backend). Envoy passes every other spelling through.
+HOST_SPELLINGS = [
+    ("admin.example.com", 401, "ext-authz"),
+    ("admin.example.com:", 401, "ext-authz"),
+    ("ADMIN.Example.COM:8443", 401, "ext-authz"),
+    ("admin.example.com.", 401, "ext-authz"),
+    ("admin.example.com.:", 401, "ext-authz"),
+    ("[2001:DB8:0::1]:8443", 401, "ext-authz"),
+    ("[2001:db8::1]:", 401, "ext-authz"),
+    ("admin.example.com:443:443", 400, "ext-authz"),
+    ("admin.example.com:x", 400, "ext-authz"),
+    ("admin.example.com..", 400, "ext-authz"),
+    ("user@admin.example.com", 400, "ext-authz"),
+    ("admin%2eexample.com", 400, "ext-authz"),
+    ("2001:db8::1", 400, "ext-authz"),
+    ("admin example.com", 400, "envoy"),
+    ("admin.example.com:99999", 400, "ext-authz"),
+    ("admin.example.com\\", 400, "envoy"),
+    ("[v1.x]", 400, "ext-authz"),
+    ("[2001:db8::1%25eth0]", 400, "ext-authz"),
+    ("admin.example.com/x", 400, "envoy"),
+    ("", 400, "ext-authz"),  # no host at all, where a rule reads the host
+    (":443", 400, "ext-authz"),
+    ("010.0.0.1", 400, "ext-authz"),
+]
+
+
+@pytest.mark.parametrize(
+    ("host", "status", "refused_by"), HOST_SPELLINGS, ids=[h for h, _, _ in HOST_SPELLINGS]
+)
+def test_a_hosts_rule_cannot_be_skipped_by_spelling_through_envoy(
+    raw_paths: Stack, host: str, status: int, refused_by: str
+) -> None:
+    trace = uuid.uuid4().hex
+    response = send(raw_paths.envoy.base_url, "GET", "/public/x", [(TRACE_HEADER, trace)], host=host)
+    reached = [r for r in raw_paths.echo.requests if r.header_values(TRACE_HEADER) == [trace]]
+    exchange = Exchange(response, reached[0] if reached else None)
+    assert exchange.backend is None, exchange.describe()
+    assert response.status == status, exchange.describe()
+    if refused_by == "envoy":
+        assert response.header("www-authenticate") is None, exchange.describe()
+    elif status == 400:
+        assert challenge_error(exchange) == "invalid_request", exchange.describe()
+        assert response.json()["error_description"] == "the request host is malformed"
+    else:
+        assert response.json()["error"] == "missing_token", exchange.describe()

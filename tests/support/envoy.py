@@ -121,10 +121,14 @@ def envoy_config(
     authz_transport_socket: Mapping[str, Any] | None = None,
     allowed_headers: Sequence[str] | None = None,
     headers_with_underscores_action: str = "DROP_HEADER",
+    normalise_paths: bool = True,
 ) -> dict[str, Any]:
     """The bootstrap config (as a dict) used by `start_envoy`.
 
     `authz_transport_socket` is the ext_authz cluster's `transport_socket` (e.g. TLS to ext-authz).
+    `normalise_paths=False` turns Envoy's path normalisation off (`normalize_path`,
+    `merge_slashes` false, `path_with_escaped_slashes_action: KEEP_UNCHANGED`), as a mesh that
+    leaves `;` and `%2F` alone does: ext-authz then sees the path the client sent.
 
     Opt-in, for rule tests: `route_context_extensions` maps a path prefix to the
     `check_settings.context_extensions` of a route of its own (placed before the catch-all `/`
@@ -172,9 +176,9 @@ def envoy_config(
         "stat_prefix": "ingress_http",
         # As in envoy.yaml: ext-authz must see the path the backend will serve, and no
         # underscored lookalike of an identity header may reach the backend.
-        "normalize_path": True,
-        "merge_slashes": True,
-        "path_with_escaped_slashes_action": "UNESCAPE_AND_REDIRECT",
+        "normalize_path": normalise_paths,
+        "merge_slashes": normalise_paths,
+        "path_with_escaped_slashes_action": "UNESCAPE_AND_REDIRECT" if normalise_paths else "KEEP_UNCHANGED",
         "common_http_protocol_options": {"headers_with_underscores_action": headers_with_underscores_action},
         "route_config": {
             "name": "local_route",
@@ -315,11 +319,12 @@ def start_envoy(
     authz_transport_socket: Mapping[str, Any] | None = None,
     allowed_headers: Sequence[str] | None = None,
     headers_with_underscores_action: str = "DROP_HEADER",
+    normalise_paths: bool = True,
 ) -> EnvoyProcess:
     """Start Envoy and return once its listener accepts connections and the server is LIVE.
 
-    `route_context_extensions`, `metadata_headers`, `authz_transport_socket`, `allowed_headers` and
-    `headers_with_underscores_action`: see `envoy_config`.
+    `route_context_extensions`, `metadata_headers`, `authz_transport_socket`, `allowed_headers`,
+    `headers_with_underscores_action` and `normalise_paths`: see `envoy_config`.
     """
     workdir = Path(tempfile.mkdtemp(prefix="ext-authz-envoy-"))
     config = write_envoy_config(
@@ -333,6 +338,7 @@ def start_envoy(
         authz_transport_socket=authz_transport_socket,
         allowed_headers=allowed_headers,
         headers_with_underscores_action=headers_with_underscores_action,
+        normalise_paths=normalise_paths,
     )
     admin_path = workdir / "admin-address"
     argv = [

@@ -36,6 +36,7 @@ from ext_authz._proto.envoy.config.core.v3 import base_pb2
 from ext_authz._proto.envoy.service.auth.v3 import attribute_context_pb2, external_auth_pb2
 from ext_authz.identity import parse_token
 from ext_authz.keys.jwks import parse_jwks
+from ext_authz.model import Allow, Deny, Request
 from ext_authz.pipeline import Pipeline
 from ext_authz.response import underscore_spellings
 from ext_authz.transport.servicer import AuthorizationServicer
@@ -1323,7 +1324,7 @@ ODD_REQUESTS: list[tuple[str, Callable[[Forge], CheckRequest], int, str]] = [
         "missing_token",
     ),
     ("odd-method", lambda f: check_request(method="\x00" * 100), 401, "missing_token"),
-    ("odd-host", lambda f: check_request(host="[" * 1000 + ":99999999999"), 401, "missing_token"),
+    ("odd-host", lambda f: check_request(host="[" * 1000 + ":99999999999"), 400, "invalid_host"),
 ]
 
 
@@ -1342,3 +1343,229 @@ async def test_odd_request_gets_a_clean_answer(
         assert response.status.code == 0, response.status.message
     else:
         assert (response.denied_response.status.code, response.status.message) == (status, code)
+
+
+# ---- paths a backend could read differently, and hosts spelled differently (Pipeline.decide) ----
+
+# A token rule guards /admin/*; /public/* is anonymous and /* needs any token: weaker rules a
+# path could be judged by while the backend serves /admin/x.
+PATH_RULES: list[Any] = [
+    {"name": "public", "match": {"paths": ["/public/*"]}, "allow": "anonymous"},
+    {"name": "admin", "match": {"paths": ["/admin/*"]}, "require": {"scopes": ["admin"]}},
+    {"name": "users", "match": {"paths": ["/users/{id}", "/users/{id}/*"]}, "require": {}},
+    {
+        "name": "api",
+        "match": {"paths": ["/api/*"]},
+        "require": {"expression": "!request.path.startsWith('/api/admin')"},
+    },
+    {"name": "any", "match": {"paths": ["/*"]}, "require": {}},
+]
+AMBIGUOUS_PATHS = [
+    "/public/..;/admin/x",  # Tomcat/Jetty: ";" params stripped, then ".." resolved
+    "/public/..;x=1/admin/x",
+    "/admin;x=1/users",  # RFC 3986 reading is /* (any token); Tomcat serves /admin/users
+    "/public/..%2fadmin/x",  # backends that decode %2F
+    "/public/..%2Fadmin/x",
+    "/public/%2e%2e%2fadmin/x",
+    "/public/%2E%2E%2Fadmin/x",
+    "/public/..%5cadmin/x",  # %5C: "\" decoded, then a separator
+    "/public/..%5Cadmin/x",
+    "/public/..\\admin\\x",  # "\" as a separator (IIS, Windows)
+    "/public/%252e%252e/admin/x",  # decoded twice
+    "/public/%252e%252e%252fadmin/x",
+    "/public/..%252fadmin/x",
+    "/public/%25252e%25252e/admin/x",  # decoded three times
+    "/public/.%2e;/admin/x",
+    "/public/x%2f..%2f..%2fadmin/x",
+    "/public;/../admin/x",
+    "/admin//../public/x",  # RFC 3986 to the letter keeps "//": /admin/public/x (Java URI, WHATWG)
+    "/admin/x%00/../../public/y",  # C servers stop at %00: /admin/x
+]
+
+
+def path_pipeline(resolver: StaticResolver, **top: Any) -> Pipeline:
+    return Pipeline(make_settings(rules=PATH_RULES, **top), resolver, clock=clock)
+
+
+def get(path: str, token: str | None = None, host: str = "api.example.com") -> Request:
+    headers = {"authorization": f"Bearer {token}"} if token else {}
+    return Request("GET", path, host=host, headers=headers)
+
+
+@pytest.mark.parametrize("path", AMBIGUOUS_PATHS)
+async def test_a_path_read_differently_is_never_judged_by_a_weaker_rule(
+    resolver: StaticResolver, forge: Forge, path: str
+) -> None:
+    p = path_pipeline(resolver)
+    for token in (None, forge.token(), forge.token(scope="admin")):
+        decision = await p.decide(get(path, token))
+        assert isinstance(decision, Deny), (path, decision)
+        assert (decision.status, decision.code) == (400, "ambiguous_path"), decision
+        assert json.loads(decision.body) == {
+            "error": "invalid_request",
+            "error_description": "the request path can be read as different resources",
+        }
+        assert challenge_params(dict(decision.headers)["www-authenticate"])["error"] == "invalid_request"
+
+
+async def test_requirements_must_hold_under_every_reading(resolver: StaticResolver, forge: Forge) -> None:
+    p = path_pipeline(resolver)
+    # Every reading picks rule "api"; under the Tomcat one CEL sees /api/admin.
+    decision = await p.decide(get("/api/x/..;/admin", forge.token()))
+    assert isinstance(decision, Deny) and (decision.status, decision.code) == (403, "requirement_not_met")
+    assert isinstance(await p.decide(get("/api/x;v=1/list", forge.token())), Allow)
+
+
+LEGIT_PATHS: list[tuple[str, bool, str]] = [
+    # (path, with a token, the rule that allows it)
+    ("/public/page;jsessionid=0123ABCD", False, "public"),
+    ("/public/a;v=1/b;jsessionid=0123", False, "public"),
+    ("/public/a%2Fb.txt", False, "public"),
+    ("/public/a%5cb", False, "public"),
+    ("/public/100%25", False, "public"),
+    ("/admin/x;jsessionid=0123", True, "admin"),
+    ("/users/alice/docs;jsessionid=1", True, "users"),  # same rule, same {id}
+    ("/files/a%2Fb%2Fc", True, "any"),
+]
+
+
+@pytest.mark.parametrize(("path", "with_token", "rule"), LEGIT_PATHS)
+async def test_paths_whose_readings_agree_still_work(
+    resolver: StaticResolver, forge: Forge, path: str, with_token: bool, rule: str
+) -> None:
+    decision = await path_pipeline(resolver).decide(
+        get(path, forge.token(scope="admin") if with_token else None)
+    )
+    assert isinstance(decision, Allow), decision
+    assert decision.rule == rule
+
+
+async def test_template_parameters_must_agree(resolver: StaticResolver, forge: Forge) -> None:
+    # {id} is "alice;v=1" under RFC 3986 and "alice" under Tomcat: not the same request.
+    decision = await path_pipeline(resolver).decide(get("/users/alice;v=1", forge.token()))
+    assert isinstance(decision, Deny) and decision.code == "ambiguous_path"
+
+
+async def test_rfc3986_path_readings_is_the_explicit_relaxed_mode(resolver: StaticResolver) -> None:
+    relaxed = path_pipeline(resolver, path_readings="rfc3986")
+    decision = await relaxed.decide(get("/public/..;/admin/x"))
+    assert isinstance(decision, Allow) and decision.rule == "public"
+
+
+async def test_an_ambiguous_path_in_dry_run(resolver: StaticResolver) -> None:
+    dry = path_pipeline(resolver, mode="dry_run")
+    decision = await dry.decide(get("/public/..;/admin/x"))
+    assert isinstance(decision, Allow)
+    assert decision.metadata["dry_run_denial"] == {"status": 400, "code": "ambiguous_path"}
+    # One rule enforced: an ambiguous path may be that rule's, so it is refused.
+    rules = [dict(PATH_RULES[1], mode="enforce"), *PATH_RULES[2:]]
+    mixed = Pipeline(make_settings(rules=rules, mode="dry_run"), resolver, clock=clock)
+    decision = await mixed.decide(get("/public/..;/admin/x"))
+    assert isinstance(decision, Deny) and decision.code == "ambiguous_path"
+
+
+HOST_RULES: list[Any] = [
+    {"name": "admin-host", "match": {"hosts": ["admin.example.com"]}, "require": {"scopes": ["admin"]}},
+    {"name": "v4-host", "match": {"hosts": ["10.0.0.1"]}, "require": {"scopes": ["admin"]}},
+    {"name": "open", "allow": "anonymous"},
+]
+# IPv6 literals in `hosts:` are new (the config refused them before).
+V6_RULES: list[Any] = [
+    {"name": "v6-host", "match": {"hosts": ["[2001:DB8:0::1]"]}, "require": {"scopes": ["admin"]}},
+    {"name": "open", "allow": "anonymous"},
+]
+# Each is the guarded host to some backend or resolver: the guarded rule, or 400.
+HOST_SPELLINGS: list[tuple[str, str | None]] = [
+    ("admin.example.com", "admin-host"),
+    ("admin.example.com:443", "admin-host"),
+    ("admin.example.com:", "admin-host"),  # RFC 3986 §3.2.3: empty port
+    ("ADMIN.EXAMPLE.COM", "admin-host"),
+    ("Admin.Example.Com.:8443", "admin-host"),
+    ("admin.example.com.", "admin-host"),
+    ("admin.example.com.:", "admin-host"),
+    ("admin.example.com:0", "admin-host"),
+    ("admin.example.com:65535", "admin-host"),
+    ("admin.example.com:443:443", None),
+    ("admin.example.com::443", None),
+    ("admin.example.com:65536", None),
+    ("admin.example.com:44x", None),
+    ("admin.example.com:+443", None),
+    ("admin.example.com:\u0664\u0664\u0663", None),  # Arabic-Indic digits
+    ("admin.example.com..", None),
+    ("admin..example.com", None),
+    (".admin.example.com", None),
+    ("user@admin.example.com", None),
+    ("admin.example.com@evil.example", None),
+    (" admin.example.com", None),
+    ("admin.example.com ", None),
+    ("admin.example.com\t", None),
+    ("admin%2eexample.com", None),
+    ("admin.example.com/", None),
+    ("admin.example.com\\", None),
+    (":443", None),
+    (".", None),
+    ("", None),  # no host at all: it may be the guarded one
+    ("[2001:db8::1]", "v6-host"),
+    ("[2001:DB8::1]:443", "v6-host"),
+    ("[2001:db8:0:0:0:0:0:1]", "v6-host"),
+    ("[2001:0db8::0001]:", "v6-host"),
+    ("[2001:db8::1]:443:1", None),
+    ("[2001:db8::1]x", None),
+    ("[2001:db8::1%25eth0]", None),
+    ("[2001:db8::1", None),
+    ("2001:db8::1", None),
+    ("[v1.x]", None),
+    ("10.0.0.1", "v4-host"),
+    ("10.0.0.1:80", "v4-host"),
+    ("010.0.0.1", None),
+    ("10.1", None),
+    ("0x0a.0.0.1", None),
+    ("167772161", None),
+    ("10.0.0.1.", "v4-host"),
+]
+
+
+@pytest.mark.parametrize(("host", "rule"), HOST_SPELLINGS)
+async def test_a_hosts_rule_cannot_be_skipped_by_spelling(
+    resolver: StaticResolver, forge: Forge, host: str, rule: str | None
+) -> None:
+    rules = V6_RULES if rule == "v6-host" or host.startswith("[") or host.startswith("2001") else HOST_RULES
+    p = Pipeline(make_settings(rules=rules), resolver, clock=clock)
+    anonymous = await p.decide(get("/x", host=host))
+    assert isinstance(anonymous, Deny), anonymous
+    if rule is None:
+        assert (anonymous.status, anonymous.code) == (400, "invalid_host")
+        assert json.loads(anonymous.body)["error"] == "invalid_request"
+    else:
+        assert (anonymous.status, anonymous.code, anonymous.rule) == (401, "missing_token", rule)
+        allowed = await p.decide(get("/x", forge.token(scope="admin"), host=host))
+        assert isinstance(allowed, Allow) and allowed.rule == rule
+
+
+@pytest.mark.parametrize("host", ["api.example.com", "API.example.com.:8443", "localhost", "[::1]:80"])
+async def test_other_hosts_reach_the_open_rule(resolver: StaticResolver, host: str) -> None:
+    decision = await Pipeline(make_settings(rules=HOST_RULES), resolver, clock=clock).decide(
+        get("/x", host=host)
+    )
+    assert isinstance(decision, Allow) and decision.rule == "open"
+
+
+@pytest.mark.parametrize(
+    ("rules", "status"),
+    [
+        ([{"allow": "anonymous"}], 0),
+        ([{"match": {"hosts": ["*.example.com"]}, "require": {}}, {"allow": "anonymous"}], 400),
+        ([{"require": {"expression": "request.host != 'admin.example.com'"}}], 400),
+        ([{"require": {"any_of": [{"not": {"expression": "request.host == 'a'"}}]}}], 400),
+    ],
+)
+async def test_a_request_without_host_where_rules_read_the_host(
+    resolver: StaticResolver, forge: Forge, rules: list[Any], status: int
+) -> None:
+    decision = await Pipeline(make_settings(rules=rules), resolver, clock=clock).decide(
+        get("/x", forge.token(), host="")
+    )
+    if status == 0:
+        assert isinstance(decision, Allow)
+    else:
+        assert isinstance(decision, Deny) and (decision.status, decision.code) == (400, "invalid_host")

@@ -20,6 +20,7 @@ from ext_authz.authorization import (
     explain_requirement,
     host_name,
     normalise_path,
+    path_readings,
 )
 from ext_authz.model import Credential, Principal, Request
 from ext_authz.settings import Settings
@@ -58,11 +59,73 @@ def test_normalise_path(raw: str, normal: str) -> None:
         ("a.b.", "a.b"),
         ("a.b.:443", "a.b"),
         ("[::1]:80", "[::1]"),
-        ("h:x", "h:x"),
+        ("[0:0::1]", "[::1]"),
+        ("[::FFFF:10.0.0.1]:", "[::ffff:a00:1]"),
+        ("a.b:", "a.b"),
+        ("a_b.c", "a_b.c"),
+        ("1.2.3.4:80", "1.2.3.4"),
+        ("", ""),
     ],
 )
 def test_host_name(authority: str, host: str) -> None:
     assert host_name(authority) == host
+
+
+@pytest.mark.parametrize(
+    "authority",
+    [
+        "h:x",
+        "h:1:2",
+        "h:-1",
+        "h:123456",
+        "u@h",
+        "h h",
+        " h",
+        "h\r",
+        "[::1",
+        "[::1]]",
+        "[x]",
+        ":80",
+        ".",
+        "h..",
+        "é.com",
+    ],
+)
+def test_malformed_authority(authority: str) -> None:
+    with pytest.raises(errors.InvalidHost):
+        host_name(authority)
+
+
+@pytest.mark.parametrize(
+    ("raw", "readings"),
+    [
+        ("/a/b", ["/a/b"]),
+        ("/a/%2e%2e/b", ["/b"]),  # one reading: nothing a backend could read otherwise
+        ("/a;x=1/b", ["/a;x=1/b", "/a/b", "/a"]),
+        ("/a/..;/b", ["/a/..;/b", "/b", "/"]),
+        ("/a/x;jsessionid=1", ["/a/x;jsessionid=1", "/a/x"]),
+        ("/a/..%2Fb", ["/a/..%2Fb", "/b"]),
+        ("/a/..%2fb", ["/a/..%2fb", "/b"]),
+        ("/a/..%5Cb", ["/a/..%5Cb", "/b"]),
+        ("/a/..\\b", ["/a/..\\b", "/b"]),
+        ("/a/%252e%252e/b", ["/a/%252e%252e/b", "/b"]),
+        ("/a/%25252e%25252E/b", ["/a/%25252e%25252E/b", "/b"]),
+        ("/a/100%25", ["/a/100%25", "/a/100%"]),
+        ("/a;x%2f..%2f..%2fb", ["/a;x%2f..%2f..%2fb", "/a", "/b"]),
+        ("/a//../b", ["/b", "/a/b"]),
+        ("/a/x%00/../../b", ["/b", "/a/x"]),
+    ],
+)
+def test_path_readings(raw: str, readings: list[str]) -> None:
+    assert [p for _, p in path_readings(raw)] == readings
+    assert path_readings(raw)[0] == ("rfc3986", normalise_path(raw))
+
+
+def test_one_reading_costs_nothing_extra() -> None:
+    plain = RequestView.of(Request("GET", "/orders/%2e%2e/x"))
+    assert plain.other_paths == () and plain.path == "/x"
+    assert RequestView.of(Request("GET", "/a;b"), "rfc3986").other_paths == ()
+    assert RequestView.of(Request("GET", "/a;b")).other_paths == ("/a",)
 
 
 def rules_of(*rules: Any, **provider: Any) -> tuple[Rules, Settings]:

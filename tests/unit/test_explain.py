@@ -449,3 +449,63 @@ def test_load_jwks_file(tmp_path: Path, keys: Keys) -> None:
     file = tmp_path / "jwks.json"
     file.write_text(json.dumps(keys.jwks()))
     assert len(explain.load_jwks_file(str(file)).keys) == 3
+
+
+# ---- paths a backend could read differently, malformed hosts ----
+
+READING_RULES: list[Any] = [
+    {"name": "public", "match": {"paths": ["/public/*"]}, "allow": "anonymous"},
+    {
+        "name": "api",
+        "match": {"paths": ["/api/*"]},
+        "require": {"expression": "!request.path.startsWith('/api/admin')"},
+    },
+    {"name": "admin", "match": {"paths": ["/admin/*"]}, "require": {"scopes": ["admin"]}},
+]
+
+
+async def test_readings_that_pick_different_rules(keys: Keys) -> None:
+    s = settings_with(READING_RULES)
+    e = await explained(keys, request("GET", "/public/..;/admin/x"), s)
+    assert [(r.how, r.path, r.rule) for r in e.readings] == [
+        ("rfc3986", "/public/..;/admin/x", "public"),
+        (";params stripped per segment", "/admin/x", "admin"),
+        ("path cut at ';'", "/", None),
+    ]
+    assert isinstance(e.decision, Deny) and (e.decision.status, e.decision.code) == (400, "ambiguous_path")
+    text = render_text(e)
+    assert "backends may read the path as" in text
+    assert '/admin/x  (;params stripped per segment) -> "admin"' in text
+    assert "not evaluated: the request path can be read as different resources (400 ambiguous_path)" in text
+    assert json.loads(render_json(e))["request"]["readings"][1] == {
+        "how": ";params stripped per segment",
+        "path": "/admin/x",
+        "rule": "admin",
+        "params": {},
+        "requirements_hold": None,
+    }
+
+
+async def test_readings_of_one_rule_with_requirements_per_reading(keys: Keys, mint: Mint) -> None:
+    s = settings_with(READING_RULES)
+    e = await explained(keys, request("GET", "/api/x/..;/admin", mint(), s), s)
+    assert [(r.path, r.rule, r.requirements_hold) for r in e.readings] == [
+        ("/api/x/..;/admin", "api", True),
+        ("/api/admin", "api", False),
+        ("/api/", "api", True),  # cut at ';'
+    ]
+    assert isinstance(e.decision, Deny) and e.decision.status == 403
+    assert '/api/admin  (;params stripped per segment) -> "api"  requirements fail' in render_text(e)
+
+
+async def test_one_reading_lists_none(keys: Keys) -> None:
+    e = await explained(keys, request("GET", "/public/%2e%2e/admin/x"), settings_with(READING_RULES))
+    assert e.readings == () and "backends may read" not in render_text(e)
+
+
+async def test_malformed_host(keys: Keys) -> None:
+    req = build_request("GET", "/public/x", host="admin.example.com:443:443")
+    e = await explained(keys, req, settings_with(READING_RULES))
+    assert e.rules == () and isinstance(e.decision, Deny)
+    assert (e.decision.status, e.decision.code) == (400, "invalid_host")
+    assert "not evaluated: the request host is malformed (400 invalid_host)" in render_text(e)

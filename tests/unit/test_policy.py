@@ -253,3 +253,38 @@ def test_header_regex_classes_are_ascii_as_documented() -> None:
     )
     regex = s.rules[0].match.headers[0].regex
     assert regex is not None and regex.fullmatch("a_1") and not regex.fullmatch("é")
+
+
+@pytest.mark.parametrize(
+    ("written", "exact", "suffixes"),
+    [
+        ("Admin.Example.COM.", {"admin.example.com"}, ()),
+        ("[2001:DB8:0::1]", {"[2001:db8::1]"}, ()),
+        ("10.0.0.1", {"10.0.0.1"}, ()),
+        ("*.Example.com.", set(), (".example.com",)),
+    ],
+)
+def test_hosts_are_compiled_to_the_spelling_requests_are_compared_in(
+    written: str, exact: set[str], suffixes: tuple[str, ...]
+) -> None:
+    (rule,) = parse(
+        {"providers": [PROVIDER], "rules": [{"match": {"hosts": [written]}, "require": {}}]}
+    ).rules
+    assert rule.match.hosts == frozenset(exact)
+    assert rule.match.host_suffixes == suffixes
+
+
+@pytest.mark.parametrize(
+    "written", ["a.b:", "[::1]:443", "::1", "a..b", "a.b..", "*.[::1]", "*.", "a b", "u@a.b", "010.0.0.1"]
+)
+def test_hosts_that_are_not_one_host(written: str) -> None:
+    error = error_of({"match": {"hosts": [written]}, "require": {}})
+    assert error.key_path == "rules[0].match.hosts[0]"
+
+
+def test_path_readings_setting() -> None:
+    assert parse({"providers": [PROVIDER]}).path_readings == "all"
+    assert parse({"providers": [PROVIDER], "path_readings": "rfc3986"}).path_readings == "rfc3986"
+    with pytest.raises(ConfigError) as caught:
+        parse({"providers": [PROVIDER], "path_readings": "none"})
+    assert caught.value.key_path == "path_readings"
