@@ -201,6 +201,7 @@ def parse_jwks(document: object, *, source: str = "jwks") -> KeySet:
     if not isinstance(document, Mapping) or not isinstance(document.get("keys"), list):
         raise JWKSError("not a JWKS document (an object with a 'keys' array)")
     keys: list[VerificationKey] = []
+    seen: dict[tuple[str | None, bytes], int] = {}  # (kid, fingerprint) -> index in keys
     for index, jwk in enumerate(document["keys"]):
         if not isinstance(jwk, Mapping):
             # A JWK whose JSON repeats a member name is decoded as a list (fetch.decode_json).
@@ -217,10 +218,9 @@ def parse_jwks(document: object, *, source: str = "jwks") -> KeySet:
                 extra={"fields": {"source": source, "index": index, "kid": kid, "why": str(exc)}},
             )
             continue
-        same = next(
-            (i for i, k in enumerate(keys) if (k.kid, k.fingerprint) == (key.kid, key.fingerprint)), None
-        )
+        same = seen.get((key.kid, key.fingerprint))
         if same is None:
+            seen[(key.kid, key.fingerprint)] = len(keys)
             keys.append(key)
         else:
             keys[same] = replace(keys[same], algorithms=keys[same].algorithms | key.algorithms)
