@@ -8,14 +8,17 @@ import logging
 import ssl
 from dataclasses import dataclass
 from typing import Protocol
-from urllib.parse import urlsplit
+from urllib.parse import urldefrag, urljoin
 
 import aiohttp
+
+from ext_authz.settings import url_problem
 
 log = logging.getLogger(__name__)
 
 MAX_DOCUMENT_BYTES = 512 * 1024
 MAX_REDIRECTS = 3
+REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 DISCOVERY_PATH = "/.well-known/openid-configuration"
 
 
@@ -53,11 +56,47 @@ def cache_max_age(header: str | None) -> float | None:
 
 
 class Fetcher(Protocol):
-    """What the key cache needs from HTTP (a seam for tests)."""
+    """What the key cache needs from HTTP (a seam for tests).
 
-    async def get_json(self, url: str, *, ssl_context: ssl.SSLContext) -> Document: ...
+    ``allow_insecure_http`` is the provider's own flag: the URL policy
+    (``settings.url_problem``) applied to the URL and to every redirect hop.
+    """
 
-    async def discover_jwks_uri(self, issuer: str, *, ssl_context: ssl.SSLContext) -> str: ...
+    async def get_json(
+        self, url: str, *, ssl_context: ssl.SSLContext, allow_insecure_http: bool
+    ) -> Document: ...
+
+    async def discover_jwks_uri(
+        self, issuer: str, *, ssl_context: ssl.SSLContext, allow_insecure_http: bool
+    ) -> str: ...
+
+
+def decode_json(body: bytes) -> object:
+    """JSON text → value. An object that repeats a member name is ambiguous (RFC 8259 §4: parsers
+    disagree on which value counts) and is decoded as its list of ``[name, value]`` pairs, which
+    no reader of these documents takes for an object: such a key is skipped, such a document
+    refused. The list survives the shared cache's JSON round trip, so every process agrees."""
+    try:
+        return json.loads(body, object_pairs_hook=_object)
+    except (ValueError, RecursionError):  # RecursionError: nesting deeper than the parser's stack
+        raise FetchError("invalid", "response is not JSON") from None
+
+
+def _object(pairs: list[tuple[str, object]]) -> object:
+    if len({name for name, _ in pairs}) == len(pairs):
+        return dict(pairs)
+    return [[name, value] for name, value in pairs]
+
+
+def redirect_target(current: str, location: str | None, status: int) -> str:
+    """Where a redirect answer points: ``Location`` resolved against the current URL (RFC 9110
+    §10.2.2), without its fragment (a fragment names a part of a document, not a resource)."""
+    if not location:
+        raise FetchError("invalid", f"HTTP {status} redirect without a Location")
+    try:
+        return urldefrag(urljoin(current, location.strip())).url
+    except ValueError:
+        raise FetchError("invalid", "redirect to a malformed URL") from None
 
 
 class HttpFetcher:
@@ -72,39 +111,58 @@ class HttpFetcher:
     async def close(self) -> None:
         await self._session.close()
 
-    async def get_json(self, url: str, *, ssl_context: ssl.SSLContext) -> Document:
-        """GET a JSON document. The caller bounds the time (asyncio.timeout)."""
+    async def get_json(self, url: str, *, ssl_context: ssl.SSLContext, allow_insecure_http: bool) -> Document:
+        """GET a JSON document. The caller bounds the time (asyncio.timeout).
+
+        Redirects are followed here, not by aiohttp, so that the URL policy is applied to every
+        hop before it is requested: https → http → https is refused at the http hop.
+        """
+        current = url
+        for hop in range(MAX_REDIRECTS + 1):
+            try:
+                problem = url_problem(current, allow_insecure_http=allow_insecure_http)
+            except ValueError:  # urlsplit: e.g. an unbalanced "[" in the host
+                problem = "must be an absolute http(s) URL"
+            if problem:
+                raise FetchError("invalid", f"redirect target {problem}" if hop else f"URL {problem}")
+            body, location, max_age = await self._get(current, ssl_context)
+            if location is None:
+                return Document(decode_json(body), max_age)
+            current = location
+        raise FetchError("invalid", "too many redirects")
+
+    async def _get(self, url: str, ssl_context: ssl.SSLContext) -> tuple[bytes, str | None, float | None]:
+        """One request: the whole body, or where a redirect points (then the body is b"")."""
         try:
-            async with self._session.get(
-                url,
-                max_redirects=MAX_REDIRECTS,
-                ssl=ssl_context,
-            ) as response:
+            async with self._session.get(url, allow_redirects=False, ssl=ssl_context) as response:
+                if response.status in REDIRECT_STATUSES:
+                    target = redirect_target(url, response.headers.get("Location"), response.status)
+                    return b"", target, None
                 if response.status != 200:
                     raise FetchError("http_error", f"HTTP {response.status}")
-                if response.url.scheme != urlsplit(url).scheme:
-                    raise FetchError("invalid", "redirected to another scheme")
                 declared = response.content_length
                 if declared is not None and declared > MAX_DOCUMENT_BYTES:
                     raise FetchError("invalid", f"document larger than {MAX_DOCUMENT_BYTES} bytes")
-                body = await response.content.read(MAX_DOCUMENT_BYTES + 1)
-                if len(body) > MAX_DOCUMENT_BYTES:
-                    raise FetchError("invalid", f"document larger than {MAX_DOCUMENT_BYTES} bytes")
-                max_age = cache_max_age(response.headers.get("Cache-Control"))
+                body = await _read_body(response.content)
+                return body, None, cache_max_age(response.headers.get("Cache-Control"))
         except FetchError:
             raise
-        except aiohttp.TooManyRedirects:
-            raise FetchError("invalid", "too many redirects") from None
+        except aiohttp.InvalidURL:
+            raise FetchError("invalid", "malformed URL") from None
         except (aiohttp.ClientError, OSError, asyncio.IncompleteReadError) as exc:
+            # A body shorter than its Content-Length, or cut off, is a ClientPayloadError here.
             raise FetchError("network_error", type(exc).__name__) from None
-        try:
-            return Document(json.loads(body), max_age)
-        except ValueError:
-            raise FetchError("invalid", "response is not JSON") from None
+        except ValueError:  # yarl: a URL it cannot represent (port out of range, ...)
+            raise FetchError("invalid", "malformed URL") from None
 
-    async def discover_jwks_uri(self, issuer: str, *, ssl_context: ssl.SSLContext) -> str:
+    async def discover_jwks_uri(
+        self, issuer: str, *, ssl_context: ssl.SSLContext, allow_insecure_http: bool
+    ) -> str:
         """OIDC Discovery: the issuer's jwks_uri, after checking the document's issuer (§4.3)."""
-        document = (await self.get_json(discovery_url(issuer), ssl_context=ssl_context)).body
+        fetched = await self.get_json(
+            discovery_url(issuer), ssl_context=ssl_context, allow_insecure_http=allow_insecure_http
+        )
+        document = fetched.body
         if not isinstance(document, dict):
             raise FetchError("invalid", "discovery document is not a JSON object")
         if document.get("issuer") != issuer:
@@ -113,3 +171,16 @@ class HttpFetcher:
         if not isinstance(jwks_uri, str) or not jwks_uri:
             raise FetchError("invalid", "discovery document has no jwks_uri")
         return jwks_uri
+
+
+async def _read_body(content: aiohttp.StreamReader) -> bytes:
+    """The body to its end (``read(n)`` returns only what has arrived so far), refused as soon as
+    more than MAX_DOCUMENT_BYTES have arrived, whether or not a Content-Length was sent."""
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in content.iter_any():
+        size += len(chunk)
+        if size > MAX_DOCUMENT_BYTES:
+            raise FetchError("invalid", f"document larger than {MAX_DOCUMENT_BYTES} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)

@@ -7,25 +7,47 @@ usable, so one odd key published by an IdP never takes the whole provider down.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
 import logging
+import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from jwt import PyJWK
-from jwt.exceptions import PyJWKError
+from jwt.exceptions import PyJWTError
 
 from ext_authz.errors import UnknownKey
 
 log = logging.getLogger(__name__)
 
 MIN_RSA_BITS = 2048
+# OpenSSL's own bounds (OPENSSL_RSA_MAX_MODULUS_BITS, OPENSSL_RSA_MAX_PUBEXP_BITS): a larger key
+# is refused before any big-number work, so a JWKS cannot make a fetch burn CPU.
+MAX_RSA_BITS = 16384
+MAX_RSA_EXPONENT_BITS = 64
 
 RSA_ALGORITHMS = frozenset({"RS256", "RS384", "RS512", "PS256", "PS384", "PS512"})
 EC_ALGORITHMS = {"P-256": "ES256", "P-384": "ES384", "P-521": "ES512"}
 SUPPORTED_ALGORITHMS = frozenset({*RSA_ALGORITHMS, *EC_ALGORITHMS.values(), "EdDSA"})
+
+# The public members each key type needs (RFC 7518 §6.2.1, §6.3.1; RFC 8037 §2), with the most
+# base64url characters each may have: RSA n up to MAX_RSA_BITS (one leading zero byte tolerated),
+# EC coordinates up to P-521's 66 bytes, OKP x up to Ed448's 57 bytes.
+_PUBLIC_MEMBERS: Mapping[str, Mapping[str, int]] = {
+    "RSA": {"n": -(-(MAX_RSA_BITS // 8 + 1) * 4 // 3), "e": -(-(MAX_RSA_EXPONENT_BITS // 8 + 1) * 4 // 3)},
+    "EC": {"x": 88, "y": 88},
+    "OKP": {"x": 76},
+}
+# Private members (RFC 7518 §6.2.2, §6.3.2, §6.4.1; RFC 8037 §2): a published private key is
+# compromised, so it verifies nothing.
+_PRIVATE_MEMBERS = ("d", "p", "q", "dp", "dq", "qi", "oth", "k")
+_CURVES = {"EC": {"P-256", "P-384", "P-521"}, "OKP": {"Ed25519", "Ed448"}}
+_BASE64URL = re.compile(r"[A-Za-z0-9_-]*={0,2}")
 
 PublicKey = rsa.RSAPublicKey | ec.EllipticCurvePublicKey | ed25519.Ed25519PublicKey | ed448.Ed448PublicKey
 
@@ -77,22 +99,35 @@ def _algorithms_for(key: PublicKey) -> frozenset[str]:
 
 
 def parse_key(jwk: Mapping[str, object]) -> VerificationKey:
-    """One JWK → a verification key; raises ValueError saying why it cannot be used."""
+    """One JWK → a verification key; raises ValueError saying why it cannot be used.
+
+    Every member is checked for its JSON type and size before any decoding, so that a malformed
+    key (wrong types, bad base64url, absurd sizes, unknown curve) is a ValueError for this key
+    alone, and no key costs more than a normal one to parse.
+    """
     kty = jwk.get("kty")
-    if kty not in ("RSA", "EC", "OKP"):
+    if not isinstance(kty, str) or kty not in _PUBLIC_MEMBERS:
         raise ValueError(f"unsupported key type {kty!r}" if isinstance(kty, str) else "no key type")
     use = jwk.get("use")
     if use is not None and use != "sig":
         raise ValueError("not a signature key (use is not 'sig')")
+    key_ops = jwk.get("key_ops")
+    if key_ops is not None and (not isinstance(key_ops, list) or "verify" not in key_ops):
+        raise ValueError("not a verification key (key_ops without 'verify')")
     kid = jwk.get("kid")
     if kid is not None and not isinstance(kid, str):
         raise ValueError("kid is not a string")
     jwk_alg = jwk.get("alg")
-    if jwk_alg is not None and jwk_alg not in SUPPORTED_ALGORITHMS:
+    if jwk_alg is not None and (not isinstance(jwk_alg, str) or jwk_alg not in SUPPORTED_ALGORITHMS):
         raise ValueError(f"unsupported algorithm {jwk_alg!r}" if isinstance(jwk_alg, str) else "bad alg")
+    if any(member in jwk for member in _PRIVATE_MEMBERS):
+        raise ValueError("the key publishes private key material")
+    public = _public_members(kty, jwk)
     try:
-        parsed = PyJWK(dict(jwk), algorithm=jwk_alg if isinstance(jwk_alg, str) else None).key
-    except (PyJWKError, ValueError, TypeError, KeyError) as exc:
+        # Only the public members, and the algorithm family fixed by kty and crv: PyJWK never
+        # sees private members or the JWK's own alg (which narrows the algorithms below).
+        parsed = PyJWK(public, algorithm=_family(kty)).key
+    except (PyJWTError, ValueError, TypeError, KeyError, UnsupportedAlgorithm) as exc:
         raise ValueError(f"malformed key ({type(exc).__name__})") from None
     if hasattr(parsed, "public_key"):
         parsed = parsed.public_key()
@@ -113,23 +148,80 @@ def parse_key(jwk: Mapping[str, object]) -> VerificationKey:
     return VerificationKey(kid=kid, algorithms=algorithms, key=parsed, fingerprint=fingerprint)
 
 
+def _family(kty: str) -> str:
+    return {"RSA": "RS256", "EC": "ES256", "OKP": "EdDSA"}[kty]
+
+
+def _public_members(kty: str, jwk: Mapping[str, object]) -> dict[str, object]:
+    """The JWK's public members, each a base64url string of a plausible size (else ValueError)."""
+    public: dict[str, object] = {"kty": kty}
+    if kty in _CURVES:
+        crv = jwk.get("crv")
+        if not isinstance(crv, str) or crv not in _CURVES[kty]:
+            raise ValueError(f"unsupported curve {crv!r}" if isinstance(crv, str) else "no curve")
+        public["crv"] = crv
+    for name, max_chars in _PUBLIC_MEMBERS[kty].items():
+        value = jwk.get(name)
+        if not isinstance(value, str) or not value:
+            raise ValueError(f"member {name!r} missing or not a string")
+        if len(value) > max_chars:
+            raise ValueError(f"member {name!r} too long for a {kty} key")
+        if not _BASE64URL.fullmatch(value):
+            raise ValueError(f"member {name!r} is not base64url")
+        public[name] = value
+    if kty == "RSA":
+        _check_rsa_numbers(str(public["n"]), str(public["e"]))
+    return public
+
+
+def _check_rsa_numbers(n: str, e: str) -> None:
+    modulus, exponent = _uint(n), _uint(e)
+    if modulus.bit_length() > MAX_RSA_BITS:
+        raise ValueError(f"RSA modulus longer than {MAX_RSA_BITS} bits")
+    if exponent < 3 or exponent % 2 == 0 or exponent.bit_length() > MAX_RSA_EXPONENT_BITS:
+        raise ValueError("RSA exponent is not an odd number from 3 to 2^64")
+
+
+def _uint(value: str) -> int:
+    try:
+        raw = base64.urlsafe_b64decode(value.rstrip("=") + "=" * (-len(value.rstrip("=")) % 4))
+    except (binascii.Error, ValueError):
+        raise ValueError("bad base64url") from None
+    return int.from_bytes(raw, "big")
+
+
 def parse_jwks(document: object, *, source: str = "jwks") -> KeySet:
-    """A JWKS document (already JSON-decoded) → the usable keys in it."""
+    """A JWKS document (already JSON-decoded) → the usable keys in it.
+
+    Raises JWKSError only when the document is not a JWKS at all; a key that cannot be used is
+    skipped (and logged), so one odd key never rejects the set. The same key listed twice under
+    the same kid is kept once (with the algorithms of both entries): two copies of one key are
+    not an ambiguous choice.
+    """
     if not isinstance(document, Mapping) or not isinstance(document.get("keys"), list):
         raise JWKSError("not a JWKS document (an object with a 'keys' array)")
     keys: list[VerificationKey] = []
+    seen: dict[tuple[str | None, bytes], int] = {}  # (kid, fingerprint) -> index in keys
     for index, jwk in enumerate(document["keys"]):
         if not isinstance(jwk, Mapping):
+            # A JWK whose JSON repeats a member name is decoded as a list (fetch.decode_json).
             log.warning(
                 "skipping key", extra={"fields": {"source": source, "index": index, "why": "not an object"}}
             )
             continue
         try:
-            keys.append(parse_key(jwk))
+            key = parse_key(jwk)
         except ValueError as exc:
             kid = jwk.get("kid") if isinstance(jwk.get("kid"), str) else None
             log.warning(
                 "skipping key",
                 extra={"fields": {"source": source, "index": index, "kid": kid, "why": str(exc)}},
             )
+            continue
+        same = seen.get((key.kid, key.fingerprint))
+        if same is None:
+            seen[(key.kid, key.fingerprint)] = len(keys)
+            keys.append(key)
+        else:
+            keys[same] = replace(keys[same], algorithms=keys[same].algorithms | key.algorithms)
     return KeySet(tuple(keys))

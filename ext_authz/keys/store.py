@@ -272,12 +272,14 @@ class ProviderKeys:
         try:
             async with asyncio.timeout(self.policy.fetch_timeout_seconds):
                 uri = provider.jwks_uri or await self._fetcher.discover_jwks_uri(
-                    provider.issuer, ssl_context=self._ssl
+                    provider.issuer, ssl_context=self._ssl, allow_insecure_http=provider.allow_insecure_http
                 )
                 problem = url_problem(uri, allow_insecure_http=provider.allow_insecure_http)
                 if problem:
                     raise FetchError("invalid", f"jwks_uri {problem}")
-                document = await self._fetcher.get_json(uri, ssl_context=self._ssl)
+                document = await self._fetcher.get_json(
+                    uri, ssl_context=self._ssl, allow_insecure_http=provider.allow_insecure_http
+                )
             keys = self._usable_keys(document.body)
         except (FetchError, JWKSError, TimeoutError) as exc:
             outcome = (

@@ -39,17 +39,22 @@ class ScriptedFetcher:
         self.delay = 0.0
         self.jwks_fetches = 0
         self.discoveries = 0
+        self.allow_insecure_http: list[bool] = []  # the flag each call was given
 
-    async def get_json(self, url: str, *, ssl_context: ssl.SSLContext) -> Document:
+    async def get_json(self, url: str, *, ssl_context: ssl.SSLContext, allow_insecure_http: bool) -> Document:
         self.jwks_fetches += 1
+        self.allow_insecure_http.append(allow_insecure_http)
         if self.delay:
             await asyncio.sleep(self.delay)
         if isinstance(self.document, FetchError):
             raise self.document
         return Document(self.document, self.max_age)
 
-    async def discover_jwks_uri(self, issuer: str, *, ssl_context: ssl.SSLContext) -> str:
+    async def discover_jwks_uri(
+        self, issuer: str, *, ssl_context: ssl.SSLContext, allow_insecure_http: bool
+    ) -> str:
         self.discoveries += 1
+        self.allow_insecure_http.append(allow_insecure_http)
         return JWKS_URI
 
 
@@ -292,3 +297,23 @@ async def test_stale_shared_document_is_not_adopted(keys: Keys) -> None:
     store = await started(make(fetcher, clock, cache))
     assert fetcher.jwks_fetches == 1
     assert (await store.key_for("rsa-1", "RS256")).kid == "rsa-1"
+
+
+# ---- odd keys and the URL policy ----
+
+
+async def test_an_odd_key_beside_a_good_one_leaves_the_provider_ready(keys: Keys) -> None:
+    odd = {"kty": "EC", "crv": "P-999", "kid": "odd", "x": "AA", "y": "AA"}
+    fetcher = ScriptedFetcher({"keys": [odd, keys.rsa.jwk(), {"kty": "RSA", "kid": 7, "n": None}]})
+    store = await started(make(fetcher, Clock()))
+    assert store.usable()
+    assert (await store.key_for("rsa-1", "RS256")).kid == "rsa-1"
+    assert store.stats.fetches["ok"] == 1 and store.stats.key_count == 1
+
+
+@pytest.mark.parametrize("allow_insecure_http", [False, True])
+async def test_the_providers_http_policy_reaches_every_fetch(keys: Keys, allow_insecure_http: bool) -> None:
+    p = dataclasses.replace(provider(allow_insecure_http=allow_insecure_http), jwks_uri=None)
+    fetcher = ScriptedFetcher(jwks(keys.rsa))
+    await started(ProviderKeys(p, fetcher, None, clock=Clock(), on_change=lambda: None))
+    assert fetcher.allow_insecure_http == [allow_insecure_http, allow_insecure_http]  # discovery, JWKS
