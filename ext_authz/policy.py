@@ -153,8 +153,11 @@ class Expression:
     claims_used: frozenset[str] | None = None
 
 
+# `claims.x` or `claims["x"]` names claim x; `claims.all(...)`, `claims.exists(...)`, `claims.size()`
+# call a macro or function on the whole map (the lookahead: no name is taken before a "(").
 _CLAIMS_REF = re.compile(
-    r"""\bclaims\b(?:\s*\.\s*([A-Za-z_][A-Za-z0-9_]*)|\s*\[\s*(?:"([^"\\]*)"|'([^'\\]*)')\s*\])?"""
+    r"""\bclaims\b(?:\s*\.\s*([A-Za-z_][A-Za-z0-9_]*)(?![A-Za-z0-9_]|\s*\()"""
+    r"""|\s*\[\s*(?:"([^"\\]*)"|'([^'\\]*)')\s*\])?"""
 )
 
 
@@ -164,7 +167,7 @@ def claims_used(text: str) -> frozenset[str] | None:
     for m in _CLAIMS_REF.finditer(text):
         name = m.group(1) or m.group(2) or m.group(3)
         if name is None:
-            return None  # `claims` used as a whole (size(claims), claims[x], ...)
+            return None  # `claims` used as a whole (size(claims), claims[x], claims.all(...), ...)
         names.add(name)
     return frozenset(names)
 

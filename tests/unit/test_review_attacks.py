@@ -1,0 +1,61 @@
+"""Attacks found in the review of the hardening work, each through the whole decision path.
+
+Every test here failed before its fix: the input got a request allowed that must be denied.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from ext_authz.model import Allow, Deny, Request
+from ext_authz.pipeline import Pipeline
+from ext_authz.policy import claims_used
+from tests.unit.conftest import StaticResolver, clock, make_settings
+from tests.unit.test_attacks import Forge
+
+
+@pytest.fixture
+def forge(keys: Any) -> Forge:
+    return Forge(keys)
+
+
+def pipeline(resolver: StaticResolver, rules: list[Any]) -> Pipeline:
+    return Pipeline(make_settings(rules=rules), resolver, clock=clock)
+
+
+def get(path: str, token: str | None = None, host: str = "api.example.com") -> Request:
+    headers = {"authorization": f"Bearer {token}"} if token else {}
+    return Request("GET", path, host=host, headers=headers)
+
+
+# ---- CEL macros over the whole claims map ----
+
+# `claims.all(...)`, `claims.exists(...)` iterate over the claim names. The claim narrowing of
+# policy.claims_used read `claims.all` as "the claim named all", so the expression ran over a map
+# holding (at most) that claim: every macro over the claims saw an empty map.
+MACRO_EXPRESSIONS = [
+    "claims.all(k, k != 'suspended')",
+    "!claims.exists(k, k == 'suspended')",
+    "claims.exists_one(k, k == 'suspended') == false",
+    "claims.filter(k, k == 'suspended').size() == 0",
+    "claims.size() != 6",  # iss, aud, sub, iat, exp and suspended
+]
+
+
+@pytest.mark.parametrize("expression", MACRO_EXPRESSIONS)
+async def test_a_macro_over_the_claims_sees_every_claim(
+    resolver: StaticResolver, forge: Forge, expression: str
+) -> None:
+    assert claims_used(expression) is None
+    p = pipeline(resolver, [{"match": {"paths": ["/*"]}, "require": {"expression": expression}}])
+    suspended = await p.decide(get("/x", forge.token(suspended=True)))
+    assert isinstance(suspended, Deny), (expression, suspended)
+    assert (suspended.status, suspended.code) == (403, "requirement_not_met")
+    assert isinstance(await p.decide(get("/x", forge.token())), Allow)
+
+
+def test_member_functions_of_a_claim_still_narrow() -> None:
+    used = claims_used("claims.email.endsWith('@example.com') && claims.sub.size() > 0")
+    assert used == frozenset({"email", "sub"})
