@@ -9,7 +9,8 @@ Backends do not all read a path the RFC 3986 way: Tomcat and Jetty drop ``;param
 segment before resolving dot segments (``/public/..;/admin`` is ``/admin`` to them), others decode
 ``%2F`` / ``%5C`` or take ``\`` as a separator, decode twice, stop at ``%00``, or keep ``//``
 (RFC 3986 to the letter: ``/admin//../x`` is ``/admin/x``). When a path contains any of ``;``,
-``\``, ``//``, ``%2F``, ``%5C``, ``%25`` or ``%00`` (any case), ``path_readings`` lists every reading,
+``\``, ``//``, ``%2F``, ``%5C``, ``%25`` or ``%00`` (any case), or a ``%`` not followed by two hex
+digits, ``path_readings`` lists every reading,
 and under ``path_readings: all`` (the default) every reading must pick the same rule with the
 same template parameters (else 400 ``ambiguous_path``) and the rule's requirements must hold under
 each. Any other path has exactly one reading and costs nothing extra.
@@ -90,7 +91,10 @@ def normalise_path(path: str, *, merge_slashes: bool = True) -> str:
 PathReadings = Literal["all", "rfc3986"]
 
 _SEPARATOR_ESCAPE = re.compile(r"%(?:2[fF]|5[cC])")
-_READING_TRIGGER = re.compile(r"[;\\]|//|%(?:2[fF]|5[cC]|25|00)")
+# A "%" not followed by two hex digits is a stray one: a lenient decoder keeps it, and the escapes
+# after it may spell a new escape once decoded (`%%32%65` is `%2e`).
+_READING_TRIGGER = re.compile(r"[;\\]|//|%(?:2[fF]|5[cC]|25|00|(?![0-9a-fA-F]{2}))")
+_STRAY_PERCENT = re.compile(r"%(?![0-9a-fA-F]{2})")
 
 
 def _strip_params(path: str) -> str:
@@ -118,7 +122,12 @@ _PERCENT_ESCAPES = re.compile(r"%(?:25)+")
 
 def _decode_percent(path: str) -> str:
     """Servers that decode again: ``%252e`` is ``%2e`` (then ``.``), ``%25252e`` too: ``%25`` is
-    decoded until none is left, in one linear pass (a loop of ``replace`` would be quadratic)."""
+    decoded until none is left, in one linear pass (a loop of ``replace`` would be quadratic).
+
+    The first decoding decodes the unreserved escapes too, so that escaped hex digits after a
+    ``%`` count: ``%25%32%65`` is ``%2e`` to a double decoder, and ``%%32%65`` to a single one."""
+    if "%" in path:
+        path = _UNRESERVED_ESCAPE.sub(lambda m: chr(int(m.group(1), 16)), path)
     return _PERCENT_ESCAPES.sub("%", path)
 
 
@@ -150,7 +159,7 @@ def path_readings(path: str) -> tuple[tuple[str, str], ...]:
     if not has_other_readings(path):
         return tuple((how, p) for p, how in readings.items())
     bases = [("", path)]
-    if "%25" in path:
+    if "%25" in path or _STRAY_PERCENT.search(path):
         bases.append(("%25 decoded again", _decode_percent(path)))
     for again, base in bases:
         for how, steps in _TRANSFORMS:

@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from ext_authz.authorization import path_readings
 from ext_authz.model import Allow, Deny, Request
 from ext_authz.pipeline import Pipeline
 from ext_authz.policy import claims_used
@@ -59,3 +60,42 @@ async def test_a_macro_over_the_claims_sees_every_claim(
 def test_member_functions_of_a_claim_still_narrow() -> None:
     used = claims_used("claims.email.endsWith('@example.com') && claims.sub.size() > 0")
     assert used == frozenset({"email", "sub"})
+
+
+# ---- double decoding of a percent sign written as escapes ----
+
+# A backend that decodes the path twice reads `%25%32%65` as `%2e` and then as `.`; so does one
+# that decodes once when the path is `%%32%65` (a stray `%`, then `%32%65` = `2e`). The "%25 decoded
+# again" reading only collapsed `%25` itself, and a stray `%` was no reason to look further.
+DOUBLE_DECODED = [
+    "/public/%25%32%65%25%32%65/admin/x",
+    "/public/%25%32%45%25%32%45/admin/x",
+    "/public/%25%32e%25%32e/admin/x",
+    "/public/%252%65%252%65/admin/x",
+    "/public/%%32%65%%32%65/admin/x",
+    "/public/..%25%32%66admin/x",
+    "/public/..%25%32Fadmin/x",
+]
+PUBLIC_AND_ADMIN = [
+    {"match": {"paths": ["/public/*"]}, "allow": "anonymous"},
+    {"match": {"paths": ["/admin/*"]}, "require": {"scopes": ["admin"]}},
+    {"match": {"paths": ["/*"]}, "require": {}},
+]
+
+
+@pytest.mark.parametrize("path", DOUBLE_DECODED)
+async def test_escaped_escapes_are_read_as_a_double_decoder_reads_them(
+    resolver: StaticResolver, forge: Forge, path: str
+) -> None:
+    assert "/admin/x" in [p for _, p in path_readings(path)]
+    p = pipeline(resolver, PUBLIC_AND_ADMIN)
+    for token in (None, forge.token()):
+        decision = await p.decide(get(path, token))
+        assert isinstance(decision, Deny), (path, decision)
+        assert (decision.status, decision.code) == (400, "ambiguous_path")
+
+
+async def test_percent_signs_that_stay_data_still_work(resolver: StaticResolver) -> None:
+    p = pipeline(resolver, PUBLIC_AND_ADMIN)
+    for path in ("/public/100%25", "/public/%25%32%30off", "/public/50%", "/public/a%zz"):
+        assert isinstance(await p.decide(get(path)), Allow), path
