@@ -13,6 +13,7 @@ asking the IdP, so:
   kids, rate-limited to one per ``refetch_min_interval_seconds``. A fetch the limit holds back is
   not dropped: it runs as soon as the limit allows. A flood of random kids therefore costs the IdP
   at most one fetch per interval, and every such token gets 401 or 503.
+- A key the IdP removed is unknown from the first fetch without it (it was seen before that fetch).
 - A verdict "unknown" stands for one interval after the fetch that made it; after that, the
   ``kid`` counts as seen anew. A ``kid`` someone sent before the IdP published it (a predictable
   name, say) therefore costs its real tokens at most that long, never until the next refresh.
@@ -84,6 +85,7 @@ class IdpFetches:
         self._changed = asyncio.Event()  # set (and replaced) whenever a fetch starts or ends
         self._first_seen: dict[KidAlg, int] = {}  # -> fetches started before it was first seen
         self._unknown: dict[KidAlg, float] = {}  # -> when (clock) a fetch found it missing
+        self._previous: KeySet | None = None  # what the last successful fetch brought
 
     # ---- fetching ----
 
@@ -163,9 +165,15 @@ class IdpFetches:
     # ---- verdicts ----
 
     def _settle(self, keys: KeySet, number: int) -> None:
-        """Fetch ``number`` succeeded: decide every kid first seen before it started."""
+        """Fetch ``number`` succeeded: decide every kid first seen before it started, and every
+        key the previous fetch had (seen before this one started, so removed: unknown)."""
         now = self._clock()
         unknown = {k: t for k, t in self._unknown.items() if now - t < self._min_interval}
+        previous, self._previous = self._previous, keys
+        for key in previous.keys if previous is not None else ():
+            for alg in key.algorithms:
+                if key.kid is not None and not keys.candidates(key.kid, alg) and len(unknown) < MAX_TRACKED:
+                    unknown[(key.kid, alg)] = now
         for entry, seen in list(self._first_seen.items()):
             if seen < number:
                 del self._first_seen[entry]

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import math
 import time
-from typing import Any
 
 import pytest
 
 from ext_authz import deadlines, errors
-from ext_authz.keys.cache import CachedDocument, SharedKeyCache, cache_key
+from ext_authz.keys.cache import CachedDocument, CacheKey, Rejected, SharedKeyCache, cache_key
 from ext_authz.keys.fetch import FetchError
 from ext_authz.settings import JwksCacheSettings
 from tests.support.idp import SigningKey
@@ -55,9 +55,11 @@ async def test_a_kid_seen_while_a_fetch_is_under_way_waits_for_the_next(keys: Ke
 class SlowCache(SharedKeyCache):
     """A shared cache whose reads take a while (a busy Redis)."""
 
-    async def get(self, key: str, **kwargs: Any) -> Any:
+    async def get(
+        self, key: CacheKey, budget: float | None = None, *, not_after: float = math.inf
+    ) -> CachedDocument | Rejected | None:
         await asyncio.sleep(0.05)
-        return await super().get(key, **kwargs)
+        return await super().get(key, budget, not_after=not_after)
 
 
 async def test_adopting_a_shared_document_never_makes_a_kid_unknown(keys: Keys) -> None:
