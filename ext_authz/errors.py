@@ -237,6 +237,15 @@ class KeysUnavailable(AuthError):
         self.retry_after_seconds = retry_after_seconds
 
 
+class KeyPending(KeysUnavailable):
+    """The token's ``kid`` is not in the cached keys and no IdP fetch since it was first seen has
+    come back yet (rate-limited, failed or slow): it may be a key published a moment ago, so 503
+    with Retry-After rather than a 401 that would be wrong for a valid token."""
+
+    code = "key_pending"
+    description = "the token's key is being fetched from its issuer"
+
+
 class InternalError(AuthError):
     """A bug: answered as a clean 500 denial (fail closed), never as a gRPC error."""
 

@@ -32,7 +32,7 @@ class KeyCollector(Collector):
         )
         refetches = CounterMetricFamily(
             "ext_authz_kid_refetches",
-            "Unknown-kid refetches: fetched, or suppressed by the rate limit",
+            "Unknown-kid refetches: fetched (started), or suppressed (a request held back by the rate limit)",
             labels=["provider", "outcome"],
         )
         age = GaugeMetricFamily(

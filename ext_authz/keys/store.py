@@ -6,10 +6,12 @@ Per provider (``ProviderKeys``):
 - Refresh: in the background every ``refresh_interval_seconds`` (or the IdP's Cache-Control
   max-age, clamped to the configured bounds), re-running OIDC discovery each time. The request
   path never waits on a routine refresh.
-- Rotation: a ``kid`` missing from the cached set triggers one refetch, single-flight (concurrent
-  requests wait on the same fetch, at most ``fetch_timeout_seconds``), at most one per
-  ``refetch_min_interval_seconds``; a kid still missing afterwards is remembered as unknown until
-  the next successful fetch. A flood of random kids costs the IdP at most one fetch per interval.
+- Rotation: a ``kid`` missing from the cached set is unknown (401) only once an IdP fetch that
+  started after it was first seen has come back without it; until then its tokens wait for such
+  a fetch (within the Check's deadline and ``fetch_timeout_seconds``) or get 503 with
+  Retry-After. Such fetches are single-flight and at most one per
+  ``refetch_min_interval_seconds``; one the limit holds back runs as soon as it allows. A flood of
+  random kids costs the IdP at most one fetch per interval (``refetch.IdpFetches``).
 - Outages: a failed, slow or invalid fetch never replaces good keys; they are served until
   ``max_stale_seconds`` after the last successful fetch, then the provider fails closed (503).
 
@@ -34,15 +36,16 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
-from ext_authz.errors import KeysUnavailable, UnknownKey
+from ext_authz import deadlines
+from ext_authz.errors import KeyPending, KeysUnavailable, UnknownKey
 from ext_authz.keys.cache import CachedDocument, Rejected, SharedKeyCache, cache_key
 from ext_authz.keys.fetch import Fetcher, FetchError
 from ext_authz.keys.jwks import JWKSError, KeySet, VerificationKey, parse_jwks, select_key
+from ext_authz.keys.refetch import IdpFetches
 from ext_authz.settings import ProviderSettings, url_problem
 
 log = logging.getLogger(__name__)
 
-MAX_UNKNOWN_KIDS = 10_000
 BACKOFF_FIRST_SECONDS = 1.0
 BACKOFF_MAX_SECONDS = 30.0
 PEER_POLL_SECONDS = 0.05
@@ -84,9 +87,12 @@ class ProviderKeys:
         self._next_refresh_at = 0.0
         self._next_attempt_at = 0.0
         self._failures = 0
-        self._unknown_kids: set[str] = set()
-        self._last_kid_refetch: float | None = None
-        self._last_kid_refetch_ok = True
+        self._idp = IdpFetches(
+            self._fetch_from_idp,
+            clock=clock,
+            min_interval_seconds=self.policy.refetch_min_interval_seconds,
+            on_kid_fetch=self._count_kid_fetch,
+        )
         self._inflight: asyncio.Task[Result] | None = None
         self._inflight_from_idp = False
         self._ssl = None if self._static else ssl.create_default_context(cafile=self.policy.ca_file)
@@ -146,34 +152,22 @@ class ProviderKeys:
             # The first fetch is under way (start-up): worth a bounded wait rather than a 503.
             await self._bounded(self._refresh(from_idp=self._inflight_from_idp))
         candidates = self._current().candidates(kid, alg)
-        if candidates or kid is None or self._static or kid in self._unknown_kids:
+        if candidates or kid is None or self._static:
             return select_key(candidates, kid)
-        if self._inflight is None:
-            now = self._clock()
-            last = self._last_kid_refetch
-            if last is not None and now - last < self.policy.refetch_min_interval_seconds:
-                self.stats.kid_refetches["suppressed"] += 1
-                if not self._last_kid_refetch_ok:
-                    raise KeysUnavailable(retry_after_seconds=self._retry_after())
-                raise UnknownKey()
-            self._last_kid_refetch = now
-            self.stats.kid_refetches["fetched"] += 1
-            result = await self._bounded(self._refresh(from_idp=True))
-            self._last_kid_refetch_ok = result != "failed"
-        else:
-            result = await self._bounded(self._refresh(from_idp=self._inflight_from_idp))
+        waited = await self._idp.wait_for(kid, alg, deadlines.budget(self.policy.fetch_timeout_seconds))
         candidates = self._current().candidates(kid, alg)
         if candidates:
             return select_key(candidates, kid)
-        if result == "failed":
-            raise KeysUnavailable(retry_after_seconds=self._retry_after())
-        if len(self._unknown_kids) < MAX_UNKNOWN_KIDS:
-            self._unknown_kids.add(kid)
-        raise UnknownKey()
+        if waited.verdict in ("fetched", "unknown"):
+            raise UnknownKey()
+        raise KeyPending(retry_after_seconds=waited.retry_after_seconds)
+
+    def _count_kid_fetch(self, outcome: str) -> None:
+        self.stats.kid_refetches[outcome] += 1
 
     async def _bounded(self, refresh: asyncio.Future[Result]) -> Result:
         try:
-            async with asyncio.timeout(self.policy.fetch_timeout_seconds):
+            async with asyncio.timeout(deadlines.budget(self.policy.fetch_timeout_seconds)):
                 return await refresh
         except TimeoutError:
             return "failed"
@@ -197,7 +191,7 @@ class ProviderKeys:
 
     async def _do_refresh(self, from_idp: bool) -> Result:
         if self._cache is None:
-            return await self._fetch_from_idp() if from_idp else "unchanged"
+            return await self._idp_fetch() if from_idp else "unchanged"
         shared = await self._adopt_shared()
         if shared == "installed":
             return "installed"
@@ -210,7 +204,7 @@ class ProviderKeys:
         if lock is False and shared != "rejected" and await self._wait_for_peer():
             return "installed"
         try:
-            return await self._fetch_from_idp()
+            return await self._idp_fetch()
         finally:
             if lock:
                 await self._cache.release("lock", self._cache_key, budget=self._cache_budget)
@@ -265,7 +259,12 @@ class ProviderKeys:
             raise FetchError("invalid", "no usable signature keys")
         return usable
 
-    async def _fetch_from_idp(self) -> Result:
+    async def _idp_fetch(self) -> Result:
+        """Join the IdP fetch under way, or start one (single-flight with unknown-kid refetches)."""
+        return "installed" if await self._idp.run() is not None else "failed"
+
+    async def _fetch_from_idp(self) -> KeySet | None:
+        """Fetch from the IdP and install what it sent; None when the fetch failed."""
         assert self._fetcher is not None and self._ssl is not None
         provider = self.provider
         started = time.monotonic()
@@ -292,7 +291,7 @@ class ProviderKeys:
             self._failed(
                 outcome, str(exc) or f"no answer within {self.policy.fetch_timeout_seconds:g} s", started
             )
-            return "failed"
+            return None
         fetched_at = self._clock()
         self._install(keys, fetched_at, document.max_age, source="idp", started=started)
         if self._cache is not None:
@@ -300,7 +299,7 @@ class ProviderKeys:
             await self._cache.put(
                 self._cache_key, entry, ttl_seconds=self.policy.max_stale_seconds, budget=self._cache_budget
             )
-        return "installed"
+        return keys
 
     def _interval(self, max_age: float | None) -> float:
         if max_age is None:
@@ -313,7 +312,6 @@ class ProviderKeys:
         previous = self._keys
         self._keys = keys
         self._fetched_at = fetched_at
-        self._unknown_kids.clear()
         self._failures = 0
         # Up to 10% early, so that a fleet started together does not refresh in lockstep.
         self._next_refresh_at = fetched_at + self._interval(max_age) * self._jitter(0.9, 1.0)
@@ -370,6 +368,7 @@ class ProviderKeys:
     def cancel_fetch(self) -> None:
         if self._inflight is not None:
             self._inflight.cancel()
+        self._idp.stop()
 
     # ---- the background loop ----
 

@@ -8,6 +8,7 @@ from collections.abc import Callable
 
 import grpc
 
+from ext_authz import deadlines
 from ext_authz._proto.envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 from ext_authz.errors import InternalError
 from ext_authz.model import Decision, Request
@@ -41,6 +42,7 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):
         adapted = EMPTY_REQUEST
         request_id = ""
         try:
+            deadlines.start(context.time_remaining())
             adapted = to_request(request)
             request_id = adapted.headers.get("x-request-id", "")
             if self.tracing is None:

@@ -262,6 +262,15 @@ def assert_invalid_token(result: CheckResult, authz: Authz) -> None:
     assert 'error="invalid_token"' in result.headers.get("www-authenticate", ""), context
 
 
+def assert_refused_or_pending(result: CheckResult, authz: Authz) -> None:
+    """A token whose kid the IdP may not have published yet: 401, or 503 with Retry-After while
+    no fetch since the kid was first seen has come back (never an allow)."""
+    if result.http_status == 503:
+        assert_unavailable(result, authz)
+    else:
+        assert_invalid_token(result, authz)
+
+
 def assert_ok(result: CheckResult, authz: Authz) -> None:
     assert result.http_status == 200, f"{result.describe()}\n{authz.log()}"
 

@@ -44,11 +44,12 @@ class ScriptedFetcher:
     async def get_json(self, url: str, *, ssl_context: ssl.SSLContext, allow_insecure_http: bool) -> Document:
         self.jwks_fetches += 1
         self.allow_insecure_http.append(allow_insecure_http)
+        document = self.document  # what the IdP publishes when the request reaches it
         if self.delay:
             await asyncio.sleep(self.delay)
-        if isinstance(self.document, FetchError):
-            raise self.document
-        return Document(self.document, self.max_age)
+        if isinstance(document, FetchError):
+            raise document
+        return Document(document, self.max_age)
 
     async def discover_jwks_uri(
         self, issuer: str, *, ssl_context: ssl.SSLContext, allow_insecure_http: bool
@@ -126,17 +127,25 @@ async def test_rotation_refetch_single_flight_and_rate_limited(keys: Keys) -> No
     assert all(getattr(r, "kid", None) == "rsa-2" for r in results[:5])
     assert all(isinstance(r, errors.UnknownKey) for r in results[5:])
     assert store.stats.kid_refetches["fetched"] == 1
-    # Remembered unknown kids and the rate limit cost nothing more.
-    for kid in ("random-1", "another", "yet-another"):
+    # Kids a fetch after their first sighting lacked are unknown: 401 at once, no fetch.
+    for kid in ("random-1", "random-2"):
         with pytest.raises(errors.UnknownKey):
             await store.key_for(kid, "RS256")
     assert fetcher.jwks_fetches == 2
+    # A kid first seen now needs a fetch the rate limit holds back (past this request's wait):
+    # 503 with Retry-After until then, never a 401 that might be wrong.
+    for _ in range(2):
+        with pytest.raises(errors.KeyPending) as caught:
+            await store.key_for("another", "RS256")
+        assert 30 <= caught.value.retry_after_seconds <= 31
+    assert fetcher.jwks_fetches == 2
     assert store.stats.kid_refetches["suppressed"] == 2
-    # After the interval, one more refetch is allowed.
+    # After the interval, one more refetch is allowed: it lacks "another", which is now unknown.
     clock.now += 31
     with pytest.raises(errors.UnknownKey):
         await store.key_for("another", "RS256")
     assert fetcher.jwks_fetches == 3
+    store.cancel_fetch()
 
 
 async def test_kid_without_refetch_when_no_kid_or_static(keys: Keys) -> None:
