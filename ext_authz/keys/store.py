@@ -268,6 +268,8 @@ class ProviderKeys:
         assert self._fetcher is not None and self._ssl is not None
         provider = self.provider
         started = time.monotonic()
+        # Stamped with when it started: what the IdP sent is at least that fresh, no fresher.
+        fetched_at = self._clock()
         try:
             async with asyncio.timeout(self.policy.fetch_timeout_seconds):
                 uri = provider.jwks_uri or await self._fetcher.discover_jwks_uri(
@@ -292,7 +294,14 @@ class ProviderKeys:
                 outcome, str(exc) or f"no answer within {self.policy.fetch_timeout_seconds:g} s", started
             )
             return None
-        fetched_at = self._clock()
+        if self._fetched_at is not None and fetched_at < self._fetched_at:
+            # A fresher set arrived meanwhile (adopted from a peer that fetched later): keep it,
+            # so a key the IdP has removed since this fetch started is never brought back.
+            log.info(
+                "a fresher key set arrived during the fetch: keeping it",
+                extra={"fields": {"provider": provider.name}},
+            )
+            return keys
         self._install(keys, fetched_at, document.max_age, source="idp", started=started)
         if self._cache is not None:
             entry = CachedDocument(document.body, fetched_at, document.max_age)

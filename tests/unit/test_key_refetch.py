@@ -206,3 +206,32 @@ async def test_rotations_placed_right_after_a_fetch_never_get_a_401(keys: Keys, 
     assert all(getattr(r, "kid", None) == "rsa-2" for r in results), results
     await routine
     store.cancel_fetch()
+
+
+async def test_a_slow_fetch_never_replaces_a_fresher_adopted_set(keys: Keys) -> None:
+    # Found by the attacker review: a refetch for a junk kid starts while the IdP still lists a
+    # key; the IdP removes it; a routine refresh adopts a peer's later set without it; the slow
+    # refetch then lands. It must not bring the removed key back (here or, via Redis, elsewhere).
+    clock = Clock()
+    cache = shared_memory_cache()
+    fetcher = ScriptedFetcher(jwks(keys.rsa, rotated(keys)))
+    store = await started(make(fetcher, clock, cache))
+    fetcher.delay = 0.1
+    junk = asyncio.ensure_future(store.key_for("junk", "RS256"))  # the IdP answers with both keys
+    await asyncio.sleep(0.02)
+    clock.now += 1
+    await cache.put(
+        cache_key(ISSUER, JWKS_URI), CachedDocument(jwks(rotated(keys)), clock.now, None), ttl_seconds=60
+    )  # a peer fetched after the removal of rsa-1
+    assert await store._refresh(from_idp=False) == "installed"
+    with pytest.raises(errors.UnknownKey):
+        await junk
+    with pytest.raises(errors.AuthError):
+        await store.key_for("rsa-1", "RS256")
+    stored = await cache.get(cache_key(ISSUER, JWKS_URI))
+    assert isinstance(stored, CachedDocument) and stored.jwks == jwks(rotated(keys))
+    store.cancel_fetch()
+
+
+def shared_memory_cache() -> SharedKeyCache:
+    return SharedKeyCache(JwksCacheSettings())
