@@ -151,8 +151,10 @@ class ProviderKeys:
         if self._keys is None and self._inflight is not None:
             # The first fetch is under way (start-up): worth a bounded wait rather than a 503.
             await self._bounded(self._refresh(from_idp=self._inflight_from_idp))
-        candidates = self._current().candidates(kid, alg)
-        if candidates or kid is None or self._static:
+        current = self._current()
+        candidates = current.candidates(kid, alg)
+        if candidates or kid is None or self._static or any(k.kid == kid for k in current.keys):
+            # A kid the set has for another algorithm is the wrong key type, not a new key: 401.
             return select_key(candidates, kid)
         waited = await self._idp.wait_for(kid, alg, deadlines.budget(self.policy.fetch_timeout_seconds))
         candidates = self._current().candidates(kid, alg)

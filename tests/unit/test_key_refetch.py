@@ -235,3 +235,12 @@ async def test_a_slow_fetch_never_replaces_a_fresher_adopted_set(keys: Keys) -> 
 
 def shared_memory_cache() -> SharedKeyCache:
     return SharedKeyCache(JwksCacheSettings())
+
+
+async def test_a_known_kid_under_another_algorithm_is_refused_at_once(keys: Keys) -> None:
+    fetcher = ScriptedFetcher(jwks(keys.rsa))
+    store = await started(make(fetcher, Clock()))
+    for _ in range(3):
+        with pytest.raises(errors.UnknownKey):
+            await store.key_for("rsa-1", "ES256")  # an ES256 token naming the RSA key's kid
+    assert fetcher.jwks_fetches == 1
