@@ -21,7 +21,7 @@ from ext_authz.keys.fetch import FetchError
 from ext_authz.settings import JwksCacheSettings
 from tests.support.idp import SigningKey
 from tests.unit.conftest import ISSUER, Keys
-from tests.unit.test_key_store import JWKS_URI, Clock, ScriptedFetcher, jwks, make, started
+from tests.unit.test_key_store import JWKS_URI, Clock, ScriptedFetcher, jwks, make, memory_cache, started
 
 
 class RunningClock(Clock):
@@ -213,7 +213,7 @@ async def test_a_slow_fetch_never_replaces_a_fresher_adopted_set(keys: Keys) -> 
     # key; the IdP removes it; a routine refresh adopts a peer's later set without it; the slow
     # refetch then lands. It must not bring the removed key back (here or, via Redis, elsewhere).
     clock = Clock()
-    cache = shared_memory_cache()
+    cache = memory_cache()
     fetcher = ScriptedFetcher(jwks(keys.rsa, rotated(keys)))
     store = await started(make(fetcher, clock, cache))
     fetcher.delay = 0.1
@@ -231,10 +231,6 @@ async def test_a_slow_fetch_never_replaces_a_fresher_adopted_set(keys: Keys) -> 
     stored = await cache.get(cache_key(ISSUER, JWKS_URI))
     assert isinstance(stored, CachedDocument) and stored.jwks == jwks(rotated(keys))
     store.cancel_fetch()
-
-
-def shared_memory_cache() -> SharedKeyCache:
-    return SharedKeyCache(JwksCacheSettings())
 
 
 async def test_a_known_kid_under_another_algorithm_is_refused_at_once(keys: Keys) -> None:
