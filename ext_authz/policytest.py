@@ -41,16 +41,13 @@ file or the config is malformed (the message names the file and the key path, e.
 
 from __future__ import annotations
 
-import base64
 import json
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
-from jwt.algorithms import get_default_algorithms
-
+from ext_authz import jws
 from ext_authz.configreader import (
     METHOD,
     fail,
@@ -73,14 +70,6 @@ TOKEN_LIFETIME_SECONDS = 300
 ALGORITHM_PREFERENCE = (
     "ES256", "EdDSA", "RS256", "PS256", "ES384", "ES512", "RS384", "RS512", "PS384", "PS512",
 )  # fmt: skip
-_CURVES: Mapping[str, Callable[[], ec.EllipticCurve]] = {
-    "ES256": ec.SECP256R1,
-    "ES384": ec.SECP384R1,
-    "ES512": ec.SECP521R1,
-}
-
-PrivateKey = rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey
-
 
 # ---- the case file ----
 
@@ -219,18 +208,6 @@ def load_cases(file: str | Path, settings: Settings) -> tuple[Case, ...]:
 # ---- throwaway keys ----
 
 
-def _b64url(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
-
-
-def _generate(alg: str) -> PrivateKey:
-    if alg in _CURVES:
-        return ec.generate_private_key(_CURVES[alg]())
-    if alg == "EdDSA":
-        return ed25519.Ed25519PrivateKey.generate()
-    return rsa.generate_private_key(public_exponent=65537, key_size=2048)
-
-
 @dataclass(frozen=True, slots=True)
 class ThrowawayKey:
     """A key pair standing in for one provider's signing key."""
@@ -238,7 +215,7 @@ class ThrowawayKey:
     kid: str
     alg: str
     typ: str
-    private_key: PrivateKey
+    private_key: jws.PrivateKey
 
     @property
     def verification_key(self) -> VerificationKey:
@@ -246,10 +223,7 @@ class ThrowawayKey:
 
     def sign(self, claims: Mapping[str, object]) -> str:
         header = {"alg": self.alg, "typ": self.typ, "kid": self.kid}
-        segments = [_b64url(json.dumps(part, separators=(",", ":")).encode()) for part in (header, claims)]
-        signing_input = ".".join(segments).encode("ascii")
-        signature = get_default_algorithms()[self.alg].sign(signing_input, self.private_key)
-        return f"{signing_input.decode('ascii')}.{_b64url(signature)}"
+        return jws.sign(header, claims, self.private_key, self.alg)
 
 
 class ThrowawayKeys:
@@ -265,7 +239,7 @@ class ThrowawayKeys:
             provider = self._providers[name]
             alg = next(a for a in ALGORITHM_PREFERENCE if a in provider.algorithms)
             typ = "JWT" if "jwt" in provider.token_types else sorted(provider.token_types)[0]
-            key = ThrowawayKey(f"ext-authz-test-{name}", alg, typ, _generate(alg))
+            key = ThrowawayKey(f"ext-authz-test-{name}", alg, typ, jws.generate_key(alg))
             self._keys[name] = key
         return key
 
