@@ -55,7 +55,7 @@ protos: $(STAMP)
 # envoy.yaml's; override with RUN_HOST, RUN_ENVOY_PORT, RUN_ENVOY_ADMIN_PORT, RUN_AUTHZ_PORT,
 # RUN_BACKEND_PORT, RUN_ISSUER_PORT (and RUN_KEY_DIR), e.g. `make run RUN_ENVOY_PORT=18000`.
 run: $(STAMP)
-	$(PY) -m ext_authz.devissuer stack --envoy-config envoy.yaml --config deploy/local/ext-authz.yaml
+	$(PY) -m ext_authz.dev stack --envoy-config envoy.yaml --config deploy/local/ext-authz.yaml
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

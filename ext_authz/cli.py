@@ -15,7 +15,7 @@ from typing import Any
 
 import uvloop
 
-from ext_authz import __version__, devissuer, explain, logs, policytest, settings, supervisor
+from ext_authz import __version__, explain, logs, policytest, settings, supervisor
 from ext_authz.server import ServeError, serve
 from ext_authz.tracing import TracingUnavailable
 
@@ -86,7 +86,9 @@ def _parser() -> argparse.ArgumentParser:
     test_cmd.add_argument("cases", metavar="CASES.yaml", help="the case file")
     test_cmd.add_argument("--config", required=True, metavar="FILE", help="the YAML config file")
 
-    devissuer.add_parser(commands)
+    from ext_authz.dev import cli as dev_cli  # the one product module that loads the dev tools
+
+    dev_cli.add_parser(commands)
     return parser
 
 
@@ -153,7 +155,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "test":
         return _test(args)
     if args.command == "dev-issuer":
-        return devissuer.run(args)
+        from ext_authz.dev import cli as dev_cli
+
+        return dev_cli.run(args)
     if args.command == "check-config":
         loaded = _load(args.file)
         print(f"{args.file}: ok ({len(loaded.providers)} providers, {len(loaded.rules)} rules)")

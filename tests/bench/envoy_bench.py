@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from ext_authz.devissuer import envoy_binary
+from ext_authz.dev.plan import envoy_binary
 from tests.bench.procs import BenchError, BenchProcess
 
 LISTENER = "bench"

@@ -41,7 +41,7 @@ from typing import Any
 
 import yaml
 
-from ext_authz.devissuer import envoy_binary
+from ext_authz.dev.plan import envoy_binary
 from tests.bench import bench_rules, envoy_bench, fixtures, load, micro, profiling
 from tests.bench.envoy_bench import BenchEnvoy
 from tests.bench.fixtures import ExtAuthz

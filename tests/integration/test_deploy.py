@@ -41,7 +41,8 @@ import kubernetes_validate  # type: ignore[import-untyped]
 import pytest
 import yaml
 
-from ext_authz import cli, devissuer
+from ext_authz import cli
+from ext_authz.dev.plan import render_envoy_config, stack_plan
 from tests.support.envoy import validate_config
 from tests.support.keys_shared import with_test_secrets
 from tests.support.processes import venv_binary
@@ -702,9 +703,9 @@ def test_every_envoy_config_in_the_repository_validates(tmp_path: Path) -> None:
         referenced |= set(kubernetes_configs(Kustomization(directory))[1])
     # What `make run` renders for other ports (RUN_*), as the make-run test uses it.
     envoy_yaml = document(REPO_ROOT / "envoy.yaml")
-    plan = devissuer.stack_plan(envoy_yaml, document(make_run_configs()[0]), {"RUN_HOST": "127.0.0.1"})
+    plan = stack_plan(envoy_yaml, document(make_run_configs()[0]), {"RUN_HOST": "127.0.0.1"})
     rendered = tmp_path / "rendered-envoy.yaml"
-    rendered.write_text(yaml.safe_dump(devissuer.render_envoy_config(envoy_yaml, plan)))
+    rendered.write_text(yaml.safe_dump(render_envoy_config(envoy_yaml, plan)))
 
     assert referenced <= set(configs), "a referenced Envoy config is not in the repository"
     for path in [*configs, rendered]:

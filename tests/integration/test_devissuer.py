@@ -25,12 +25,14 @@ import grpc
 import pytest
 import yaml
 
-from ext_authz import cli, devissuer
+from ext_authz import cli
 from ext_authz._proto.envoy.service.auth.v3 import (
     attribute_context_pb2,
     external_auth_pb2,
     external_auth_pb2_grpc,
 )
+from ext_authz.dev.errors import DevIssuerError
+from ext_authz.dev.plan import render_envoy_config, stack_plan
 from tests.support.processes import ManagedProcess, start_ext_authz
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -271,12 +273,12 @@ def test_stack_ports_default_to_the_repository_configs() -> None:
     envoy = yaml.safe_load((REPO_ROOT / "envoy.yaml").read_text())
     authz = yaml.safe_load((REPO_ROOT / "deploy/local/ext-authz.yaml").read_text())
 
-    plan = devissuer.stack_plan(envoy, authz, {})
-    moved = devissuer.stack_plan(envoy, authz, {"RUN_ENVOY_PORT": "18000", "RUN_HOST": "127.0.0.1"})
+    plan = stack_plan(envoy, authz, {})
+    moved = stack_plan(envoy, authz, {"RUN_ENVOY_PORT": "18000", "RUN_HOST": "127.0.0.1"})
 
     assert (plan.envoy_port, plan.admin_port, plan.authz_port, plan.backend_port) == (8000, 9901, 9001, 8080)
     assert (plan.issuer_port, plan.listener_host) == (8999, "0.0.0.0")
-    assert devissuer.render_envoy_config(envoy, plan) == envoy  # defaults: envoy.yaml as it is
+    assert render_envoy_config(envoy, plan) == envoy  # defaults: envoy.yaml as it is
     assert (moved.envoy_port, moved.listener_host, moved.authz_port) == (18000, "127.0.0.1", 9001)
-    with pytest.raises(devissuer.DevIssuerError, match="RUN_AUTHZ_PORT"):
-        devissuer.stack_plan(envoy, authz, {"RUN_AUTHZ_PORT": "ninety"})
+    with pytest.raises(DevIssuerError, match="RUN_AUTHZ_PORT"):
+        stack_plan(envoy, authz, {"RUN_AUTHZ_PORT": "ninety"})

@@ -32,7 +32,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa, utils
 from jwt.algorithms import get_default_algorithms
 
-from ext_authz.devissuer import envoy_binary
+from ext_authz.dev.plan import envoy_binary
 from tests.support.echo import EchoBackend
 from tests.support.envoy import LISTENER_NAME, TRACE_HEADER, envoy_config, send
 from tests.support.idp import SigningKey, b64url, b64url_decode, public_jwk, tamper_signature

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from ext_authz.devissuer import READY_MARKER
+from ext_authz.dev.stack import READY_MARKER
 from tests.support.processes import ManagedProcess
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -206,7 +206,7 @@ def test_make_run_prints_commands_that_behave_as_printed_and_ctrl_c_stops_it_all
 
 def test_sigterm_to_the_stack_alone_stops_what_it_started(tmp_path: Path) -> None:
     """A supervisor's SIGTERM reaches only the stack's own process: it must stop its children."""
-    argv = [sys.executable, "-m", "ext_authz.devissuer", "stack"]
+    argv = [sys.executable, "-m", "ext_authz.dev", "stack"]
     stack = ManagedProcess(
         "stack", argv, env=stack_env(tmp_path / "keys"), cwd=REPO_ROOT, separate_stdout=True, keep_lines=2000
     )

@@ -29,7 +29,7 @@ from typing import Any
 
 import yaml
 
-from ext_authz.devissuer import envoy_binary
+from ext_authz.dev.plan import envoy_binary
 from tests.support.echo import EchoBackend, EchoRequest
 from tests.support.idp import TestIssuer
 from tests.support.lifecycle import StopOnExit

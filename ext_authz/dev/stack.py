@@ -1,0 +1,290 @@
+"""`make run`: the issuer and the echo backend in this process, ext-authz and Envoy as children.
+
+Prints curl commands with fresh tokens once everything answers, and stops it all on
+SIGINT/SIGTERM/SIGHUP or when a child exits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import copy
+import os
+import shlex
+import shutil
+import signal
+import socket
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TextIO
+
+import aiohttp
+import grpc
+import yaml
+from aiohttp import web
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from ext_authz.dev.echo import echo_app
+from ext_authz.dev.errors import DevIssuerError
+from ext_authz.dev.http import listen_socket, start_site, url_host
+from ext_authz.dev.issuer import issuer_app
+from ext_authz.dev.keys import DEFAULT_ALG, DEFAULT_AUDIENCE, DEFAULT_KEY_DIR, IssuerSettings, KeyDir
+from ext_authz.dev.plan import (
+    ENV_PREFIX,
+    StackPlan,
+    dev_provider,
+    envoy_binary,
+    load_yaml,
+    render_envoy_config,
+    stack_plan,
+)
+from ext_authz.dev.tokens import mint
+
+READY_TIMEOUT = 60.0
+STOP_GRACE = 5.0
+READY_MARKER = "# Ctrl-C stops everything."
+
+
+def curl_command(url: str, token: str | None = None) -> str:
+    argv = ["curl", "-i", url]
+    if token is not None:
+        argv += ["-H", f"Authorization: Bearer {token}"]
+    return shlex.join(argv)
+
+
+class Child:
+    """A child process whose output is copied, line by line and prefixed with its name, to `out`."""
+
+    def __init__(self, name: str, process: asyncio.subprocess.Process, copier: asyncio.Task[None]) -> None:
+        self.name = name
+        self.process = process
+        self._copier = copier
+
+    @classmethod
+    async def start(cls, name: str, argv: Sequence[str], out: TextIO) -> Child:
+        process = await asyncio.create_subprocess_exec(
+            *argv,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+        assert process.stdout is not None
+        copier = asyncio.create_task(_copy_lines(name, process.stdout, out))
+        print(f"[run] started {name} pid={process.pid}", file=out, flush=True)
+        return cls(name, process, copier)
+
+    async def stop(self) -> int:
+        """SIGTERM, then SIGKILL after STOP_GRACE seconds; returns the exit status."""
+        if self.process.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.process.terminate()
+            try:
+                await asyncio.wait_for(self.process.wait(), STOP_GRACE)
+            except TimeoutError:
+                with contextlib.suppress(ProcessLookupError):
+                    self.process.kill()
+                await self.process.wait()
+        with contextlib.suppress(asyncio.CancelledError, TimeoutError):
+            await asyncio.wait_for(self._copier, 2.0)
+        return self.process.returncode if self.process.returncode is not None else -1
+
+
+async def _copy_lines(name: str, stream: asyncio.StreamReader, out: TextIO) -> None:
+    while line := await stream.readline():
+        print(f"[{name}] {line.decode('utf-8', 'replace').rstrip()}", file=out, flush=True)
+
+
+async def _first_of(
+    stop: asyncio.Event, children: Sequence[Child], work: Awaitable[None] | None = None
+) -> Child | None:
+    """Wait until `work` completes (None), a stop is requested (None) or a child exits (it)."""
+    waits: dict[asyncio.Task[Any], Child | None] = {asyncio.create_task(stop.wait()): None}
+    for child in children:
+        waits[asyncio.create_task(child.process.wait())] = child
+    work_task = asyncio.ensure_future(work) if work is not None else None
+    if work_task is not None:
+        waits[work_task] = None
+    try:
+        done, _ = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in waits:
+            task.cancel()
+    if work_task is not None and work_task in done:
+        work_task.result()  # re-raise a readiness failure
+    exited = [waits[task] for task in done if waits[task] is not None]
+    return exited[0] if exited and not stop.is_set() else None
+
+
+async def _wait_ready(plan: StackPlan, deadline: float) -> None:
+    """ext-authz SERVING (keys fetched), Envoy LIVE, and one anonymous request through Envoy."""
+    waiting_for = "ext-authz gRPC health SERVING (it has fetched the issuer's keys)"
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{plan.authz_port}") as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            while True:
+                with contextlib.suppress(grpc.aio.AioRpcError):
+                    answer = await health.Check(health_pb2.HealthCheckRequest(service=""), timeout=1.0)
+                    if answer.status == health_pb2.HealthCheckResponse.SERVING:
+                        break
+                await _pause(deadline)
+        timeout = aiohttp.ClientTimeout(total=2.0)
+        async with aiohttp.ClientSession(timeout=timeout) as session:
+            waiting_for = "Envoy's admin /ready to answer LIVE"
+            while not await _get_ok(session, f"http://127.0.0.1:{plan.admin_port}/ready", b"LIVE"):
+                await _pause(deadline)
+            waiting_for = "an anonymous request through Envoy (GET /public/) to answer 200"
+            while not await _get_ok(session, f"http://127.0.0.1:{plan.envoy_port}/public/"):
+                await _pause(deadline)
+    except TimeoutError:
+        raise DevIssuerError(f"not ready within {READY_TIMEOUT:g}s: waited for {waiting_for}") from None
+
+
+async def _get_ok(session: aiohttp.ClientSession, url: str, body: bytes | None = None) -> bool:
+    try:
+        async with session.get(url) as response:
+            text = await response.read()
+            return response.status == 200 and (body is None or text.strip() == body)
+    except (aiohttp.ClientError, TimeoutError):
+        return False
+
+
+async def _pause(deadline: float) -> None:
+    if time.monotonic() >= deadline:
+        raise TimeoutError
+    await asyncio.sleep(0.1)
+
+
+@dataclass(frozen=True, slots=True)
+class StackOptions:
+    envoy_config: Path
+    authz_config: Path
+    key_dir: Path
+
+
+def _commands(plan: StackPlan, key_dir: KeyDir) -> list[str]:
+    base = f"http://{url_host(plan.listener_host)}:{plan.envoy_port}"
+    reader = mint(key_dir, subject="alice", scope="read")
+    expired = mint(key_dir, subject="alice", scope="read", ttl=-300)
+    return [
+        "# expect 200: an anonymous route (rule `public`): no token needed",
+        curl_command(f"{base}/public/hello"),
+        "",
+        "# expect 200: alice's token (scope read) passes; the echo shows x-user-id: alice, set by ext-authz",
+        curl_command(f"{base}/orders/42", reader),
+        "",
+        '# expect 403: the same token lacks scope "admin" (WWW-Authenticate: error="insufficient_scope")',
+        curl_command(f"{base}/admin/users", reader),
+        "",
+        '# expect 401: a token that expired 5 minutes ago (error="invalid_token", "the token has expired")',
+        curl_command(f"{base}/orders/42", expired),
+        "",
+        '# expect 401: no token on a route that needs one (WWW-Authenticate: Bearer realm="ext-authz")',
+        curl_command(f"{base}/orders/42"),
+    ]
+
+
+async def run_stack(options: StackOptions, env: Mapping[str, str], out: TextIO, log: TextIO) -> int:
+    """Run the stack until SIGINT/SIGTERM (exit 0) or until a part of it fails (exit 1)."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        loop.add_signal_handler(sig, stop.set)
+    envoy_config = load_yaml(options.envoy_config)
+    authz_config = load_yaml(options.authz_config)
+    plan = stack_plan(envoy_config, authz_config, env)
+    key_dir = KeyDir(options.key_dir)
+    key_dir.ensure_key(DEFAULT_ALG)
+    issuer_url = f"http://127.0.0.1:{plan.issuer_port}"
+    key_dir.write_settings(IssuerSettings(issuer_url, key_dir.saved_audience() or DEFAULT_AUDIENCE))
+    runners: list[web.AppRunner] = []
+    children: list[Child] = []
+    workdir = Path(tempfile.mkdtemp(prefix="ext-authz-run-"))
+    try:
+        issuer_sock = _stack_socket(plan.issuer_port, "ISSUER_PORT")
+        runners.append(await start_site(issuer_app(key_dir, issuer_url), issuer_sock))
+        backend_sock = _stack_socket(plan.backend_port, "BACKEND_PORT")
+        runners.append(
+            await start_site(
+                echo_app(lambda line: print(f"[backend] {line}", file=log, flush=True)), backend_sock
+            )
+        )
+        print(f"[run] dev issuer {issuer_url} (DEVELOPMENT ONLY; keys in {key_dir.path})", file=log)
+        print(f"[run] echo backend http://127.0.0.1:{plan.backend_port}", file=log, flush=True)
+
+        authz_file = options.authz_config
+        if dev_provider(authz_config).get("issuer") != issuer_url:
+            rendered_authz = copy.deepcopy(authz_config)
+            dev_provider(rendered_authz)["issuer"] = issuer_url
+            authz_file = workdir / "ext-authz.yaml"
+            authz_file.write_text(yaml.safe_dump(rendered_authz, sort_keys=False), encoding="utf-8")
+        envoy_file = options.envoy_config
+        rendered_envoy = render_envoy_config(envoy_config, plan)
+        if rendered_envoy != envoy_config:
+            envoy_file = workdir / "envoy.yaml"
+            envoy_file.write_text(yaml.safe_dump(rendered_envoy, sort_keys=False), encoding="utf-8")
+
+        authz_argv = [sys.executable, "-m", "ext_authz", "serve", "--config", str(authz_file)]
+        authz_argv += ["--listen", f"127.0.0.1:{plan.authz_port}", "--drain-seconds", "0"]
+        children.append(await Child.start("ext-authz", authz_argv, log))
+        envoy_argv = [envoy_binary(), "-c", str(envoy_file), "--use-dynamic-base-id", "-l", "warning"]
+        children.append(await Child.start("envoy", envoy_argv, log))
+
+        deadline = time.monotonic() + READY_TIMEOUT
+        failed = await _first_of(stop, children, _wait_ready(plan, deadline))
+        if failed is None and not stop.is_set():
+            print(_ready_text(plan, options, key_dir, authz_file, envoy_file), file=out, flush=True)
+            failed = await _first_of(stop, children)
+        if failed is not None:
+            # A terminal's Ctrl-C reaches the children too; give our own signal a moment to land.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), 0.5)
+            if not stop.is_set():
+                print(
+                    f"[run] {failed.name} exited with status {failed.process.returncode}; stopping", file=log
+                )
+                return 1
+        return 0
+    finally:
+        for child in reversed(children):  # Envoy first: stop taking requests, then its authorizer
+            await child.stop()
+        for runner in reversed(runners):
+            await runner.cleanup()
+        shutil.rmtree(workdir, ignore_errors=True)
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            loop.remove_signal_handler(sig)
+        print("[run] stopped", file=log, flush=True)
+
+
+def _stack_socket(port: int, variable: str) -> socket.socket:
+    try:
+        return listen_socket("127.0.0.1", port)
+    except DevIssuerError as exc:
+        raise DevIssuerError(f"{exc} (choose another port with {ENV_PREFIX}{variable}=...)") from None
+
+
+def _ready_text(
+    plan: StackPlan, options: StackOptions, key_dir: KeyDir, authz_file: Path, envoy_file: Path
+) -> str:
+    key_dir_flag = "" if key_dir.path == DEFAULT_KEY_DIR else f" --key-dir {shlex.quote(str(key_dir.path))}"
+    header = [
+        "",
+        "ext-authz local stack is up (DEVELOPMENT ONLY: the issuer mints any token asked of it).",
+        f"  Envoy       http://{url_host(plan.listener_host)}:{plan.envoy_port}   config {envoy_file}"
+        f" (admin 127.0.0.1:{plan.admin_port})",
+        f"  ext-authz   127.0.0.1:{plan.authz_port}   config {authz_file}"
+        + (
+            " (edit it: reloads on save)"
+            if authz_file == options.authz_config
+            else f" (from {options.authz_config})"
+        ),
+        f"  dev issuer  http://127.0.0.1:{plan.issuer_port}   keys {key_dir.path}",
+        f"  backend     http://127.0.0.1:{plan.backend_port}   echoes what reached it",
+        f"More tokens: .venv/bin/ext-authz dev-issuer mint{key_dir_flag} --sub bob --scope 'read admin'",
+        "",
+    ]
+    return "\n".join([*header, *_commands(plan, key_dir), "", READY_MARKER])
