@@ -1,6 +1,6 @@
 r"""Stage 3: which rule applies to a request, and does the principal satisfy it. Pure.
 
-Rules come compiled from ``policy.py``. Matching normalises the path once per request so that
+Rules come compiled from ``config/rules.py``. Matching normalises the path once per request so that
 ``/public/../admin`` or ``/public/%2e%2e/admin`` is judged as ``/admin`` (RFC 3986 §6.2.2:
 percent-decoding of unreserved characters, then removal of dot segments), and ``//admin`` as
 ``/admin``. Template parameters are percent-decoded after matching.
@@ -32,23 +32,24 @@ from urllib.parse import unquote
 
 from ext_authz import errors
 from ext_authz.claims import claim_value
-from ext_authz.hosts import canonical_host
-from ext_authz.model import Principal, Request
-from ext_authz.policy import (
+from ext_authz.config.model import (
     AllOf,
     AnyOf,
     Claim,
+    ClaimLocations,
     Expression,
     Match,
     Not,
     Providers,
+    ProviderSettings,
     Regex,
     Requirement,
     Roles,
     RuleSettings,
     Scopes,
 )
-from ext_authz.settings import ClaimLocations, ProviderSettings
+from ext_authz.hosts import canonical_host
+from ext_authz.model import Principal, Request
 
 _UNRESERVED_ESCAPE = re.compile(r"%(2[dDeE]|3[0-9]|[46][1-9a-fA-F]|[57][0-9aA]|5[fF]|7[eE])")
 _SLASHES = re.compile(r"/{2,}")

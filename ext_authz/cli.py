@@ -15,7 +15,10 @@ from typing import Any
 
 import uvloop
 
-from ext_authz import __version__, explain, logs, policytest, settings, supervisor
+from ext_authz import __version__, explain, logs, policytest, supervisor
+from ext_authz.config.model import Settings
+from ext_authz.config.parse import listen_address, load
+from ext_authz.config.values import ConfigError
 from ext_authz.server import ServeError, serve
 from ext_authz.tracing import TracingUnavailable
 
@@ -92,10 +95,10 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _load(file: str) -> settings.Settings:
+def _load(file: str) -> Settings:
     try:
-        return settings.load(file)
-    except settings.ConfigError as exc:
+        return load(file)
+    except ConfigError as exc:
         print(f"ext-authz: config error: {file}: {exc}", file=sys.stderr)
         raise SystemExit(EXIT_CONFIG) from None
 
@@ -137,7 +140,7 @@ def _test(args: argparse.Namespace) -> int:
     loaded = _load(args.config)
     try:
         cases = policytest.load_cases(args.cases, loaded)
-    except settings.ConfigError as exc:
+    except ConfigError as exc:
         print(f"ext-authz: case file error: {args.cases}: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     _quiet_logs()
@@ -165,8 +168,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     loaded = _load(args.config)
     if args.listen is not None:
         try:
-            settings.listen_address(args.listen, "--listen")
-        except settings.ConfigError as exc:
+            listen_address(args.listen, "--listen")
+        except ConfigError as exc:
             print(f"ext-authz: {exc}", file=sys.stderr)
             return EXIT_CONFIG
     if args.drain_seconds is not None and not 0 <= args.drain_seconds <= 600:

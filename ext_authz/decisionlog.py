@@ -16,8 +16,8 @@ import time
 from collections.abc import Callable
 from typing import TextIO
 
+from ext_authz.config.model import LogSettings
 from ext_authz.model import Allow, Decision, Request
-from ext_authz.settings import LogSettings
 
 
 @functools.lru_cache(maxsize=4096)

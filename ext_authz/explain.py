@@ -35,7 +35,17 @@ from ext_authz.authorization import (
     explain_requirement,
     path_readings,
 )
-from ext_authz.configreader import HEADER_NAME
+from ext_authz.config.model import (
+    AllOf,
+    AnyOf,
+    JwksCacheSettings,
+    Not,
+    ProviderSettings,
+    Requirement,
+    RuleSettings,
+    Settings,
+)
+from ext_authz.config.values import HEADER_NAME
 from ext_authz.identity import KeyResolver, parse_token
 from ext_authz.keys.cache import SharedKeyCache
 from ext_authz.keys.fetch import HttpFetcher
@@ -43,8 +53,6 @@ from ext_authz.keys.jwks import JWKSError, KeySet, VerificationKey, parse_jwks, 
 from ext_authz.keys.store import KeyStore
 from ext_authz.model import Allow, Decision, Principal, Request, TokenLocation
 from ext_authz.pipeline import Pipeline
-from ext_authz.policy import AllOf, AnyOf, Not, Requirement
-from ext_authz.settings import JwksCacheSettings, ProviderSettings, RuleSettings, Settings
 
 # Extra time, beyond the providers' own fetch timeouts, to let a failed first fetch report back.
 FIRST_FETCH_MARGIN_SECONDS = 0.5

@@ -7,7 +7,7 @@ A client can spell one host many ways that a backend or DNS reads alike: ``Admin
 skipped by spelling; anything it cannot read with certainty (two ports, ``user@``, spaces,
 characters no host name has, a numeric host that is not a dotted-quad IPv4 address, IPv6 zone
 ids) is None, and the caller refuses it (a request answers 400, a config key is an error).
-Imports nothing of the package: the config side (``policy.py``) and the request side
+Imports nothing of the package: the config side (``config/rules.py``) and the request side
 (``authorization.py``) share it.
 """
 

@@ -31,9 +31,9 @@ from jwt.algorithms import Algorithm, get_default_algorithms
 
 from ext_authz import errors
 from ext_authz.claims import claim_value
+from ext_authz.config.model import ProviderSettings, normalise_token_type
 from ext_authz.keys.jwks import VerificationKey
 from ext_authz.model import Credential, Principal
-from ext_authz.settings import ProviderSettings, normalise_token_type
 from ext_authz.tokencache import CachedToken, TokenCache
 
 _B64URL = re.compile(r"^[A-Za-z0-9_-]*$")

@@ -48,7 +48,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ext_authz import jws
-from ext_authz.configreader import (
+from ext_authz.config.model import ProviderSettings, Settings
+from ext_authz.config.values import (
     METHOD,
     fail,
     header_name,
@@ -63,7 +64,6 @@ from ext_authz.explain import RequirementStep, build_request, explain, token_loc
 from ext_authz.keys.jwks import KeySet, VerificationKey, select_key
 from ext_authz.model import Allow, Decision, Request
 from ext_authz.pipeline import Pipeline
-from ext_authz.settings import ProviderSettings, Settings
 
 TOKEN_LIFETIME_SECONDS = 300
 # Fast to generate first; RSA (slow to generate) only for a provider that accepts nothing else.

@@ -15,10 +15,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from ext_authz.claims import claim_value
+from ext_authz.config.model import ClaimHeader, RuleSettings, Settings
 from ext_authz.credentials import cookie_header_without
 from ext_authz.errors import AuthError, InsufficientScope, KeysUnavailable
 from ext_authz.model import Allow, Deny, Principal, Request
-from ext_authz.settings import ClaimHeader, RuleSettings, Settings
 
 log = logging.getLogger(__name__)
 

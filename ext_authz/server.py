@@ -26,9 +26,12 @@ from pathlib import Path
 
 import grpc
 
-from ext_authz import logs, settings
+from ext_authz import logs
 from ext_authz._proto.envoy.service.auth.v3 import external_auth_pb2_grpc
 from ext_authz.admin import AdminServer
+from ext_authz.config.model import Settings
+from ext_authz.config.parse import load
+from ext_authz.config.values import ConfigError
 from ext_authz.decisionlog import DecisionLog
 from ext_authz.keys.cache import SharedKeyCache
 from ext_authz.keys.fetch import HttpFetcher
@@ -36,7 +39,6 @@ from ext_authz.keys.store import KeyStore
 from ext_authz.metrics import Metrics, TlsCollector
 from ext_authz.model import Decision, Request
 from ext_authz.pipeline import Pipeline
-from ext_authz.settings import Settings
 from ext_authz.tls import ServerTls
 from ext_authz.tlsfiles import TlsFileError
 from ext_authz.tokencache import CacheCounters
@@ -260,8 +262,8 @@ class Server:
         async with self._reload_lock:
             self._config_digest = _digest(self._config_path)
             try:
-                new = settings.load(self._config_path)
-            except settings.ConfigError as exc:
+                new = load(self._config_path)
+            except ConfigError as exc:
                 self.metrics.reloads.labels("invalid").inc()
                 log.error(
                     "config reload rejected: the old config stays in force",

@@ -31,7 +31,7 @@ import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
 from ext_authz.admin import AdminServer
-from ext_authz.settings import Settings
+from ext_authz.config.model import Settings
 from ext_authz.tls import ServerTls
 from ext_authz.tlsfiles import TlsFileError
 

@@ -23,7 +23,7 @@ from datetime import UTC, datetime
 
 import grpc
 
-from ext_authz.settings import TlsSettings
+from ext_authz.config.model import TlsSettings
 from ext_authz.tlsfiles import Material, TlsFileError, check, read_contents, read_material
 
 log = logging.getLogger(__name__)

@@ -34,7 +34,7 @@ from urllib.parse import unquote, urlsplit
 from aiocache import RedisCache, SimpleMemoryCache
 from aiocache.serializers import StringSerializer
 
-from ext_authz.settings import JwksCacheSettings
+from ext_authz.config.model import JwksCacheSettings
 
 log = logging.getLogger(__name__)
 

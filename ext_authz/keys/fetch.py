@@ -12,7 +12,7 @@ from urllib.parse import urldefrag, urljoin
 
 import aiohttp
 
-from ext_authz.settings import url_problem
+from ext_authz.config.urls import url_problem
 
 log = logging.getLogger(__name__)
 

@@ -37,12 +37,13 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from ext_authz import deadlines
+from ext_authz.config.model import ProviderSettings
+from ext_authz.config.urls import url_problem
 from ext_authz.errors import KeyPending, KeysUnavailable, UnknownKey
 from ext_authz.keys.cache import CachedDocument, Rejected, SharedKeyCache, cache_key
 from ext_authz.keys.fetch import Fetcher, FetchError
 from ext_authz.keys.jwks import JWKSError, KeySet, VerificationKey, parse_jwks, select_key
 from ext_authz.keys.refetch import IdpFetches
-from ext_authz.settings import ProviderSettings, url_problem
 
 log = logging.getLogger(__name__)
 

@@ -24,10 +24,10 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
 from ext_authz._proto.envoy.service.auth.v3 import attribute_context_pb2, external_auth_pb2
+from ext_authz.config.parse import parse
 from ext_authz.keys.store import KeyStore
 from ext_authz.model import Credential, Request, TokenLocation
 from ext_authz.pipeline import Pipeline
-from ext_authz.settings import parse
 from ext_authz.transport.adapter import to_request, to_response
 from tests.bench import fixtures
 from tests.support.idp import SigningKey, b64url_decode, tamper_signature

@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ext_authz import settings
 from ext_authz.authorization import RequestView, Rules
+from ext_authz.config.model import Settings
+from ext_authz.config.parse import parse
 from ext_authz.model import Request
 from tests.support.keys_shared import with_test_secrets
 
@@ -20,15 +21,15 @@ ROOT = Path(__file__).resolve().parents[2]
 SHIPPED = sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / "deploy").rglob("ext-authz.yaml"))
 
 
-def _load(file: str, directory: Path) -> settings.Settings:
+def _load(file: str, directory: Path) -> Settings:
     """The shipped config's rules, without the files only its container has (secrets, certificates)."""
     path = with_test_secrets(ROOT / file, directory)
     document = yaml.safe_load(path.read_text(encoding="utf-8"))
     document.pop("tls", None)  # certificate files are mounted at run time; rules do not read them
-    return settings.parse(document, base_dir=path.parent, source=file)
+    return parse(document, base_dir=path.parent, source=file)
 
 
-def _rule_for(config: settings.Settings, path: str) -> str | None:
+def _rule_for(config: Settings, path: str) -> str | None:
     matched = Rules(config.rules, config.providers).match(RequestView.of(Request("GET", path, host="x")))
     return matched.rule.name if matched else None
 

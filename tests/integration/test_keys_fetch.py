@@ -23,12 +23,13 @@ import jwt
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from ext_authz import settings
 from ext_authz._proto.envoy.service.auth.v3 import (
     attribute_context_pb2,
     external_auth_pb2,
     external_auth_pb2_grpc,
 )
+from ext_authz.config.model import ProviderSettings
+from ext_authz.config.parse import parse
 from ext_authz.keys.fetch import MAX_DOCUMENT_BYTES, Document, FetchError, HttpFetcher
 from ext_authz.keys.jwks import parse_jwks
 from ext_authz.keys.store import ProviderKeys
@@ -85,8 +86,8 @@ async def fetch(
         return await fetcher.get_json(url, ssl_context=ssl_context, allow_insecure_http=allow_insecure_http)
 
 
-def provider_settings(idp: SlowIdP, **provider: Any) -> settings.ProviderSettings:
-    return settings.parse(
+def provider_settings(idp: SlowIdP, **provider: Any) -> ProviderSettings:
+    return parse(
         {"providers": [{"name": "slow", "issuer": idp.url, "audiences": ["api"], **provider}]}
     ).providers[0]
 
@@ -235,7 +236,7 @@ async def test_the_server_serves_entra_and_keycloak_sets_with_an_odd_key_sent_sl
         "/.well-known/openid-configuration", json_reply({"issuer": idp.url, "jwks_uri": idp.url + "/keys"})
     )
     idp.reply("/keys", json_reply(document, framing="chunked", piece=4096))
-    config = settings.parse(
+    config = parse(
         {"listen": "127.0.0.1:0", "providers": [{"name": "slow", "issuer": idp.url, "audiences": ["api"]}]}
     )
     server = Server(config)

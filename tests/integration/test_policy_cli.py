@@ -13,8 +13,10 @@ from typing import Any
 import pytest
 import yaml
 
-from ext_authz import policytest, settings
-from ext_authz.configreader import ConfigError
+from ext_authz import policytest
+from ext_authz.config.model import Settings
+from ext_authz.config.parse import parse
+from ext_authz.config.values import ConfigError
 from ext_authz.model import Allow
 from tests.support.idp import DISCOVERY_PATH, JWKS_PATH, TestIssuer
 
@@ -324,8 +326,8 @@ def test_config_error_exits_2(tmp_path: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def loaded() -> settings.Settings:
-    return settings.parse(config("https://idp.example.com"))
+def loaded() -> Settings:
+    return parse(config("https://idp.example.com"))
 
 
 @pytest.mark.parametrize(
@@ -368,15 +370,13 @@ def loaded() -> settings.Settings:
         ("cases: [", "not valid YAML at line 1"),
     ],
 )
-def test_case_file_errors_name_the_key_path(
-    loaded: settings.Settings, tmp_path: Path, text: str, where: str
-) -> None:
+def test_case_file_errors_name_the_key_path(loaded: Settings, tmp_path: Path, text: str, where: str) -> None:
     with pytest.raises(ConfigError) as raised:
         policytest.load_cases(write(tmp_path, text), loaded)
     assert where in str(raised.value)
 
 
-def test_default_claims(loaded: settings.Settings) -> None:
+def test_default_claims(loaded: Settings) -> None:
     test, partner = loaded.providers
     assert policytest.token_claims(test, {"sub": "a", "iat": None}, 1000) == {
         "iss": "https://idp.example.com",
@@ -400,12 +400,12 @@ def test_throwaway_key_from_the_allow_list(algorithms: list[str] | None, alg: st
     document = config("https://idp.example.com")
     if algorithms is not None:
         document["providers"][0]["algorithms"] = algorithms
-    keys = policytest.ThrowawayKeys(settings.parse(document).providers)
+    keys = policytest.ThrowawayKeys(parse(document).providers)
     assert keys.for_provider("test").alg == alg
     assert keys.for_provider("test") is keys.for_provider("test")  # one per provider
 
 
-async def test_cases_in_process(loaded: settings.Settings) -> None:
+async def test_cases_in_process(loaded: Settings) -> None:
     cases = policytest.parse_cases(yaml.safe_load(PASSING), loaded)
     outcomes = await policytest.run_cases(loaded, cases)
     assert [o.line for o in outcomes] == [f"PASS {c.name}" for c in cases]
@@ -423,7 +423,7 @@ async def test_a_failed_case_names_the_requirement_that_errs() -> None:
     document["rules"] = [
         {"name": "staff", "require": {"not": {"expression": "claims.email.endsWith('@contractor.example')"}}}
     ]
-    loaded = settings.parse(document)
+    loaded = parse(document)
     cases = policytest.parse_cases(
         {
             "cases": [

@@ -11,12 +11,13 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from ext_authz import settings
 from ext_authz._proto.envoy.service.auth.v3 import (
     attribute_context_pb2,
     external_auth_pb2,
     external_auth_pb2_grpc,
 )
+from ext_authz.config.model import Settings
+from ext_authz.config.parse import parse
 from ext_authz.server import ServeError, Server
 from tests.support.idp import JWKS_PATH, TestIssuer
 
@@ -27,8 +28,8 @@ def issuer() -> Iterator[TestIssuer]:
         yield running
 
 
-def config(issuer: TestIssuer, **provider: Any) -> settings.Settings:
-    return settings.parse(
+def config(issuer: TestIssuer, **provider: Any) -> Settings:
+    return parse(
         {
             "listen": "127.0.0.1:0",
             "providers": [
@@ -68,7 +69,7 @@ class Running:
         return int(response.status)
 
 
-async def start(s: settings.Settings) -> tuple[Server, Running]:
+async def start(s: Settings) -> tuple[Server, Running]:
     server = Server(s)
     address = await server.start()
     channel = grpc.aio.insecure_channel(address)
@@ -162,7 +163,7 @@ async def test_discovery_with_another_issuer_is_refused(issuer: TestIssuer) -> N
     # The config names the issuer with a trailing slash; the discovery document says it without.
     s = config(issuer)
     provider = s.providers[0]
-    s = settings.parse(
+    s = parse(
         {
             "providers": [
                 {"name": provider.name, "issuer": issuer.url + "/", "audiences": ["api"]},

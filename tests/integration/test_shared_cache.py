@@ -26,7 +26,8 @@ from typing import Any
 import pytest
 import redis as redis_py
 
-from ext_authz import settings
+from ext_authz.config.model import Settings
+from ext_authz.config.parse import load, parse
 from ext_authz.keys.cache import (
     MAC_VERSION,
     CachedDocument,
@@ -39,7 +40,6 @@ from ext_authz.keys.cache import (
 )
 from ext_authz.keys.fetch import HttpFetcher
 from ext_authz.keys.store import ProviderKeys
-from ext_authz.settings import Settings
 from tests.support.authz import (
     AUDIENCE,
     Authz,
@@ -325,7 +325,7 @@ def redis_settings(
             **keys,
         },
     )
-    return settings.parse(document, base_dir=tmp_path)
+    return parse(document, base_dir=tmp_path)
 
 
 @pytest.mark.parametrize("variant", ATTACKS)
@@ -379,7 +379,7 @@ def test_a_running_server_rejects_a_planted_key_set_and_says_so(
         admin="127.0.0.1:0",
     )
     path = write_config(tmp_path, document)
-    p = settings.load(path).providers[0]
+    p = load(path).providers[0]
     key = cache_key(p.issuer, p.jwks_uri)
     attacker = SigningKey("attacker", "RS256", generate_key("RS256"))
     plant(

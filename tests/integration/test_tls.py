@@ -23,12 +23,12 @@ import yaml
 from cryptography import x509
 from prometheus_client.parser import text_string_to_metric_families
 
-from ext_authz import settings
 from ext_authz._proto.envoy.service.auth.v3 import (
     attribute_context_pb2,
     external_auth_pb2,
     external_auth_pb2_grpc,
 )
+from ext_authz.config.parse import load
 from ext_authz.server import Server
 from tests.support.echo import EchoBackend
 from tests.support.envoy import send, start_envoy
@@ -125,7 +125,7 @@ class Served:
 async def serve(issuer: TestIssuer, tmp_path: Path, tls: dict[str, Any], **top: Any) -> Served:
     path = tmp_path / "ext-authz.yaml"
     path.write_text(yaml.safe_dump(document(issuer, tls, **top)))
-    server = Server(settings.load(path), config_path=path)
+    server = Server(load(path), config_path=path)
     return Served(server, await server.start(), tmp_path / "tls")
 
 

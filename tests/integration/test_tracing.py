@@ -10,12 +10,12 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from ext_authz import settings
 from ext_authz._proto.envoy.service.auth.v3 import (
     attribute_context_pb2,
     external_auth_pb2,
     external_auth_pb2_grpc,
 )
+from ext_authz.config.parse import parse
 from ext_authz.server import Server
 from tests.support.idp import TestIssuer
 
@@ -45,7 +45,7 @@ async def test_one_span_per_check_parented_on_traceparent(issuer: TestIssuer) ->
     exporter = InMemorySpanExporter()
     provider = TracerProvider()
     provider.add_span_processor(SimpleSpanProcessor(exporter))
-    config = settings.parse(
+    config = parse(
         {
             "listen": "127.0.0.1:0",
             "tracing": {"enabled": True},
@@ -77,5 +77,5 @@ async def test_one_span_per_check_parented_on_traceparent(issuer: TestIssuer) ->
 
 
 def test_tracing_disabled_by_default() -> None:
-    config = settings.parse({"providers": [{"name": "t", "issuer": "https://i/", "audiences": ["a"]}]})
+    config = parse({"providers": [{"name": "t", "issuer": "https://i/", "audiences": ["a"]}]})
     assert not config.tracing.enabled

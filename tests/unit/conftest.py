@@ -9,7 +9,8 @@ from typing import Any
 import pytest
 from jwt.algorithms import get_default_algorithms
 
-from ext_authz import settings
+from ext_authz.config.model import Settings
+from ext_authz.config.parse import parse
 from ext_authz.errors import KeysUnavailable
 from ext_authz.keys.jwks import KeySet, VerificationKey, parse_jwks, select_key
 from tests.support.idp import SigningKey, b64url, generate_key
@@ -102,7 +103,7 @@ def sign_raw(header: Mapping[str, Any], payload: Mapping[str, Any] | str, key: S
 
 def make_settings(
     *, provider: Mapping[str, Any] | None = None, rules: list[Any] | None = None, **top: Any
-) -> settings.Settings:
+) -> Settings:
     p: dict[str, Any] = {
         "name": "idp",
         "issuer": ISSUER,
@@ -113,4 +114,4 @@ def make_settings(
     document: dict[str, Any] = {"providers": [p], **top}
     if rules is not None:
         document["rules"] = rules
-    return settings.parse(document)
+    return parse(document)

@@ -22,8 +22,8 @@ from ext_authz.authorization import (
     normalise_path,
     path_readings,
 )
+from ext_authz.config.model import Settings
 from ext_authz.model import Credential, Principal, Request
-from ext_authz.settings import Settings
 from tests.unit.conftest import make_settings
 
 
@@ -419,7 +419,7 @@ def test_cognito_audience_claim() -> None:
     ],
 )
 def test_expressions_convert_only_the_claims_they_read(text: str, used: set[str] | None) -> None:
-    from ext_authz.policy import claims_used
+    from ext_authz.config.rules import claims_used
 
     assert claims_used(text) == (None if used is None else frozenset(used))
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import io
 import json
 
+from ext_authz.config.model import LogSettings
 from ext_authz.decisionlog import DecisionLog, hash_subject
 from ext_authz.metrics import Metrics
 from ext_authz.model import Allow, Deny, Request
-from ext_authz.settings import LogSettings
 
 REQUEST = Request(
     "GET", "/orders", query="token=secret", host="api.example.com", headers={"x-request-id": "r1"}

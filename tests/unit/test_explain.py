@@ -12,12 +12,12 @@ from typing import Any
 import pytest
 
 from ext_authz import explain
-from ext_authz import settings as config
+from ext_authz.config.model import Settings
+from ext_authz.config.parse import parse
 from ext_authz.explain import Explanation, JwksFileKeys, build_request, render_json, render_text, with_token
 from ext_authz.keys.jwks import parse_jwks
 from ext_authz.model import Decision, Deny, Request, TokenLocation
 from ext_authz.pipeline import Pipeline
-from ext_authz.settings import Settings
 from tests.unit.conftest import ISSUER, NOW, Keys, Mint, clock, make_settings
 
 RULES: list[Any] = [
@@ -380,7 +380,7 @@ async def test_agrees_with_decide(keys: Keys, mint: Mint) -> None:
 async def test_inline_keys_without_jwks_file(keys: Keys, mint: Mint) -> None:
     """No --jwks: keys as the server has them (here inline, so nothing is fetched)."""
     provider = {"name": "idp", "issuer": ISSUER, "audiences": ["api"], "jwks": keys.jwks()}
-    settings = config.parse({"providers": [provider], "rules": RULES})
+    settings = parse({"providers": [provider], "rules": RULES})
     e = await explain.run(settings, request("GET", "/orders", mint(), settings), None, clock=clock)
     assert e.token.verified and "decision  ALLOW 200" in render_text(e)
 
@@ -422,7 +422,7 @@ def test_provider_for_token(mint: Mint) -> None:
         {"name": "first", "issuer": "https://first.example.com/", **base},
         {"name": "idp", "issuer": ISSUER, **base},
     ]
-    two = config.parse({"providers": providers})
+    two = parse({"providers": providers})
     assert explain.provider_for_token(two, mint()).name == "idp"  # the one its iss names
     assert explain.provider_for_token(two, "garbage").name == "first"  # else the first
     assert explain.provider_for_token(two, mint(iss="https://other.example.com/")).name == "first"

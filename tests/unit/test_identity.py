@@ -9,9 +9,9 @@ from typing import Any
 import pytest
 
 from ext_authz import errors
+from ext_authz.config.model import Settings
 from ext_authz.identity import Verifier, parse_token
 from ext_authz.model import Credential, TokenLocation
-from ext_authz.settings import Settings
 from tests.support.idp import hmac_token, tamper_signature, unsigned_token
 from tests.unit.conftest import (
     ISSUER,

@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from ext_authz.config.model import JwksCacheSettings
 from ext_authz.keys.cache import (
     MAX_DOCUMENT_BYTES,
     CachedDocument,
@@ -19,7 +20,6 @@ from ext_authz.keys.cache import (
     seal,
     unseal,
 )
-from ext_authz.settings import JwksCacheSettings
 
 SECRET = b"k" * 32
 KEY = cache_key("https://idp.example.com/", "https://idp.example.com/jwks")

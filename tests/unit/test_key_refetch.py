@@ -16,9 +16,9 @@ import time
 import pytest
 
 from ext_authz import deadlines, errors
+from ext_authz.config.model import JwksCacheSettings
 from ext_authz.keys.cache import CachedDocument, CacheKey, Rejected, SharedKeyCache, cache_key
 from ext_authz.keys.fetch import FetchError
-from ext_authz.settings import JwksCacheSettings
 from tests.support.idp import SigningKey
 from tests.unit.conftest import ISSUER, Keys
 from tests.unit.test_key_store import JWKS_URI, Clock, ScriptedFetcher, jwks, make, memory_cache, started

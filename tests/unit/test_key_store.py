@@ -12,10 +12,10 @@ from typing import Any
 import pytest
 
 from ext_authz import errors
+from ext_authz.config.model import JwksCacheSettings, ProviderSettings
 from ext_authz.keys.cache import CachedDocument, SharedKeyCache, cache_key
 from ext_authz.keys.fetch import Document, FetchError
 from ext_authz.keys.store import ProviderKeys
-from ext_authz.settings import JwksCacheSettings, ProviderSettings
 from tests.support.idp import SigningKey, generate_key
 from tests.unit.conftest import ISSUER, NOW, Keys, make_settings
 

@@ -169,7 +169,7 @@ REDOS_CHILD = """
 import asyncio, json, time
 from ext_authz.model import Request
 from ext_authz.pipeline import Pipeline
-from ext_authz.settings import parse
+from ext_authz.config.parse import parse
 
 settings = parse({
     "providers": [{"name": "idp", "issuer": "https://idp.example.com/", "audiences": ["api"],

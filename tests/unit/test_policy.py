@@ -6,7 +6,8 @@ from typing import Any
 
 import pytest
 
-from ext_authz.settings import ConfigError, parse
+from ext_authz.config.parse import parse
+from ext_authz.config.values import ConfigError
 
 PROVIDER = {"name": "idp", "issuer": "https://idp.example.com/", "audiences": ["api"]}
 

@@ -9,8 +9,8 @@ import pytest
 
 from ext_authz import errors
 from ext_authz.claims import claim_value
+from ext_authz.config.model import DEFAULT_RULE
 from ext_authz.model import Credential, Principal, Request, TokenLocation
-from ext_authz.policy import DEFAULT_RULE
 from ext_authz.response import Answers, header_value, is_safe_header_value, underscore_spellings
 from tests.unit.conftest import make_settings
 
@@ -169,7 +169,7 @@ def test_realm_is_configurable() -> None:
 
 
 def test_rule_deny_replaces_403_answers() -> None:
-    from ext_authz.policy import DenySettings
+    from ext_authz.config.model import DenySettings
 
     rule = replace(RULE, deny=DenySettings(404, "no such order"))
     for error in (errors.RequirementNotMet(), errors.InsufficientScope(("admin",))):
@@ -182,7 +182,7 @@ def test_rule_deny_replaces_403_answers() -> None:
 
 
 def test_rule_claim_headers_are_added_and_owned() -> None:
-    from ext_authz.configreader import ClaimHeader
+    from ext_authz.config.model import ClaimHeader
 
     rule = replace(RULE, claim_to_headers=(ClaimHeader("x-org", "org", ("org",)),))
     a = Answers(make_settings(provider={"claim_to_headers": CLAIM_HEADERS}))

@@ -8,8 +8,9 @@ from typing import Any
 
 import pytest
 
-from ext_authz import settings
-from ext_authz.settings import ConfigError, parse
+from ext_authz.config.model import DEFAULT_ALGORITHMS
+from ext_authz.config.parse import load, parse
+from ext_authz.config.values import ConfigError, parse_claim_path
 from tests.support.idp import SigningKey, generate_key
 
 
@@ -37,7 +38,7 @@ def test_defaults() -> None:
     assert s.realm == "ext-authz"
     assert s.max_token_bytes == 16 * 1024
     p = s.providers[0]
-    assert p.algorithms == frozenset(settings.DEFAULT_ALGORITHMS)
+    assert p.algorithms == frozenset(DEFAULT_ALGORITHMS)
     assert p.clock_skew_seconds == 60
     assert p.token_types == {"jwt", "at+jwt"}
     assert not p.require_typ
@@ -510,14 +511,14 @@ def test_load_reports_yaml_errors_with_position(tmp_path: Path) -> None:
     file = tmp_path / "c.yaml"
     file.write_text("providers: [\n  - name: a\n")
     with pytest.raises(ConfigError) as caught:
-        settings.load(file)
+        load(file)
     assert "not valid YAML at line" in str(caught.value)
     with pytest.raises(ConfigError, match="cannot read"):
-        settings.load(tmp_path / "missing.yaml")
+        load(tmp_path / "missing.yaml")
 
 
 def test_claim_paths() -> None:
-    parse_path = settings.parse_claim_path
+    parse_path = parse_claim_path
     assert parse_path("a.b.c", "x") == ("a", "b", "c")
     assert parse_path('["https://x.com/roles"]', "x") == ("https://x.com/roles",)
     assert parse_path("resource_access['my.client'].roles", "x") == ("resource_access", "my.client", "roles")
@@ -533,7 +534,7 @@ def test_duplicate_yaml_keys_are_errors(tmp_path: Path) -> None:
         "providers:\n  - name: a\n    issuer: https://a/\n    issuer: https://b/\n    audiences: [x]\n"
     )
     with pytest.raises(ConfigError, match=r"duplicate key 'issuer' at line 4"):
-        settings.load(file)
+        load(file)
 
 
 # ---- jwks_cache: the shared cache's secret, Redis credentials and TLS ----

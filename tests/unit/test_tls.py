@@ -11,7 +11,10 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from ext_authz import cli, settings
+from ext_authz import cli
+from ext_authz.config.model import Settings, TlsSettings
+from ext_authz.config.parse import parse as parse_config
+from ext_authz.config.values import ConfigError
 from ext_authz.tls import ServerTls
 from tests.support.tls import CertificateAuthority, write_files
 
@@ -34,9 +37,9 @@ def tls_dir(tmp_path: Path, ca: CertificateAuthority) -> Path:
     return tmp_path / "tls"
 
 
-def parse(tmp_path: Path, tls: object) -> settings.Settings:
+def parse(tmp_path: Path, tls: object) -> Settings:
     document = {"providers": [PROVIDER], "admin": "127.0.0.1:0", "tls": tls}
-    return settings.parse(document, base_dir=tmp_path)
+    return parse_config(document, base_dir=tmp_path)
 
 
 def section(**changes: Any) -> dict[str, Any]:
@@ -51,14 +54,14 @@ def section(**changes: Any) -> dict[str, Any]:
 
 def test_paths_are_relative_to_the_config_file(tmp_path: Path, tls_dir: Path) -> None:
     loaded = parse(tmp_path, section(admin=True))
-    assert loaded.tls == settings.TlsSettings(
+    assert loaded.tls == TlsSettings(
         cert_file=str(tls_dir / "tls.crt"),
         key_file=str(tls_dir / "tls.key"),
         client_ca_file=str(tls_dir / "ca.crt"),
         admin=True,
     )
-    assert settings.parse({"providers": [PROVIDER]}).tls is None
-    assert parse(tmp_path, section(client_ca_file=None)).tls == settings.TlsSettings(
+    assert parse_config({"providers": [PROVIDER]}).tls is None
+    assert parse(tmp_path, section(client_ca_file=None)).tls == TlsSettings(
         str(tls_dir / "tls.crt"), str(tls_dir / "tls.key")
     )
 
@@ -102,15 +105,15 @@ def _garbage(path: Path) -> str:
 def test_bad_tls_files_name_the_key_path(
     tmp_path: Path, tls_dir: Path, ca: CertificateAuthority, change: Any, key_path: str, words: str
 ) -> None:
-    with pytest.raises(settings.ConfigError) as caught:
+    with pytest.raises(ConfigError) as caught:
         parse(tmp_path, change(tls_dir, ca))
     assert caught.value.key_path == key_path
     assert words in caught.value.message
 
 
 def test_tls_admin_needs_an_admin_listener(tmp_path: Path, tls_dir: Path) -> None:
-    with pytest.raises(settings.ConfigError) as caught:
-        settings.parse({"providers": [PROVIDER], "tls": section(admin=True)}, base_dir=tmp_path)
+    with pytest.raises(ConfigError) as caught:
+        parse_config({"providers": [PROVIDER], "tls": section(admin=True)}, base_dir=tmp_path)
     assert caught.value.key_path == "tls.admin"
 
 

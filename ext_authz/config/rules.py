@@ -5,21 +5,36 @@ Python patterns (whole-segment groups), never to operator-written regular expres
 
 A rule is ``match`` (all conditions must hold) plus either ``allow: anonymous`` or ``require``
 (a tree of requirements, all of which must hold). Everything a request needs is prepared here;
-``authorization.py`` only evaluates.
+``authorization.py`` only evaluates. The values are in ``config.model``.
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
-from typing import Any, Literal, Protocol
+from typing import Any
 
 import re2
 from cel_expr_python import cel
 
-from ext_authz.configreader import (
+from ext_authz.config.model import (
+    AllOf,
+    AnyOf,
+    Claim,
+    DenySettings,
+    Expression,
+    HeaderCondition,
+    Match,
+    Not,
+    PathPattern,
+    Providers,
+    Regex,
+    Requirement,
+    Roles,
+    RuleSettings,
+    Scopes,
+)
+from ext_authz.config.values import (
     METHOD,
-    ClaimHeader,
     boolean,
     claim_header,
     fail,
@@ -36,35 +51,6 @@ from ext_authz.hosts import canonical_host
 _PARAM = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
 # A wildcard's domain: DNS labels (no IP address).
 _HOST = re.compile(r"^[a-z0-9_]([a-z0-9_-]*[a-z0-9_])?(\.[a-z0-9_]([a-z0-9_-]*[a-z0-9_])?)*$")
-
-# ---- match ----
-
-
-@dataclass(frozen=True, slots=True)
-class PathPattern:
-    """``/exact``, ``/prefix/*``, or a template with ``{name}`` segments (``/users/{id}/*``)."""
-
-    text: str
-    exact: str | None = None
-    prefix: str | None = None
-    template: re.Pattern[str] | None = None
-
-    def match(self, path: str) -> dict[str, str] | None:
-        """The template parameters (empty for exact and prefix patterns), None if no match."""
-        if self.exact is not None:
-            return {} if path == self.exact else None
-        if self.prefix is not None:
-            return {} if path.startswith(self.prefix) else None
-        assert self.template is not None
-        m = self.template.fullmatch(path)
-        return m.groupdict() if m else None
-
-
-class Regex(Protocol):
-    """A compiled header pattern (RE2: matching time is linear in the value's length)."""
-
-    def fullmatch(self, text: str) -> object: ...
-
 
 # RE2, not Python's backtracking `re`: a header value is request input, and a pattern such as
 # `([a-z0-9]+-?)+` takes exponential time on `re` against "aaaa...!" (the event loop stalls, and
@@ -88,71 +74,6 @@ def compile_header_regex(pattern: str, path: str) -> Regex:
     return compiled
 
 
-@dataclass(frozen=True, slots=True)
-class HeaderCondition:
-    name: str
-    kind: Literal["equals", "present", "absent", "regex"]
-    value: str | None = None
-    regex: Regex | None = None
-
-    def describe(self) -> str:
-        if self.kind == "equals":
-            return f"header {self.name} = {self.value!r}"
-        if self.kind == "regex":
-            return f"header {self.name} ~ {self.value!r}"
-        return f"header {self.name} {self.kind}"
-
-
-@dataclass(frozen=True, slots=True)
-class Match:
-    paths: tuple[PathPattern, ...] | None = None
-    methods: frozenset[str] | None = None
-    hosts: frozenset[str] | None = None  # exact host names, lower-case, no port
-    host_suffixes: tuple[str, ...] = ()  # from "*.example.com": ".example.com"
-    headers: tuple[HeaderCondition, ...] = ()
-    context: tuple[tuple[str, str], ...] = ()
-
-
-# ---- require ----
-
-
-@dataclass(frozen=True, slots=True)
-class Providers:
-    names: frozenset[str]
-
-
-@dataclass(frozen=True, slots=True)
-class Scopes:
-    scopes: tuple[str, ...]
-
-
-@dataclass(frozen=True, slots=True)
-class Claim:
-    """A claim equals a value (or, when it is an array, contains it); any_of / all_of of values."""
-
-    claim: str
-    path: tuple[str, ...]
-    mode: Literal["equals", "any_of", "all_of"]
-    values: tuple[object, ...]
-
-
-@dataclass(frozen=True, slots=True)
-class Roles:
-    """Any of these roles or groups, read at the token provider's claim locations."""
-
-    kind: Literal["roles", "groups"]
-    values: tuple[str, ...]
-
-
-@dataclass(frozen=True, slots=True)
-class Expression:
-    text: str
-    program: Any  # a compiled cel_expr_python Expression
-    # The top-level claims the expression reads (None: it may read any), so that evaluation
-    # converts only those to CEL values: the cost does not grow with unrelated claims.
-    claims_used: frozenset[str] | None = None
-
-
 # `claims.x` or `claims["x"]` names claim x; `claims.all(...)`, `claims.exists(...)`, `claims.size()`
 # call a macro or function on the whole map (the lookahead: no name is taken before a "(").
 _CLAIMS_REF = re.compile(
@@ -171,48 +92,6 @@ def claims_used(text: str) -> frozenset[str] | None:
         names.add(name)
     return frozenset(names)
 
-
-@dataclass(frozen=True, slots=True)
-class AllOf:
-    children: tuple[Requirement, ...]
-
-
-@dataclass(frozen=True, slots=True)
-class AnyOf:
-    children: tuple[Requirement, ...]
-
-
-@dataclass(frozen=True, slots=True)
-class Not:
-    child: Requirement
-
-
-Requirement = Providers | Scopes | Claim | Roles | Expression | AllOf | AnyOf | Not
-
-
-@dataclass(frozen=True, slots=True)
-class DenySettings:
-    status: int
-    message: str
-
-
-@dataclass(frozen=True, slots=True)
-class RuleSettings:
-    name: str  # the rule's `name`, else "rules[2]"
-    match: Match
-    anonymous: bool
-    require: AllOf  # empty for anonymous rules and `require: {}`
-    claim_to_headers: tuple[ClaimHeader, ...] = ()
-    deny: DenySettings | None = None
-    dry_run: bool = False
-
-    @property
-    def scopes(self) -> tuple[str, ...]:
-        """Scopes required at the top level (the ones an insufficient_scope answer names)."""
-        return tuple(s for child in self.require.children if isinstance(child, Scopes) for s in child.scopes)
-
-
-DEFAULT_RULE = RuleSettings("default", Match(), anonymous=False, require=AllOf(()))
 
 # ---- parsing ----
 
@@ -445,9 +324,24 @@ def parse_rule(raw: object, path: str, provider_names: frozenset[str], *, dry_ru
             fail(f"{path}.allow", "the only value is 'anonymous' (use 'require' for token rules)")
         if deny is not None:
             fail(f"{path}.deny", "an anonymous rule denies nothing")
-        return RuleSettings(name, match, True, AllOf(()), claim_headers, None, rule_dry_run)
+        return RuleSettings(
+            name=name,
+            match=match,
+            anonymous=True,
+            require=AllOf(()),
+            claim_to_headers=claim_headers,
+            dry_run=rule_dry_run,
+        )
     require = _require(r["require"], f"{path}.require", provider_names)
-    return RuleSettings(name, match, False, require, claim_headers, deny, rule_dry_run)
+    return RuleSettings(
+        name=name,
+        match=match,
+        anonymous=False,
+        require=require,
+        claim_to_headers=claim_headers,
+        deny=deny,
+        dry_run=rule_dry_run,
+    )
 
 
 def parse_rules(raw: object, provider_names: frozenset[str], *, dry_run: bool) -> tuple[RuleSettings, ...]:

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn
 
 import yaml
+
+from ext_authz.config.model import ClaimHeader
 
 # RFC 9110 §5.6.2 token characters, lower-case (Envoy lower-cases header names).
 HEADER_NAME = re.compile(r"^[a-z0-9!#$%&'*+.^_`|~-]+$")
@@ -28,13 +29,6 @@ class ConfigError(Exception):
         super().__init__(f"{key_path}: {message}" if key_path else message)
         self.key_path = key_path
         self.message = message
-
-
-@dataclass(frozen=True, slots=True)
-class ClaimHeader:
-    header: str
-    claim: str  # as written, for logs
-    path: tuple[str, ...]  # parsed claim path
 
 
 def fail(path: str, message: str) -> NoReturn:

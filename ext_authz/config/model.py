@@ -1,0 +1,314 @@
+"""The configuration model: frozen values, built by ``config.parse`` and read by everything else.
+
+Nothing here reads a file or validates a document, and nothing here imports the rest of the package
+at run time, so any module (the key store included) may import the model without loading the
+parser, PyYAML or the CEL runtime. Constructed with keywords: ``Settings(listen=..., ...)``.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal, Protocol
+from urllib.parse import urlsplit
+
+if TYPE_CHECKING:  # a type only: the parser builds it with ext_authz.keys.jwks.parse_jwks
+    from ext_authz.keys.jwks import KeySet
+
+DEFAULT_ALGORITHMS = (
+    "RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA",
+)  # fmt: skip
+DEFAULT_TOKEN_TYPES = ("JWT", "at+jwt")
+DEFAULT_LISTEN = "127.0.0.1:9001"
+DEFAULT_REALM = "ext-authz"
+DEFAULT_MAX_TOKEN_BYTES = 16 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class HeaderSource:
+    name: str
+    prefix: str
+
+
+@dataclass(frozen=True, slots=True)
+class KeyPolicy:
+    """How a provider's keys are fetched, refreshed and trusted when the IdP misbehaves."""
+
+    refresh_interval_seconds: float = 600
+    refetch_min_interval_seconds: float = 30
+    fetch_timeout_seconds: float = 5
+    max_stale_seconds: float = 86400
+    # Bounds on an IdP's Cache-Control max-age, which replaces refresh_interval_seconds when sent.
+    cache_control_min_seconds: float = 60
+    cache_control_max_seconds: float = 3600
+    ca_file: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimLocations:
+    """Where a provider's tokens carry scopes, roles, groups and the audience (IdPs differ)."""
+
+    scopes: tuple[tuple[str, ...], ...]
+    roles: tuple[tuple[str, ...], ...]
+    groups: tuple[tuple[str, ...], ...]
+    audience: tuple[str, ...] = ("aud",)
+
+
+@dataclass(frozen=True, slots=True)
+class JwksCacheSettings:
+    backend: Literal["memory", "redis"] = "memory"
+    url: str | None = None
+    timeout_seconds: float = 0.5
+    # The HMAC key that authenticates every shared document (`secret_file` or `secret_env`;
+    # required for redis). Empty: a random per-process key, so nothing another process stored is
+    # ever trusted. Never shown by repr, never logged.
+    secret: bytes = field(default=b"", repr=False)
+    # The Redis password from `password_file` / `password_env` (else the URL's, if any).
+    password: str | None = field(default=None, repr=False)
+    ca_file: str | None = None  # CA bundle for rediss:// (default: the system's)
+
+    def __repr__(self) -> str:
+        # The URL may carry a password (redis://:PASSWORD@host): never print it.
+        return (
+            f"JwksCacheSettings(backend={self.backend!r}, url={redact_url(self.url)!r}, "
+            f"timeout_seconds={self.timeout_seconds!r}, secret=<{len(self.secret)} bytes>, "
+            f"password={'<set>' if self.password else None}, ca_file={self.ca_file!r})"
+        )
+
+
+def redact_url(url: str | None) -> str | None:
+    """The URL with any password replaced by ``***`` (for logs and reprs)."""
+    if url is None:
+        return None
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.netloc.rpartition("@")[2]
+    return parts._replace(netloc=f"{user}:***@{host}").geturl()
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimHeader:
+    header: str
+    claim: str  # as written, for logs
+    path: tuple[str, ...]  # parsed claim path
+
+
+@dataclass(frozen=True, slots=True)
+class ProviderSettings:
+    name: str
+    issuer: str
+    audiences: tuple[str, ...]
+    jwks_uri: str | None
+    # Keys given in the file itself (`jwks` or `jwks_file`); None means fetch them.
+    static_keys: KeySet | None
+    algorithms: frozenset[str]
+    clock_skew_seconds: float
+    token_types: frozenset[str]  # normalised: lower-case, no "application/" prefix
+    require_typ: bool
+    from_headers: tuple[HeaderSource, ...]
+    from_cookies: tuple[str, ...]
+    from_params: tuple[str, ...]
+    claim_to_headers: tuple[ClaimHeader, ...]
+    forward_token: bool
+    payload_header: str | None
+    allow_insecure_http: bool
+    keys: KeyPolicy
+    claims: ClaimLocations
+
+
+def normalise_token_type(typ: str) -> str:
+    """RFC 7515 §4.1.9: compare case-insensitively; "application/" may be omitted."""
+    typ = typ.lower()
+    return typ[len("application/") :] if typ.startswith("application/") else typ
+
+
+@dataclass(frozen=True, slots=True)
+class LogSettings:
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    decisions: Literal["all", "deny", "none"] = "all"
+    sample_rate: float = 1.0
+    subject: Literal["plain", "hash", "omit"] = "hash"
+
+
+@dataclass(frozen=True, slots=True)
+class TracingSettings:
+    enabled: bool = False
+    service_name: str = "ext-authz"
+
+
+@dataclass(frozen=True, slots=True)
+class ShutdownSettings:
+    drain_seconds: float = 5.0  # keep answering after SIGTERM, so Envoy and Kubernetes stop sending
+    grace_seconds: float = 10.0  # then wait this long for checks in flight
+
+
+@dataclass(frozen=True, slots=True)
+class TlsSettings:
+    """``tls:``: the Check listener serves TLS; with ``client_ca_file``, mutual TLS."""
+
+    cert_file: str  # resolved against the config file's directory
+    key_file: str
+    client_ca_file: str | None = None  # require and verify client certificates (mTLS)
+    admin: bool = False  # the admin listener serves TLS too (same certificate, no client certificates)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Settings:
+    listen: str
+    realm: str
+    providers: tuple[ProviderSettings, ...]
+    rules: tuple[RuleSettings, ...]
+    max_token_bytes: int
+    readiness: Literal["all", "any"] = "all"
+    jwks_cache: JwksCacheSettings = JwksCacheSettings()
+    dry_run: bool = False  # top-level `mode: dry_run`: every rule, and requests no rule matches
+    max_header_value_bytes: int = 8192  # a longer identity header value is left out (and logged)
+    admin: str | None = None  # HOST:PORT of the admin HTTP listener (/healthz, /readyz, /metrics)
+    log: LogSettings = LogSettings()
+    shutdown: ShutdownSettings = ShutdownSettings()
+    tracing: TracingSettings = TracingSettings()
+    token_cache_entries: int = 10_000  # verified tokens kept (0: no cache)
+    source: str = "<config>"
+    tls: TlsSettings | None = None  # None: plaintext listeners
+    # "all": a path that backends could read differently (";", "%2F", "%5C", "\\", "%25", "//",
+    # "%00") must pick the same rule under every reading; "rfc3986": only the RFC 3986 reading is judged.
+    path_readings: Literal["all", "rfc3986"] = "all"
+
+
+# ---- rules ----
+
+
+@dataclass(frozen=True, slots=True)
+class PathPattern:
+    """``/exact``, ``/prefix/*``, or a template with ``{name}`` segments (``/users/{id}/*``)."""
+
+    text: str
+    exact: str | None = None
+    prefix: str | None = None
+    template: re.Pattern[str] | None = None
+
+    def match(self, path: str) -> dict[str, str] | None:
+        """The template parameters (empty for exact and prefix patterns), None if no match."""
+        if self.exact is not None:
+            return {} if path == self.exact else None
+        if self.prefix is not None:
+            return {} if path.startswith(self.prefix) else None
+        assert self.template is not None
+        m = self.template.fullmatch(path)
+        return m.groupdict() if m else None
+
+
+class Regex(Protocol):
+    """A compiled header pattern (RE2: matching time is linear in the value's length)."""
+
+    def fullmatch(self, text: str) -> object: ...
+
+
+@dataclass(frozen=True, slots=True)
+class HeaderCondition:
+    name: str
+    kind: Literal["equals", "present", "absent", "regex"]
+    value: str | None = None
+    regex: Regex | None = None
+
+    def describe(self) -> str:
+        if self.kind == "equals":
+            return f"header {self.name} = {self.value!r}"
+        if self.kind == "regex":
+            return f"header {self.name} ~ {self.value!r}"
+        return f"header {self.name} {self.kind}"
+
+
+@dataclass(frozen=True, slots=True)
+class Match:
+    paths: tuple[PathPattern, ...] | None = None
+    methods: frozenset[str] | None = None
+    hosts: frozenset[str] | None = None  # exact host names, lower-case, no port
+    host_suffixes: tuple[str, ...] = ()  # from "*.example.com": ".example.com"
+    headers: tuple[HeaderCondition, ...] = ()
+    context: tuple[tuple[str, str], ...] = ()
+
+
+# ---- require ----
+
+
+@dataclass(frozen=True, slots=True)
+class Providers:
+    names: frozenset[str]
+
+
+@dataclass(frozen=True, slots=True)
+class Scopes:
+    scopes: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    """A claim equals a value (or, when it is an array, contains it); any_of / all_of of values."""
+
+    claim: str
+    path: tuple[str, ...]
+    mode: Literal["equals", "any_of", "all_of"]
+    values: tuple[object, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Roles:
+    """Any of these roles or groups, read at the token provider's claim locations."""
+
+    kind: Literal["roles", "groups"]
+    values: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Expression:
+    text: str
+    program: Any  # a compiled cel_expr_python Expression
+    # The top-level claims the expression reads (None: it may read any), so that evaluation
+    # converts only those to CEL values: the cost does not grow with unrelated claims.
+    claims_used: frozenset[str] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class AllOf:
+    children: tuple[Requirement, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class AnyOf:
+    children: tuple[Requirement, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Not:
+    child: Requirement
+
+
+Requirement = Providers | Scopes | Claim | Roles | Expression | AllOf | AnyOf | Not
+
+
+@dataclass(frozen=True, slots=True)
+class DenySettings:
+    status: int
+    message: str
+
+
+@dataclass(frozen=True, slots=True)
+class RuleSettings:
+    name: str  # the rule's `name`, else "rules[2]"
+    match: Match
+    anonymous: bool
+    require: AllOf  # empty for anonymous rules and `require: {}`
+    claim_to_headers: tuple[ClaimHeader, ...] = ()
+    deny: DenySettings | None = None
+    dry_run: bool = False
+
+    @property
+    def scopes(self) -> tuple[str, ...]:
+        """Scopes required at the top level (the ones an insufficient_scope answer names)."""
+        return tuple(s for child in self.require.children if isinstance(child, Scopes) for s in child.scopes)
+
+
+DEFAULT_RULE = RuleSettings("default", Match(), anonymous=False, require=AllOf(()))
