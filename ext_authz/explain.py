@@ -26,15 +26,7 @@ from pathlib import Path
 from urllib.parse import parse_qsl, urlencode
 
 from ext_authz import errors
-from ext_authz.authorization import (
-    Matched,
-    RequestView,
-    Rules,
-    Truth,
-    explain_match,
-    explain_requirement,
-    path_readings,
-)
+from ext_authz.authorization import Matched, Rules, explain_match
 from ext_authz.config.model import (
     AllOf,
     AnyOf,
@@ -52,7 +44,9 @@ from ext_authz.keys.fetch import HttpFetcher
 from ext_authz.keys.jwks import JWKSError, KeySet, VerificationKey, parse_jwks, select_key
 from ext_authz.keys.store import KeyStore
 from ext_authz.model import Allow, Decision, Principal, Request, TokenLocation
+from ext_authz.paths import RequestView, path_readings
 from ext_authz.pipeline import Pipeline
+from ext_authz.requirements import Truth, explain_requirement
 
 # Extra time, beyond the providers' own fetch timeouts, to let a failed first fetch report back.
 FIRST_FETCH_MARGIN_SECONDS = 0.5

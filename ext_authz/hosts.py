@@ -8,7 +8,7 @@ skipped by spelling; anything it cannot read with certainty (two ports, ``user@`
 characters no host name has, a numeric host that is not a dotted-quad IPv4 address, IPv6 zone
 ids) is None, and the caller refuses it (a request answers 400, a config key is an error).
 Imports nothing of the package: the config side (``config/rules.py``) and the request side
-(``authorization.py``) share it.
+(``paths.py``) share it.
 """
 
 from __future__ import annotations

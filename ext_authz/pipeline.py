@@ -12,11 +12,12 @@ import time
 from collections.abc import Callable
 
 from ext_authz import errors
-from ext_authz.authorization import Matched, RequestView, Rules
+from ext_authz.authorization import Matched, Rules
 from ext_authz.config.model import DEFAULT_RULE, Settings
 from ext_authz.credentials import CredentialFinder
 from ext_authz.identity import KeyResolver, Verifier
 from ext_authz.model import Decision, Deny, Principal, Request, TokenLocation
+from ext_authz.paths import RequestView
 from ext_authz.response import Answers
 from ext_authz.tokencache import CacheCounters, TokenCache
 

@@ -14,10 +14,11 @@ from typing import Any
 
 import jwt
 
-from ext_authz.authorization import RequestView, Rules
+from ext_authz.authorization import Rules
 from ext_authz.config.parse import parse
 from ext_authz.keys.jwks import VerificationKey, parse_jwks, select_key
 from ext_authz.model import Credential, Principal, Request, TokenLocation
+from ext_authz.paths import RequestView
 from ext_authz.pipeline import Pipeline
 from tests.support.idp import SigningKey, generate_key
 

@@ -11,10 +11,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ext_authz.authorization import RequestView, Rules
+from ext_authz.authorization import Rules
 from ext_authz.config.model import Settings
 from ext_authz.config.parse import parse
 from ext_authz.model import Request
+from ext_authz.paths import RequestView
 from tests.support.keys_shared import with_test_secrets
 
 ROOT = Path(__file__).resolve().parents[2]

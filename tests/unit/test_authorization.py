@@ -10,20 +10,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ext_authz import errors
-from ext_authz.authorization import (
-    Context,
-    RequestView,
-    Rules,
-    cel_error_reason,
-    evaluate,
-    explain_match,
-    explain_requirement,
-    host_name,
-    normalise_path,
-    path_readings,
-)
+from ext_authz.authorization import Rules, explain_match
 from ext_authz.config.model import Settings
 from ext_authz.model import Credential, Principal, Request
+from ext_authz.paths import RequestView, host_name, normalise_path, path_readings
+from ext_authz.requirements import Context, cel_error_reason, evaluate, explain_requirement
 from tests.unit.conftest import make_settings
 
 

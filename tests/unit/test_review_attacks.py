@@ -9,9 +9,9 @@ from typing import Any
 
 import pytest
 
-from ext_authz.authorization import path_readings
 from ext_authz.config.rules import claims_used
 from ext_authz.model import Allow, Deny, Request
+from ext_authz.paths import path_readings
 from ext_authz.pipeline import Pipeline
 from tests.unit.conftest import StaticResolver, clock, make_settings
 from tests.unit.test_attacks import Forge
