@@ -21,9 +21,9 @@ import contextlib
 import json
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import parse_qsl, urlencode
+from urllib.parse import parse_qsl
 
 from ext_authz import errors
 from ext_authz.authorization import Matched, Rules, explain_match
@@ -43,10 +43,11 @@ from ext_authz.keys.cache import SharedKeyCache
 from ext_authz.keys.fetch import HttpFetcher
 from ext_authz.keys.jwks import JWKSError, KeySet, VerificationKey, parse_jwks, select_key
 from ext_authz.keys.store import KeyStore
-from ext_authz.model import Allow, Decision, Principal, Request, TokenLocation
+from ext_authz.model import Allow, Decision, Principal, Request
 from ext_authz.paths import RequestView, path_readings
 from ext_authz.pipeline import Pipeline
 from ext_authz.requirements import Truth, explain_requirement
+from ext_authz.sources import TokenSource, provider_sources
 
 # Extra time, beyond the providers' own fetch timeouts, to let a failed first fetch report back.
 FIRST_FETCH_MARGIN_SECONDS = 0.5
@@ -93,30 +94,14 @@ def build_request(
     return Request(method.upper(), path, query, host, joined, dict(context or {}))
 
 
-def token_location(provider: ProviderSettings) -> TokenLocation:
+def token_location(provider: ProviderSettings) -> TokenSource:
     """The first place ``provider`` reads tokens from: its first header, else cookie, else parameter."""
-    if provider.from_headers:
-        source = provider.from_headers[0]
-        return TokenLocation("header", source.name, source.prefix)
-    if provider.from_cookies:
-        return TokenLocation("cookie", provider.from_cookies[0])
-    return TokenLocation("param", provider.from_params[0])
+    return provider_sources(provider)[0]
 
 
-def with_token(request: Request, location: TokenLocation, token: str) -> Request:
+def with_token(request: Request, location: TokenSource, token: str) -> Request:
     """``request`` carrying ``token`` at ``location`` (added to what is there, as a client would)."""
-    headers = dict(request.headers)
-    if location.kind == "param":
-        query = urlencode({location.name: token})
-        return replace(request, query=f"{request.query}&{query}" if request.query else query)
-    if location.kind == "cookie":
-        name, value = "cookie", f"{location.name}={token}"
-        separator = "; "
-    else:
-        name, value = location.name, location.prefix + token
-        separator = ","
-    headers[name] = f"{headers[name]}{separator}{value}" if name in headers else value
-    return replace(request, headers=headers)
+    return location.carry(request, token)
 
 
 def issuing_provider(settings: Settings, token: str) -> ProviderSettings | None:

@@ -291,15 +291,4 @@ class Verifier:
 
 
 def _location_accepted(provider: ProviderSettings, credential: Credential) -> bool:
-    for location in credential.locations:
-        if location.kind == "header":
-            if not any(
-                h.name == location.name and h.prefix == location.prefix for h in provider.from_headers
-            ):
-                return False
-        elif location.kind == "cookie":
-            if location.name not in provider.from_cookies:
-                return False
-        elif location.name not in provider.from_params:
-            return False
-    return True
+    return all(provider.accepts(source) for source in credential.locations)

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # the places a token travels: ext_authz.sources builds them
+    from ext_authz.sources import TokenSource
 
 
 @dataclass(frozen=True, slots=True)
@@ -24,23 +27,11 @@ class Request:
 
 
 @dataclass(frozen=True, slots=True)
-class TokenLocation:
-    """Where a token may be carried: a header (with its scheme prefix), a cookie or a query parameter."""
-
-    kind: Literal["header", "cookie", "param"]
-    name: str
-    prefix: str = ""
-
-    def __str__(self) -> str:
-        return f"{self.kind} {self.name}"
-
-
-@dataclass(frozen=True, slots=True)
 class Credential:
     """A token found in a request, with every place it was found (the same token may be sent twice)."""
 
     token: str
-    locations: tuple[TokenLocation, ...]
+    locations: tuple[TokenSource, ...]
 
 
 @dataclass(frozen=True, slots=True)

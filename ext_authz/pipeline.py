@@ -16,21 +16,17 @@ from ext_authz.authorization import Matched, Rules
 from ext_authz.config.model import DEFAULT_RULE, Settings
 from ext_authz.credentials import CredentialFinder
 from ext_authz.identity import KeyResolver, Verifier
-from ext_authz.model import Decision, Deny, Principal, Request, TokenLocation
+from ext_authz.model import Decision, Deny, Principal, Request
 from ext_authz.paths import RequestView
 from ext_authz.response import Answers
+from ext_authz.sources import TokenSource, provider_sources
 from ext_authz.tokencache import CacheCounters, TokenCache
 
 log = logging.getLogger(__name__)
 
 
-def token_locations(settings: Settings) -> list[TokenLocation]:
-    locations: list[TokenLocation] = []
-    for p in settings.providers:
-        locations += [TokenLocation("header", h.name, h.prefix) for h in p.from_headers]
-        locations += [TokenLocation("cookie", name) for name in p.from_cookies]
-        locations += [TokenLocation("param", name) for name in p.from_params]
-    return locations
+def token_sources(settings: Settings) -> list[TokenSource]:
+    return [source for p in settings.providers for source in provider_sources(p)]
 
 
 class Pipeline:
@@ -44,7 +40,7 @@ class Pipeline:
     ) -> None:
         self.settings = settings
         self.rules = Rules(settings.rules, settings.providers)
-        self.finder = CredentialFinder(token_locations(settings))
+        self.finder = CredentialFinder(token_sources(settings))
         entries = settings.token_cache_entries
         cache = TokenCache(entries, cache_counters) if entries else None
         self.verifier = Verifier(

@@ -16,9 +16,9 @@ from dataclasses import dataclass
 
 from ext_authz.claims import claim_value
 from ext_authz.config.model import ClaimHeader, RuleSettings, Settings
-from ext_authz.credentials import cookie_header_without
 from ext_authz.errors import AuthError, InsufficientScope, KeysUnavailable
 from ext_authz.model import Allow, Deny, Principal, Request
+from ext_authz.sources import Removal, cookie_header_without
 
 log = logging.getLogger(__name__)
 
@@ -221,16 +221,11 @@ class Answers:
         to_remove: list[str],
         params_to_remove: list[str],
     ) -> None:
-        cookies = set()
-        for location in principal.credential.locations:
-            if location.kind == "header":
-                to_remove.append(location.name)
-            elif location.kind == "param":
-                params_to_remove.append(location.name)
-            else:
-                cookies.add(location.name)
-        if cookies:
-            remaining = cookie_header_without(request.headers.get("cookie", ""), frozenset(cookies))
+        removal = Removal(to_remove, params_to_remove)
+        for source in principal.credential.locations:
+            source.remove(removal)
+        if removal.cookies:
+            remaining = cookie_header_without(request.headers.get("cookie", ""), frozenset(removal.cookies))
             if remaining:
                 to_set.append(("cookie", remaining))
             else:

@@ -12,8 +12,9 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 from urllib.parse import urlsplit
 
-if TYPE_CHECKING:  # a type only: the parser builds it with ext_authz.keys.jwks.parse_jwks
+if TYPE_CHECKING:  # types only: the parser builds key sets, ext_authz.sources the token sources
     from ext_authz.keys.jwks import KeySet
+    from ext_authz.sources import TokenSource
 
 DEFAULT_ALGORITHMS = (
     "RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA",
@@ -116,6 +117,10 @@ class ProviderSettings:
     allow_insecure_http: bool
     keys: KeyPolicy
     claims: ClaimLocations
+
+    def accepts(self, source: TokenSource) -> bool:
+        """Whether this provider reads tokens at ``source`` (a token found elsewhere is refused)."""
+        return source.accepted_by(self)
 
 
 def normalise_token_type(typ: str) -> str:

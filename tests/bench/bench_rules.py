@@ -17,9 +17,10 @@ import jwt
 from ext_authz.authorization import Rules
 from ext_authz.config.parse import parse
 from ext_authz.keys.jwks import VerificationKey, parse_jwks, select_key
-from ext_authz.model import Credential, Principal, Request, TokenLocation
+from ext_authz.model import Credential, Principal, Request
 from ext_authz.paths import RequestView
 from ext_authz.pipeline import Pipeline
+from ext_authz.sources import HeaderToken
 from tests.support.idp import SigningKey, generate_key
 
 ISSUER = "https://idp.example.com/"
@@ -115,9 +116,7 @@ def main() -> None:
     results: dict[tuple[int, int], float] = {}
     for pad in (0, 200):
         token = jwt.encode(claims(pad), key.private_key, algorithm="ES256", headers={"kid": "k1"})
-        principal = Principal(
-            "idp", claims(pad), "", Credential(token, (TokenLocation("header", "authorization"),))
-        )
+        principal = Principal("idp", claims(pad), "", Credential(token, (HeaderToken("authorization"),)))
         for n in (1, 100):
             s = config(n, jwk)
             rules = Rules(s.rules, s.providers)

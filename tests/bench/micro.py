@@ -26,8 +26,9 @@ from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 from ext_authz._proto.envoy.service.auth.v3 import attribute_context_pb2, external_auth_pb2
 from ext_authz.config.parse import parse
 from ext_authz.keys.store import KeyStore
-from ext_authz.model import Credential, Request, TokenLocation
+from ext_authz.model import Credential, Request
 from ext_authz.pipeline import Pipeline
+from ext_authz.sources import HeaderToken
 from ext_authz.transport.adapter import to_request, to_response
 from tests.bench import fixtures
 from tests.support.idp import SigningKey, b64url_decode, tamper_signature
@@ -177,7 +178,7 @@ async def _measure(keys: dict[str, SigningKey]) -> list[Row]:
         ),
     ]
     fresh = _pipeline(fixtures.authz_config(key_list, token_cache_entries=SMALL_CACHE))
-    location = (TokenLocation("header", "authorization", "Bearer "),)
+    location = (HeaderToken("authorization", "Bearer "),)
     for alg in ALGORITHMS:
         pool = fixtures.mint_pool(keys[alg], POOL)
         requests = [_request(t) for t in pool]

@@ -23,7 +23,8 @@ from tests.fuzz.atheris_loader import atheris
 with atheris.instrument_imports(include=["ext_authz"]):
     from ext_authz import errors
     from ext_authz.identity import parse_token
-    from ext_authz.model import Credential, Request, TokenLocation
+    from ext_authz.model import Credential, Request
+    from ext_authz.sources import HeaderToken
     from ext_authz.transport.adapter import to_response
     from tests.fuzz.common import Fixture, write_seeds
     from tests.unit.conftest import sign_raw
@@ -31,7 +32,7 @@ with atheris.instrument_imports(include=["ext_authz"]):
 
 FIXTURE = Fixture()
 MAX_TOKEN_BYTES = FIXTURE.settings.max_token_bytes
-LOCATION = TokenLocation("header", "authorization", "Bearer ")
+LOCATION = HeaderToken("authorization", "Bearer ")
 SIGNED_PARTS = frozenset(t.rsplit(".", 1)[0] for t in FIXTURE.valid_tokens)
 HEADER = {"alg": "RS256", "typ": "JWT", "kid": FIXTURE.keys.rsa.kid}
 MODES = 5

@@ -5,13 +5,14 @@ from __future__ import annotations
 import pytest
 
 from ext_authz import errors
-from ext_authz.credentials import CredentialFinder, cookie_header_without
-from ext_authz.model import Request, TokenLocation
+from ext_authz.credentials import CredentialFinder
+from ext_authz.model import Request
+from ext_authz.sources import CookieToken, HeaderToken, ParamToken, TokenSource, cookie_header_without
 
-AUTH = TokenLocation("header", "authorization", "Bearer ")
-X_TOKEN = TokenLocation("header", "x-token", "")
-COOKIE = TokenLocation("cookie", "session")
-PARAM = TokenLocation("param", "access_token")
+AUTH = HeaderToken("authorization", "Bearer ")
+X_TOKEN = HeaderToken("x-token", "")
+COOKIE = CookieToken("session")
+PARAM = ParamToken("access_token")
 FINDER = CredentialFinder([AUTH, X_TOKEN, COOKIE, PARAM, AUTH])
 
 
@@ -38,7 +39,7 @@ def request(query: str = "", **headers: str) -> Request:
         (request(authorization="Basic dXNlcjpwYXNz, Bearer abc"), "abc", [AUTH]),
     ],
 )
-def test_found(req: Request, token: str, locations: list[TokenLocation]) -> None:
+def test_found(req: Request, token: str, locations: list[TokenSource]) -> None:
     found = FINDER.find(req)
     assert found is not None
     assert found.token == token

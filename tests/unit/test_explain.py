@@ -16,8 +16,9 @@ from ext_authz.config.model import Settings
 from ext_authz.config.parse import parse
 from ext_authz.explain import Explanation, JwksFileKeys, build_request, render_json, render_text, with_token
 from ext_authz.keys.jwks import parse_jwks
-from ext_authz.model import Decision, Deny, Request, TokenLocation
+from ext_authz.model import Decision, Deny, Request
 from ext_authz.pipeline import Pipeline
+from ext_authz.sources import CookieToken
 from tests.unit.conftest import ISSUER, NOW, Keys, Mint, clock, make_settings
 
 RULES: list[Any] = [
@@ -340,7 +341,7 @@ async def test_token_in_query_parameter_is_not_printed(keys: Keys, mint: Mint) -
 
 
 def test_token_in_cookie_joins_the_cookie_header() -> None:
-    location = TokenLocation("cookie", "session")
+    location = CookieToken("session")
     req = with_token(build_request("GET", "/", headers=[("cookie", "a=1")]), location, "t")
     assert req.headers["cookie"] == "a=1; session=t"
 

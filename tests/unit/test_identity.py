@@ -11,7 +11,8 @@ import pytest
 from ext_authz import errors
 from ext_authz.config.model import Settings
 from ext_authz.identity import Verifier, parse_token
-from ext_authz.model import Credential, TokenLocation
+from ext_authz.model import Credential
+from ext_authz.sources import HeaderToken, ParamToken, TokenSource
 from tests.support.idp import hmac_token, tamper_signature, unsigned_token
 from tests.unit.conftest import (
     ISSUER,
@@ -25,10 +26,10 @@ from tests.unit.conftest import (
     sign_raw,
 )
 
-AUTHORIZATION = TokenLocation("header", "authorization", "Bearer ")
+AUTHORIZATION = HeaderToken("authorization", "Bearer ")
 
 
-def credential(token: str, location: TokenLocation = AUTHORIZATION) -> Credential:
+def credential(token: str, location: TokenSource = AUTHORIZATION) -> Credential:
     return Credential(token, (location,))
 
 
@@ -280,6 +281,6 @@ async def test_keys_unavailable_is_not_a_401(mint: Mint) -> None:
 async def test_token_location_must_be_accepted_by_the_issuer(resolver: StaticResolver, mint: Mint) -> None:
     v = verifier(resolver)
     with pytest.raises(errors.TokenLocationNotAccepted):
-        await v.verify(credential(mint(), TokenLocation("param", "access_token")))
+        await v.verify(credential(mint(), ParamToken("access_token")))
     s = make_settings(provider={"from_params": ["access_token"]})
-    await verifier(resolver, s).verify(credential(mint(), TokenLocation("param", "access_token")))
+    await verifier(resolver, s).verify(credential(mint(), ParamToken("access_token")))

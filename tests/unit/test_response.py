@@ -10,8 +10,9 @@ import pytest
 from ext_authz import errors
 from ext_authz.claims import claim_value
 from ext_authz.config.model import DEFAULT_RULE
-from ext_authz.model import Credential, Principal, Request, TokenLocation
+from ext_authz.model import Credential, Principal, Request
 from ext_authz.response import Answers, header_value, is_safe_header_value, underscore_spellings
+from ext_authz.sources import CookieToken, HeaderToken, ParamToken, TokenSource
 from tests.unit.conftest import make_settings
 
 CLAIM_HEADERS = [
@@ -32,7 +33,7 @@ def answers(**provider: object) -> Answers:
     return Answers(make_settings(provider={"claim_to_headers": CLAIM_HEADERS, **provider}))
 
 
-def principal(claims: dict[str, object], *locations: TokenLocation) -> Principal:
+def principal(claims: dict[str, object], *locations: TokenSource) -> Principal:
     return Principal("idp", claims, "PAYLOAD", Credential("tok", locations))
 
 
@@ -104,9 +105,9 @@ def test_forward_token_false_removes_the_carrier() -> None:
         Request("GET", "/", query="access_token=tok", headers=headers),
         principal(
             {"sub": "alice"},
-            TokenLocation("header", "authorization", "Bearer "),
-            TokenLocation("cookie", "session"),
-            TokenLocation("param", "access_token"),
+            HeaderToken("authorization", "Bearer "),
+            CookieToken("session"),
+            ParamToken("access_token"),
         ),
         RULE,
     )
@@ -115,7 +116,7 @@ def test_forward_token_false_removes_the_carrier() -> None:
     assert allow.query_params_to_remove == ("access_token",)
     only_cookie = a.allow(
         Request("GET", "/", headers={"cookie": "session=tok"}),
-        principal({"sub": "alice"}, TokenLocation("cookie", "session")),
+        principal({"sub": "alice"}, CookieToken("session")),
         RULE,
     )
     assert "cookie" in only_cookie.headers_to_remove

@@ -7,12 +7,13 @@ import pytest
 from ext_authz import errors
 from ext_authz.identity import Verifier
 from ext_authz.keys.jwks import parse_jwks
-from ext_authz.model import Credential, TokenLocation
+from ext_authz.model import Credential
+from ext_authz.sources import HeaderToken, ParamToken
 from ext_authz.tokencache import CachedToken, TokenCache
 from tests.support.idp import SigningKey
 from tests.unit.conftest import NOW, Keys, Mint, StaticResolver, make_settings
 
-AUTH = TokenLocation("header", "authorization", "Bearer ")
+AUTH = HeaderToken("authorization", "Bearer ")
 
 
 class Clock:
@@ -77,7 +78,7 @@ async def test_location_still_checked_on_a_hit(resolver: StaticResolver, mint: M
     token = mint()
     await v.verify(Credential(token, (AUTH,)))
     with pytest.raises(errors.TokenLocationNotAccepted):
-        await v.verify(Credential(token, (TokenLocation("param", "access_token"),)))
+        await v.verify(Credential(token, (ParamToken("access_token"),)))
 
 
 def test_least_recently_used_entries_go_first() -> None:
