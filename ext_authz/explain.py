@@ -27,6 +27,7 @@ from urllib.parse import parse_qsl
 
 from ext_authz import errors
 from ext_authz.authorization import Matched, Rules, explain_match
+from ext_authz.compiled import compile
 from ext_authz.config.model import (
     AllOf,
     AnyOf,
@@ -603,6 +604,6 @@ async def run(
 ) -> Explanation:
     """Explain ``request`` with these keys, or with keys fetched like the server's when None."""
     if keys is not None:
-        return await explain(Pipeline(settings, keys, clock=clock), request)
+        return await explain(Pipeline(compile(settings), keys, clock=clock), request)
     async with fetched_keys(settings, clock=clock) as store:
-        return await explain(Pipeline(settings, store, clock=clock), request)
+        return await explain(Pipeline(compile(settings), store, clock=clock), request)

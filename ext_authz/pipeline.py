@@ -12,43 +12,38 @@ import time
 from collections.abc import Callable
 
 from ext_authz import errors
-from ext_authz.authorization import Matched, Rules
-from ext_authz.config.model import DEFAULT_RULE, Settings
+from ext_authz.authorization import Matched
+from ext_authz.compiled import Compiled
+from ext_authz.config.model import DEFAULT_RULE
 from ext_authz.credentials import CredentialFinder
 from ext_authz.identity import KeyResolver, Verifier
 from ext_authz.model import Decision, Deny, Principal, Request
 from ext_authz.paths import RequestView
-from ext_authz.response import Answers
-from ext_authz.sources import TokenSource, provider_sources
 from ext_authz.tokencache import CacheCounters, TokenCache
 
 log = logging.getLogger(__name__)
 
 
-def token_sources(settings: Settings) -> list[TokenSource]:
-    return [source for p in settings.providers for source in provider_sources(p)]
-
-
 class Pipeline:
     def __init__(
         self,
-        settings: Settings,
+        config: Compiled,
         keys: KeyResolver,
         *,
         clock: Callable[[], float] = time.time,
         cache_counters: CacheCounters | None = None,
     ) -> None:
-        self.settings = settings
-        self.rules = Rules(settings.rules, settings.providers)
-        self.finder = CredentialFinder(token_sources(settings))
+        settings = self.settings = config.settings
+        self.config = config
+        self.rules = config.rules
+        self.finder = CredentialFinder(config.sources)
         entries = settings.token_cache_entries
         cache = TokenCache(entries, cache_counters) if entries else None
         self.verifier = Verifier(
             settings.providers, keys, max_token_bytes=settings.max_token_bytes, clock=clock, cache=cache
         )
-        self.answers = Answers(settings)
-        # Only then is a request that no rule can be chosen for let through (and logged).
-        self._all_dry_run = settings.dry_run and all(rule.dry_run for rule in settings.rules)
+        self.answers = config.answers
+        self._all_dry_run = config.all_dry_run
 
     async def identify(self, request: Request) -> tuple[Principal | None, errors.AuthError | None]:
         """The verified principal, or why the request's credentials do not yield one."""

@@ -48,6 +48,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ext_authz import jws
+from ext_authz.compiled import compile
 from ext_authz.config.model import ProviderSettings, Settings
 from ext_authz.config.values import (
     METHOD,
@@ -327,7 +328,7 @@ async def run_cases(
 ) -> list[Outcome]:
     """Decide every case with the real pipeline; tokens are signed with throwaway keys."""
     keys = ThrowawayKeys(settings.providers)
-    pipeline = Pipeline(settings, keys, clock=clock)
+    pipeline = Pipeline(compile(settings), keys, clock=clock)
     providers = {p.name: p for p in settings.providers}
     outcomes: list[Outcome] = []
     for case in cases:

@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from ext_authz.claims import claim_value
-from ext_authz.config.model import ClaimHeader, RuleSettings, Settings
+from ext_authz.config.model import ClaimHeader, RuleSettings, Settings, owned_headers
 from ext_authz.errors import AuthError, InsufficientScope, KeysUnavailable
 from ext_authz.model import Allow, Deny, Principal, Request
 from ext_authz.sources import Removal, cookie_header_without
@@ -99,14 +99,7 @@ class Answers:
             p.name: _ProviderHeaders(p.claim_to_headers, p.payload_header, p.forward_token)
             for p in settings.providers
         }
-        owned: set[str] = set()
-        for p in settings.providers:
-            owned.update(c.header for c in p.claim_to_headers)
-            if p.payload_header:
-                owned.add(p.payload_header)
-        for rule in settings.rules:
-            owned.update(c.header for c in rule.claim_to_headers)
-        self.owned_headers = frozenset(owned)
+        owned = self.owned_headers = owned_headers(settings)
         # Removed from every allowed request unless the decision sets that very name: computed
         # once, sent as is when nothing is set (anonymous routes).
         self.headers_always_removed = tuple(

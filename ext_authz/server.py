@@ -29,6 +29,7 @@ import grpc
 from ext_authz import logs
 from ext_authz._proto.envoy.service.auth.v3 import external_auth_pb2_grpc
 from ext_authz.admin import AdminServer
+from ext_authz.compiled import compile
 from ext_authz.config.model import Settings
 from ext_authz.config.parse import load
 from ext_authz.config.values import ConfigError
@@ -157,7 +158,7 @@ class Server:
             on_change=self._keys_changed,
             reuse=reuse,
         )
-        pipeline = Pipeline(new, keys, clock=self._clock, cache_counters=self._token_counters)
+        pipeline = Pipeline(compile(new), keys, clock=self._clock, cache_counters=self._token_counters)
         return Runtime(new, keys, pipeline, DecisionLog(new.log))
 
     def _token_cache_state(self) -> tuple[int, int, int]:

@@ -317,3 +317,27 @@ class RuleSettings:
 
 
 DEFAULT_RULE = RuleSettings("default", Match(), anonymous=False, require=AllOf(()))
+
+
+def identity_header_owners(
+    providers: tuple[ProviderSettings, ...], rules: tuple[RuleSettings, ...]
+) -> list[tuple[str, list[str]]]:
+    """Each place that sets identity headers (its key path) with the headers it sets."""
+    owners = [
+        (
+            f"providers[{i}].claim_to_headers",
+            [c.header for c in p.claim_to_headers] + ([p.payload_header] if p.payload_header else []),
+        )
+        for i, p in enumerate(providers)
+    ]
+    owners += [
+        (f"rules[{i}].claim_to_headers", [c.header for c in r.claim_to_headers]) for i, r in enumerate(rules)
+    ]
+    return owners
+
+
+def owned_headers(settings: Settings) -> frozenset[str]:
+    """Every identity header the config sets: removed from each request a client sends."""
+    return frozenset(
+        h for _, headers in identity_header_owners(settings.providers, settings.rules) for h in headers
+    )

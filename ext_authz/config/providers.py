@@ -16,6 +16,7 @@ from ext_authz.config.model import (
     KeyPolicy,
     ProviderSettings,
     RuleSettings,
+    identity_header_owners,
     normalise_token_type,
 )
 from ext_authz.config.urls import url_problem
@@ -238,23 +239,6 @@ def check_providers_together(providers: tuple[ProviderSettings, ...]) -> None:
             fail(f"providers[{i}].issuer", "another provider has the same issuer (tokens are routed by iss)")
         seen_names.add(p.name)
         seen_issuers.add(p.issuer)
-
-
-def identity_header_owners(
-    providers: tuple[ProviderSettings, ...], rules: tuple[RuleSettings, ...]
-) -> list[tuple[str, list[str]]]:
-    """Each place that sets identity headers (its key path) with the headers it sets."""
-    owners = [
-        (
-            f"providers[{i}].claim_to_headers",
-            [c.header for c in p.claim_to_headers] + ([p.payload_header] if p.payload_header else []),
-        )
-        for i, p in enumerate(providers)
-    ]
-    owners += [
-        (f"rules[{i}].claim_to_headers", [c.header for c in r.claim_to_headers]) for i, r in enumerate(rules)
-    ]
-    return owners
 
 
 def check_identity_headers(providers: tuple[ProviderSettings, ...], rules: tuple[RuleSettings, ...]) -> None:

@@ -15,6 +15,7 @@ from typing import Any
 import jwt
 
 from ext_authz.authorization import Rules
+from ext_authz.compiled import compile
 from ext_authz.config.parse import parse
 from ext_authz.keys.jwks import VerificationKey, parse_jwks, select_key
 from ext_authz.model import Credential, Principal, Request
@@ -127,7 +128,7 @@ def main() -> None:
                 rules.check(matched, rules.context(matched, principal, view))
 
             results[(n, pad)] = per_call_us(evaluate)
-            pipeline = Pipeline(s, StaticKeys(jwk))
+            pipeline = Pipeline(compile(s), StaticKeys(jwk))
             full_request = Request(
                 request.method,
                 request.path,

@@ -24,6 +24,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
 from ext_authz._proto.envoy.service.auth.v3 import attribute_context_pb2, external_auth_pb2
+from ext_authz.compiled import compile
 from ext_authz.config.parse import parse
 from ext_authz.keys.store import KeyStore
 from ext_authz.model import Credential, Request
@@ -151,7 +152,7 @@ def _cycling(call: Callable[[T], Awaitable[object]], values: Sequence[T]) -> Cal
 
 def _pipeline(config: dict[str, Any]) -> Pipeline:
     settings = parse(config)
-    return Pipeline(settings, KeyStore(settings.providers, fetcher=None, cache=None))
+    return Pipeline(compile(settings), KeyStore(settings.providers, fetcher=None, cache=None))
 
 
 async def _measure(keys: dict[str, SigningKey]) -> list[Row]:

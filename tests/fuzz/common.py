@@ -8,6 +8,7 @@ from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any, TypeVar
 
+from ext_authz.compiled import compile
 from ext_authz.keys.jwks import parse_jwks
 from ext_authz.pipeline import Pipeline
 from tests.unit.conftest import Keys, StaticResolver, claims, clock, make_settings, sign_raw
@@ -28,7 +29,7 @@ class Fixture:
         self.keys = Keys()
         resolver = StaticResolver({"idp": parse_jwks(self.keys.jwks())})
         self.settings = make_settings(provider=PROVIDER, rules=RULES)
-        self.pipeline = Pipeline(self.settings, resolver, clock=clock)
+        self.pipeline = Pipeline(compile(self.settings), resolver, clock=clock)
         self.loop = asyncio.new_event_loop()
         claims_variants: list[dict[str, Any]] = [
             {},

@@ -34,6 +34,7 @@ from jwt.algorithms import get_default_algorithms
 from ext_authz import errors
 from ext_authz._proto.envoy.config.core.v3 import base_pb2
 from ext_authz._proto.envoy.service.auth.v3 import attribute_context_pb2, external_auth_pb2
+from ext_authz.compiled import compile
 from ext_authz.identity import parse_token
 from ext_authz.keys.jwks import parse_jwks
 from ext_authz.model import Allow, Deny, Request
@@ -80,7 +81,7 @@ RULES: list[Any] = [
 def build_servicer(keys: Keys, **top: Any) -> AuthorizationServicer:
     resolver = StaticResolver({"idp": parse_jwks(keys.jwks())})
     return AuthorizationServicer(
-        Pipeline(make_settings(provider=PROVIDER, rules=RULES, **top), resolver, clock=clock)
+        Pipeline(compile(make_settings(provider=PROVIDER, rules=RULES, **top)), resolver, clock=clock)
     )
 
 
@@ -1389,7 +1390,7 @@ AMBIGUOUS_PATHS = [
 
 
 def path_pipeline(resolver: StaticResolver, **top: Any) -> Pipeline:
-    return Pipeline(make_settings(rules=PATH_RULES, **top), resolver, clock=clock)
+    return Pipeline(compile(make_settings(rules=PATH_RULES, **top)), resolver, clock=clock)
 
 
 def get(path: str, token: str | None = None, host: str = "api.example.com") -> Request:
@@ -1464,7 +1465,7 @@ async def test_an_ambiguous_path_in_dry_run(resolver: StaticResolver) -> None:
     assert decision.metadata["dry_run_denial"] == {"status": 400, "code": "ambiguous_path"}
     # One rule enforced: an ambiguous path may be that rule's, so it is refused.
     rules = [dict(PATH_RULES[1], mode="enforce"), *PATH_RULES[2:]]
-    mixed = Pipeline(make_settings(rules=rules, mode="dry_run"), resolver, clock=clock)
+    mixed = Pipeline(compile(make_settings(rules=rules, mode="dry_run")), resolver, clock=clock)
     decision = await mixed.decide(get("/public/..;/admin/x"))
     assert isinstance(decision, Deny) and decision.code == "ambiguous_path"
 
@@ -1535,7 +1536,7 @@ async def test_a_hosts_rule_cannot_be_skipped_by_spelling(
     resolver: StaticResolver, forge: Forge, host: str, rule: str | None
 ) -> None:
     rules = V6_RULES if rule == "v6-host" or host.startswith("[") or host.startswith("2001") else HOST_RULES
-    p = Pipeline(make_settings(rules=rules), resolver, clock=clock)
+    p = Pipeline(compile(make_settings(rules=rules)), resolver, clock=clock)
     anonymous = await p.decide(get("/x", host=host))
     assert isinstance(anonymous, Deny), anonymous
     if rule is None:
@@ -1549,7 +1550,7 @@ async def test_a_hosts_rule_cannot_be_skipped_by_spelling(
 
 @pytest.mark.parametrize("host", ["api.example.com", "API.example.com.:8443", "localhost", "[::1]:80"])
 async def test_other_hosts_reach_the_open_rule(resolver: StaticResolver, host: str) -> None:
-    decision = await Pipeline(make_settings(rules=HOST_RULES), resolver, clock=clock).decide(
+    decision = await Pipeline(compile(make_settings(rules=HOST_RULES)), resolver, clock=clock).decide(
         get("/x", host=host)
     )
     assert isinstance(decision, Allow) and decision.rule == "open"
@@ -1567,7 +1568,7 @@ async def test_other_hosts_reach_the_open_rule(resolver: StaticResolver, host: s
 async def test_a_request_without_host_where_rules_read_the_host(
     resolver: StaticResolver, forge: Forge, rules: list[Any], status: int
 ) -> None:
-    decision = await Pipeline(make_settings(rules=rules), resolver, clock=clock).decide(
+    decision = await Pipeline(compile(make_settings(rules=rules)), resolver, clock=clock).decide(
         get("/x", forge.token(), host="")
     )
     if status == 0:

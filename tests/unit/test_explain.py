@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from ext_authz import explain
+from ext_authz.compiled import compile
 from ext_authz.config.model import Settings
 from ext_authz.config.parse import parse
 from ext_authz.explain import Explanation, JwksFileKeys, build_request, render_json, render_text, with_token
@@ -355,7 +356,7 @@ async def test_final_answer_is_the_pipelines_decision(keys: Keys, mint: Mint) ->
             return answer
 
     e = await explain.explain(
-        Fixed(settings_with(), static_keys(keys), clock=clock), request("GET", "/orders")
+        Fixed(compile(settings_with()), static_keys(keys), clock=clock), request("GET", "/orders")
     )
     assert e.decision is answer
     assert "decision  DENY 418 teapot" in render_text(e)
@@ -363,7 +364,7 @@ async def test_final_answer_is_the_pipelines_decision(keys: Keys, mint: Mint) ->
 
 async def test_agrees_with_decide(keys: Keys, mint: Mint) -> None:
     settings = settings_with()
-    pipeline = Pipeline(settings, static_keys(keys), clock=clock)
+    pipeline = Pipeline(compile(settings), static_keys(keys), clock=clock)
     for req in [
         request("GET", "/orders"),
         request("GET", "/orders", mint()),

@@ -28,6 +28,7 @@ from hypothesis import strategies as st
 
 from ext_authz._proto.envoy.config.core.v3 import base_pb2
 from ext_authz._proto.envoy.service.auth.v3 import attribute_context_pb2, external_auth_pb2
+from ext_authz.compiled import compile
 from ext_authz.keys.jwks import parse_jwks
 from ext_authz.pipeline import Pipeline
 from ext_authz.transport.servicer import AuthorizationServicer
@@ -56,9 +57,11 @@ class Harness:
     def __init__(self, keys: Keys) -> None:
         self.keys = keys
         resolver = StaticResolver({"idp": parse_jwks(keys.jwks())})
-        self.strict = AuthorizationServicer(Pipeline(make_settings(provider=PROVIDER), resolver, clock=clock))
+        self.strict = AuthorizationServicer(
+            Pipeline(compile(make_settings(provider=PROVIDER)), resolver, clock=clock)
+        )
         self.mixed = AuthorizationServicer(
-            Pipeline(make_settings(provider=PROVIDER, rules=RULES), resolver, clock=clock)
+            Pipeline(compile(make_settings(provider=PROVIDER, rules=RULES)), resolver, clock=clock)
         )
         self.runner = asyncio.Runner()
 

@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from ext_authz.compiled import compile
 from ext_authz.model import Allow, Deny, Request
 from ext_authz.pipeline import Pipeline
 from tests.unit.conftest import NOW, Mint, StaticResolver, clock, make_settings
@@ -23,7 +24,7 @@ RULES: list[Any] = [
 
 def pipeline(resolver: StaticResolver, **provider: Any) -> Pipeline:
     p = {"claim_to_headers": [{"header": "x-user-id", "claim": "sub"}], **provider}
-    return Pipeline(make_settings(provider=p, rules=RULES), resolver, clock=clock)
+    return Pipeline(compile(make_settings(provider=p, rules=RULES)), resolver, clock=clock)
 
 
 def req(path: str = "/orders", method: str = "GET", token: str | None = None, **headers: str) -> Request:
@@ -123,7 +124,7 @@ ERRORS_THAT_ALLOWED: list[tuple[str, dict[str, Any]]] = [
 
 
 async def test_an_error_under_not_denies(resolver: StaticResolver, mint: Mint) -> None:
-    p = Pipeline(make_settings(rules=ERROR_RULES), resolver, clock=clock)
+    p = Pipeline(compile(make_settings(rules=ERROR_RULES)), resolver, clock=clock)
     for path, token_claims in ERRORS_THAT_ALLOWED:
         decision = await p.decide(req(path, token=mint(**token_claims)))
         assert isinstance(decision, Deny), (path, token_claims)
@@ -131,7 +132,7 @@ async def test_an_error_under_not_denies(resolver: StaticResolver, mint: Mint) -
 
 
 async def test_defined_requirements_still_decide(resolver: StaticResolver, mint: Mint) -> None:
-    p = Pipeline(make_settings(rules=ERROR_RULES), resolver, clock=clock)
+    p = Pipeline(compile(make_settings(rules=ERROR_RULES)), resolver, clock=clock)
     cases: list[tuple[str, dict[str, Any], bool]] = [
         ("/not", {"email": "bob@example.com"}, True),
         ("/not", {"email": "eve@contractor.example"}, False),
@@ -154,7 +155,7 @@ async def test_defined_requirements_still_decide(resolver: StaticResolver, mint:
 
 async def test_an_error_in_dry_run_is_a_recorded_denial(resolver: StaticResolver, mint: Mint) -> None:
     rules = [{"require": {"not": {"expression": CONTRACTOR}}, "mode": "dry_run"}]
-    p = Pipeline(make_settings(rules=rules), resolver, clock=clock)
+    p = Pipeline(compile(make_settings(rules=rules)), resolver, clock=clock)
     decision = await p.decide(req(token=mint()))
     assert isinstance(decision, Allow)
     assert decision.metadata["dry_run_denial"] == {"status": 403, "code": "requirement_not_met"}
@@ -170,6 +171,7 @@ import asyncio, json, time
 from ext_authz.model import Request
 from ext_authz.pipeline import Pipeline
 from ext_authz.config.parse import parse
+from ext_authz.compiled import compile
 
 settings = parse({
     "providers": [{"name": "idp", "issuer": "https://idp.example.com/", "audiences": ["api"],
@@ -179,7 +181,7 @@ settings = parse({
         {"require": {}},
     ],
 })
-pipeline = Pipeline(settings, keys=None)
+pipeline = Pipeline(compile(settings), keys=None)
 result = {}
 for name, value in (("pathological", "a" * 10240 + "!"), ("matching", "a-" * 5120)):
     request = Request("GET", "/orders", headers={"x-id": value})

@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from ext_authz.compiled import compile
 from ext_authz.config.rules import claims_used
 from ext_authz.model import Allow, Deny, Request
 from ext_authz.paths import path_readings
@@ -23,7 +24,7 @@ def forge(keys: Any) -> Forge:
 
 
 def pipeline(resolver: StaticResolver, rules: list[Any]) -> Pipeline:
-    return Pipeline(make_settings(rules=rules), resolver, clock=clock)
+    return Pipeline(compile(make_settings(rules=rules)), resolver, clock=clock)
 
 
 def get(path: str, token: str | None = None, host: str = "api.example.com") -> Request:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from ext_authz import errors
+from ext_authz.compiled import compile
 from ext_authz.identity import Verifier
 from ext_authz.keys.jwks import parse_jwks
 from ext_authz.model import Credential
@@ -98,6 +99,6 @@ def test_least_recently_used_entries_go_first() -> None:
 async def test_pipeline_builds_the_cache_from_config(resolver: StaticResolver) -> None:
     from ext_authz.pipeline import Pipeline
 
-    assert Pipeline(make_settings(), resolver).verifier.cache is not None
+    assert Pipeline(compile(make_settings()), resolver).verifier.cache is not None
     off = make_settings(token_cache={"max_entries": 0})
-    assert Pipeline(off, resolver).verifier.cache is None
+    assert Pipeline(compile(off), resolver).verifier.cache is None
