@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: test tools lint typecheck unit protos venv run bench clean
+.PHONY: test tools lint typecheck imports unit protos venv run bench clean
 
 venv: $(STAMP)
 
@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e '.[test]'
 	touch $(STAMP)
 
-test: $(STAMP) tools lint typecheck unit
+test: $(STAMP) tools lint typecheck imports unit
 
 # System tools the tests run (Debian packages; CI and the developers' machines run as root):
 # faketime moves the machine's clock for tests/unit/test_fixed_clock.py.
@@ -31,6 +31,10 @@ lint: $(STAMP)
 
 typecheck: $(STAMP)
 	$(VENV)/bin/mypy
+
+# The import boundaries of the layout table (README: Development), from [tool.importlinter].
+imports: $(STAMP)
+	$(VENV)/bin/lint-imports
 
 unit: $(STAMP)
 	$(PY) -m pytest
