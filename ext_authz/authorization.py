@@ -1,25 +1,10 @@
-r"""Stage 3: which rule applies to a request, and does the principal satisfy it. Pure.
+"""Stage 3: which rule applies to a request, and does the principal satisfy it. Pure.
 
-Rules come compiled from ``config/rules.py``. Matching reads the path once per request (``paths.py``) so that
-``/public/../admin`` or ``/public/%2e%2e/admin`` is judged as ``/admin`` (RFC 3986 §6.2.2:
-percent-decoding of unreserved characters, then removal of dot segments), and ``//admin`` as
-``/admin``. Template parameters are percent-decoded after matching.
-
-Backends do not all read a path the RFC 3986 way: Tomcat and Jetty drop ``;params`` from every
-segment before resolving dot segments (``/public/..;/admin`` is ``/admin`` to them), others decode
-``%2F`` / ``%5C`` or take ``\`` as a separator, decode twice, stop at ``%00``, or keep ``//``
-(RFC 3986 to the letter: ``/admin//../x`` is ``/admin/x``). When a path contains any of ``;``,
-``\``, ``//``, ``%2F``, ``%5C``, ``%25`` or ``%00`` (any case), or a ``%`` not followed by two hex
-digits, ``path_readings`` lists every reading,
-and under ``path_readings: all`` (the default) every reading must pick the same rule with the
-same template parameters (else 400 ``ambiguous_path``) and the rule's requirements must hold under
-each. Any other path has exactly one reading and costs nothing extra.
-
-The host is compared in its one canonical spelling (``hosts.py``); a malformed authority is 400
-``invalid_host``.
-
-Every check can also report what it looked at (``explain``) for ``ext-authz explain``; the
-request path never builds those descriptions.
+Rules come compiled from ``config/rules.py``. The first rule whose ``match`` holds applies; its
+path is read the ways a backend could read it (``paths.py``), and under ``path_readings: all``
+every reading must pick the same rule with the same template parameters (else 400
+``ambiguous_path``) and the rule's requirements (``requirements.py``) must hold under each. A
+request without a host, when a rule reads the host, is 400 ``invalid_host``.
 """
 
 from __future__ import annotations

@@ -116,14 +116,12 @@ def all_of(values: Iterable[Truth]) -> Truth:
 
 
 def any_of(values: Iterable[Truth]) -> Truth:
-    """Kleene disjunction, stopping at the first True."""
-    result: Truth = False
-    for value in values:
-        if value is True:
-            return True
-        if value is None:
-            result = None
-    return result
+    """Kleene disjunction, stopping at the first True: not all_of(not v) (De Morgan holds)."""
+    return negate(all_of(negate(value) for value in values))
+
+
+def negate(value: Truth) -> Truth:
+    return None if value is None else not value
 
 
 def evaluate(requirement: Requirement, ctx: Context) -> Truth:
@@ -134,8 +132,7 @@ def evaluate(requirement: Requirement, ctx: Context) -> Truth:
     if isinstance(requirement, AnyOf):
         return any_of(evaluate(child, ctx) for child in requirement.children)
     if isinstance(requirement, Not):
-        value = evaluate(requirement.child, ctx)
-        return None if value is None else not value
+        return negate(evaluate(requirement.child, ctx))
     if isinstance(requirement, Providers):
         return ctx.principal.provider in requirement.names
     if isinstance(requirement, Scopes):

@@ -9,7 +9,7 @@ the verifier's location check, the response and explain do not change.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from typing import ClassVar, Literal
 from urllib.parse import parse_qsl, urlencode
@@ -57,18 +57,40 @@ class HeaderToken:
         return f"header {self.name}"
 
 
+class _Named:
+    """A token under a name among the request's name=value pairs (cookies, query parameters)."""
+
+    __slots__ = ()
+    name: str
+    kind: ClassVar[Literal["cookie", "param"]]
+    _configured_in: ClassVar[str]  # the provider setting that lists these names
+
+    def _pairs(self, request: Request) -> Iterable[tuple[str, str]]:
+        raise NotImplementedError
+
+    def read(self, request: Request) -> Iterator[str]:
+        for name, value in self._pairs(request):
+            if name == self.name:
+                yield _non_empty(value)
+
+    def accepted_by(self, provider: ProviderSettings) -> bool:
+        names: tuple[str, ...] = getattr(provider, self._configured_in)
+        return self.name in names
+
+    def __str__(self) -> str:
+        return f"{self.kind} {self.name}"
+
+
 @dataclass(frozen=True, slots=True)
-class CookieToken:
+class CookieToken(_Named):
     name: str
     kind: ClassVar[Literal["cookie"]] = "cookie"
     method: ClassVar[str | None] = None
+    _configured_in: ClassVar[str] = "from_cookies"
 
-    def read(self, request: Request) -> Iterator[str]:
+    def _pairs(self, request: Request) -> Iterable[tuple[str, str]]:
         cookie_header = request.headers.get("cookie")
-        if cookie_header:
-            for name, value in _cookies(cookie_header):
-                if name == self.name:
-                    yield _non_empty(value)
+        return _cookies(cookie_header) if cookie_header else ()
 
     def remove(self, removal: Removal) -> None:
         removal.cookies.add(self.name)
@@ -76,24 +98,16 @@ class CookieToken:
     def carry(self, request: Request, token: str) -> Request:
         return _add_header(request, "cookie", f"{self.name}={token}", "; ")
 
-    def accepted_by(self, provider: ProviderSettings) -> bool:
-        return self.name in provider.from_cookies
-
-    def __str__(self) -> str:
-        return f"cookie {self.name}"
-
 
 @dataclass(frozen=True, slots=True)
-class ParamToken:
+class ParamToken(_Named):
     name: str
     kind: ClassVar[Literal["param"]] = "param"
     method: ClassVar[str | None] = "query"
+    _configured_in: ClassVar[str] = "from_params"
 
-    def read(self, request: Request) -> Iterator[str]:
-        if request.query:
-            for name, value in parse_qsl(request.query, keep_blank_values=True):
-                if name == self.name:
-                    yield _non_empty(value)
+    def _pairs(self, request: Request) -> Iterable[tuple[str, str]]:
+        return parse_qsl(request.query, keep_blank_values=True) if request.query else ()
 
     def remove(self, removal: Removal) -> None:
         removal.params.append(self.name)
@@ -101,12 +115,6 @@ class ParamToken:
     def carry(self, request: Request, token: str) -> Request:
         query = urlencode({self.name: token})
         return replace(request, query=f"{request.query}&{query}" if request.query else query)
-
-    def accepted_by(self, provider: ProviderSettings) -> bool:
-        return self.name in provider.from_params
-
-    def __str__(self) -> str:
-        return f"param {self.name}"
 
 
 TokenSource = HeaderToken | CookieToken | ParamToken

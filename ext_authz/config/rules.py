@@ -16,6 +16,7 @@ from typing import Any
 import re2
 from cel_expr_python import cel
 
+from ext_authz.config import values as read
 from ext_authz.config.model import (
     AllOf,
     AnyOf,
@@ -32,19 +33,6 @@ from ext_authz.config.model import (
     Roles,
     RuleSettings,
     Scopes,
-)
-from ext_authz.config.values import (
-    METHOD,
-    boolean,
-    claim_header,
-    fail,
-    header_name,
-    listof,
-    mapping,
-    number,
-    parse_claim_path,
-    str_list,
-    string,
 )
 from ext_authz.hosts import canonical_host
 
@@ -66,7 +54,7 @@ def compile_header_regex(pattern: str, path: str) -> Regex:
         reason = (
             exc.args[0].decode("utf-8", "replace") if exc.args and isinstance(exc.args[0], bytes) else exc
         )
-        fail(
+        read.fail(
             path,
             f"RE2 cannot compile {pattern!r}: {reason} (RE2 syntax: no backreferences, lookahead or "
             "lookbehind, possessive or atomic groups)",
@@ -117,21 +105,21 @@ def compile_expression(text: str, path: str) -> Expression:
         program = _cel_env().compile(text)
     except RuntimeError as exc:
         message = str(exc).replace("INVALID_ARGUMENT: ", "").split(" [INVALID_ARGUMENT]")[0]
-        fail(path, f"CEL does not compile: {message}")
+        read.fail(path, f"CEL does not compile: {message}")
     returns = program.return_type().name()
     if returns not in ("bool", "dyn", "BOOL", "DYN"):
-        fail(path, f"a CEL expression must give a boolean, this one gives {returns.lower()}")
+        read.fail(path, f"a CEL expression must give a boolean, this one gives {returns.lower()}")
     return Expression(text, program, claims_used(text))
 
 
 def path_pattern(value: object, path: str) -> PathPattern:
-    text = string(value, path)
+    text = read.string(value, path)
     if not text.startswith("/"):
-        fail(path, f"{text!r} must start with '/'")
+        read.fail(path, f"{text!r} must start with '/'")
     if "*" in text[:-1]:
-        fail(path, f"{text!r}: '*' is only allowed at the end (a prefix match)")
+        read.fail(path, f"{text!r}: '*' is only allowed at the end (a prefix match)")
     if "?" in text or "#" in text:
-        fail(path, f"{text!r}: the query string is not part of the path")
+        read.fail(path, f"{text!r}: the query string is not part of the path")
     body = text[:-1] if text.endswith("*") else text
     if "{" not in body and "}" not in body:
         return PathPattern(text, prefix=body) if text.endswith("*") else PathPattern(text, exact=text)
@@ -139,45 +127,48 @@ def path_pattern(value: object, path: str) -> PathPattern:
     for m in _PARAM.finditer(body):
         literal = body[pos : m.start()]
         if "{" in literal or "}" in literal:
-            fail(path, f"{text!r}: a parameter is written {{name}} with a letter, digits or '_'")
+            read.fail(path, f"{text!r}: a parameter is written {{name}} with a letter, digits or '_'")
         if not literal.endswith("/") or (m.end() < len(body) and body[m.end()] != "/"):
-            fail(path, f"{text!r}: a parameter must be a whole path segment")
+            read.fail(path, f"{text!r}: a parameter must be a whole path segment")
         if m.group(1) in names:
-            fail(path, f"{text!r}: parameter {m.group(1)!r} appears twice")
+            read.fail(path, f"{text!r}: parameter {m.group(1)!r} appears twice")
         names.append(m.group(1))
         regex += re.escape(literal) + f"(?P<{m.group(1)}>[^/]+)"
         pos = m.end()
     rest = body[pos:]
     if "{" in rest or "}" in rest:
-        fail(path, f"{text!r}: a parameter is written {{name}} with a letter, digits or '_'")
+        read.fail(path, f"{text!r}: a parameter is written {{name}} with a letter, digits or '_'")
     regex += re.escape(rest) + (".*" if text.endswith("*") else "")
     return PathPattern(text, template=re.compile(regex, re.DOTALL))
 
 
 def _match(raw: object, path: str) -> Match:
-    m = mapping(raw if raw is not None else {}, path, ("paths", "methods", "hosts", "headers", "context"))
+    m = read.mapping(
+        raw if raw is not None else {}, path, ("paths", "methods", "hosts", "headers", "context")
+    )
     paths = None
     if "paths" in m:
         paths = tuple(
-            path_pattern(v, f"{path}.paths[{i}]") for i, v in enumerate(listof(m["paths"], f"{path}.paths"))
+            path_pattern(v, f"{path}.paths[{i}]")
+            for i, v in enumerate(read.listof(m["paths"], f"{path}.paths"))
         )
     methods = None
     if "methods" in m:
-        names = str_list(m["methods"], f"{path}.methods")
+        names = read.str_list(m["methods"], f"{path}.methods")
         for i, method in enumerate(names):
-            if not METHOD.match(method.upper()):
-                fail(f"{path}.methods[{i}]", f"{method!r} is not an HTTP method")
+            if not read.METHOD.match(method.upper()):
+                read.fail(f"{path}.methods[{i}]", f"{method!r} is not an HTTP method")
         methods = frozenset(n.upper() for n in names)
     hosts, suffixes = None, []
     if "hosts" in m:
         exact = set()
-        for i, host in enumerate(str_list(m["hosts"], f"{path}.hosts")):
+        for i, host in enumerate(read.str_list(m["hosts"], f"{path}.hosts")):
             wildcard = host.startswith("*.")
             # The spelling requests are compared in (hosts.py): a request cannot miss the rule by
             # spelling the same host differently.
             canonical = canonical_host(host[2:] if wildcard else host, port_allowed=False)
             if canonical is None or (wildcard and (canonical.startswith("[") or not _HOST.match(canonical))):
-                fail(
+                read.fail(
                     f"{path}.hosts[{i}]",
                     f"{host!r} is not a host name, an IP address ([v6] in brackets) or *.domain (no port)",
                 )
@@ -188,11 +179,11 @@ def _match(raw: object, path: str) -> Match:
         hosts = frozenset(exact)
     headers = tuple(
         _header_condition(name, value, f"{path}.headers")
-        for name, value in mapping(m.get("headers", {}), f"{path}.headers", _AnyKey()).items()
+        for name, value in read.mapping(m.get("headers", {}), f"{path}.headers", _AnyKey()).items()
     )
     context = tuple(
-        (string(k, f"{path}.context"), _scalar_text(v, f"{path}.context.{k}"))
-        for k, v in mapping(m.get("context", {}), f"{path}.context", _AnyKey()).items()
+        (read.string(k, f"{path}.context"), _scalar_text(v, f"{path}.context.{k}"))
+        for k, v in read.mapping(m.get("context", {}), f"{path}.context", _AnyKey()).items()
     )
     return Match(paths, methods, hosts, tuple(suffixes), headers, context)
 
@@ -209,22 +200,22 @@ def _scalar_text(value: object, path: str) -> str:
         return "true" if value else "false"
     if isinstance(value, int | float | str):
         return str(value)
-    fail(path, "must be a string")
+    read.fail(path, "must be a string")
 
 
 def _header_condition(name: str, value: object, path: str) -> HeaderCondition:
-    header = header_name(name, f"{path}.{name}")
+    header = read.header_name(name, f"{path}.{name}")
     where = f"{path}.{name}"
     if not isinstance(value, dict):
         return HeaderCondition(header, "equals", _scalar_text(value, where))
-    spec = mapping(value, where, ("present", "regex"))
+    spec = read.mapping(value, where, ("present", "regex"))
     if len(spec) != 1:
-        fail(where, "give one of: a value, {present: true|false}, {regex: ...}")
+        read.fail(where, "give one of: a value, {present: true|false}, {regex: ...}")
     if "present" in spec:
         return HeaderCondition(
-            header, "present" if boolean(spec["present"], f"{where}.present") else "absent"
+            header, "present" if read.boolean(spec["present"], f"{where}.present") else "absent"
         )
-    pattern = string(spec["regex"], f"{where}.regex")
+    pattern = read.string(spec["regex"], f"{where}.regex")
     return HeaderCondition(header, "regex", pattern, compile_header_regex(pattern, f"{where}.regex"))
 
 
@@ -232,30 +223,30 @@ _REQUIRE_KEYS = ("providers", "scopes", "claims", "roles", "groups", "any_of", "
 
 
 def _require(raw: object, path: str, provider_names: frozenset[str]) -> AllOf:
-    r = mapping(raw if raw is not None else {}, path, _REQUIRE_KEYS)
+    r = read.mapping(raw if raw is not None else {}, path, _REQUIRE_KEYS)
     children: list[Requirement] = []
     if "providers" in r:
-        listed = str_list(r["providers"], f"{path}.providers")
+        listed = read.str_list(r["providers"], f"{path}.providers")
         for i, name in enumerate(listed):
             if name not in provider_names:
-                fail(f"{path}.providers[{i}]", f"no provider is named {name!r}")
+                read.fail(f"{path}.providers[{i}]", f"no provider is named {name!r}")
         children.append(Providers(frozenset(listed)))
     if "scopes" in r:
-        scopes = str_list(r["scopes"], f"{path}.scopes", allow_empty=True)
+        scopes = read.str_list(r["scopes"], f"{path}.scopes", allow_empty=True)
         for i, scope in enumerate(scopes):
             if any(ch.isspace() or ch in '"\\' for ch in scope):
-                fail(f"{path}.scopes[{i}]", "a scope contains no white space, '\"' or '\\'")
+                read.fail(f"{path}.scopes[{i}]", "a scope contains no white space, '\"' or '\\'")
         if scopes:
             children.append(Scopes(scopes))
     if "claims" in r:
-        for claim, expected in mapping(r["claims"], f"{path}.claims", _AnyKey()).items():
+        for claim, expected in read.mapping(r["claims"], f"{path}.claims", _AnyKey()).items():
             children.append(_claim(claim, expected, f"{path}.claims.{claim}"))
     for kind in ("roles", "groups"):
         if kind in r:
-            children.append(Roles(kind, str_list(r[kind], f"{path}.{kind}")))
+            children.append(Roles(kind, read.str_list(r[kind], f"{path}.{kind}")))
     for combinator in ("any_of", "all_of"):
         if combinator in r:
-            items = listof(r[combinator], f"{path}.{combinator}")
+            items = read.listof(r[combinator], f"{path}.{combinator}")
             parts = tuple(
                 _require(item, f"{path}.{combinator}[{i}]", provider_names) for i, item in enumerate(items)
             )
@@ -264,7 +255,7 @@ def _require(raw: object, path: str, provider_names: frozenset[str]) -> AllOf:
         children.append(Not(_require(r["not"], f"{path}.not", provider_names)))
     if "expression" in r:
         children.append(
-            compile_expression(string(r["expression"], f"{path}.expression"), f"{path}.expression")
+            compile_expression(read.string(r["expression"], f"{path}.expression"), f"{path}.expression")
         )
     return AllOf(tuple(children))
 
@@ -272,22 +263,23 @@ def _require(raw: object, path: str, provider_names: frozenset[str]) -> AllOf:
 def _claim_value(value: object, path: str) -> object:
     if isinstance(value, str | bool) or (isinstance(value, int | float) and not isinstance(value, bool)):
         return value
-    fail(path, "an expected claim value is a string, number or boolean")
+    read.fail(path, "an expected claim value is a string, number or boolean")
 
 
 def _claim(claim: str, expected: object, path: str) -> Claim:
-    segments = parse_claim_path(claim, path)
+    segments = read.parse_claim_path(claim, path)
     if isinstance(expected, dict):
-        spec = mapping(expected, path, ("any_of", "all_of"))
+        spec = read.mapping(expected, path, ("any_of", "all_of"))
         if len(spec) != 1:
-            fail(path, "give a value, {any_of: [...]} or {all_of: [...]}")
+            read.fail(path, "give a value, {any_of: [...]} or {all_of: [...]}")
         ((mode, values),) = spec.items()
         items = tuple(
-            _claim_value(v, f"{path}.{mode}[{i}]") for i, v in enumerate(listof(values, f"{path}.{mode}"))
+            _claim_value(v, f"{path}.{mode}[{i}]")
+            for i, v in enumerate(read.listof(values, f"{path}.{mode}"))
         )
         return Claim(claim, segments, mode, items)  # type: ignore[arg-type]
     if isinstance(expected, list):
-        fail(path, "for several values write {any_of: [...]} or {all_of: [...]}")
+        read.fail(path, "for several values write {any_of: [...]} or {all_of: [...]}")
     return Claim(claim, segments, "equals", (_claim_value(expected, path),))
 
 
@@ -295,63 +287,50 @@ _RULE_KEYS = ("name", "match", "allow", "require", "claim_to_headers", "deny", "
 
 
 def parse_rule(raw: object, path: str, provider_names: frozenset[str], *, dry_run: bool) -> RuleSettings:
-    r = mapping(raw, path, _RULE_KEYS)
+    r = read.mapping(raw, path, _RULE_KEYS)
     if ("allow" in r) == ("require" in r):
-        fail(path, "give exactly one of 'allow: anonymous' or 'require: {...}'")
-    name = string(r["name"], f"{path}.name") if "name" in r else path
+        read.fail(path, "give exactly one of 'allow: anonymous' or 'require: {...}'")
+    name = read.string(r["name"], f"{path}.name") if "name" in r else path
     match = _match(r.get("match"), f"{path}.match")
     claim_headers = tuple(
-        claim_header(c, f"{path}.claim_to_headers[{i}]")
+        read.claim_header(c, f"{path}.claim_to_headers[{i}]")
         for i, c in enumerate(
-            listof(r.get("claim_to_headers", []), f"{path}.claim_to_headers", allow_empty=True)
+            read.listof(r.get("claim_to_headers", []), f"{path}.claim_to_headers", allow_empty=True)
         )
     )
     deny = None
     if "deny" in r:
-        d = mapping(r["deny"], f"{path}.deny", ("status", "message"))
-        status = int(number(d.get("status", 403), f"{path}.deny.status", 400, 599))
+        d = read.mapping(r["deny"], f"{path}.deny", ("status", "message"))
+        status = int(read.number(d.get("status", 403), f"{path}.deny.status", 400, 599))
         if status != d.get("status", 403):
-            fail(f"{path}.deny.status", "must be a whole number")
-        message = string(d.get("message", "access to this resource is denied"), f"{path}.deny.message")
+            read.fail(f"{path}.deny.status", "must be a whole number")
+        message = read.string(d.get("message", "access to this resource is denied"), f"{path}.deny.message")
         if not message.isprintable():
-            fail(f"{path}.deny.message", "must be printable text")
+            read.fail(f"{path}.deny.message", "must be printable text")
         deny = DenySettings(status, message)
     if "mode" in r and r["mode"] not in ("enforce", "dry_run"):
-        fail(f"{path}.mode", "must be enforce or dry_run")
+        read.fail(f"{path}.mode", "must be enforce or dry_run")
     rule_dry_run = r.get("mode", "dry_run" if dry_run else "enforce") == "dry_run"
     if "allow" in r:
         if r["allow"] != "anonymous":
-            fail(f"{path}.allow", "the only value is 'anonymous' (use 'require' for token rules)")
+            read.fail(f"{path}.allow", "the only value is 'anonymous' (use 'require' for token rules)")
         if deny is not None:
-            fail(f"{path}.deny", "an anonymous rule denies nothing")
-        return RuleSettings(
-            name=name,
-            match=match,
-            anonymous=True,
-            require=AllOf(()),
-            claim_to_headers=claim_headers,
-            dry_run=rule_dry_run,
-        )
+            read.fail(f"{path}.deny", "an anonymous rule denies nothing")
+        return RuleSettings(name, match, True, AllOf(()), claim_headers, None, rule_dry_run)
     require = _require(r["require"], f"{path}.require", provider_names)
-    return RuleSettings(
-        name=name,
-        match=match,
-        anonymous=False,
-        require=require,
-        claim_to_headers=claim_headers,
-        deny=deny,
-        dry_run=rule_dry_run,
-    )
+    return RuleSettings(name, match, False, require, claim_headers, deny, rule_dry_run)
 
 
 def parse_rules(raw: object, provider_names: frozenset[str], *, dry_run: bool) -> tuple[RuleSettings, ...]:
     rules = tuple(
         parse_rule(r, f"rules[{i}]", provider_names, dry_run=dry_run)
-        for i, r in enumerate(listof(raw, "rules"))
+        for i, r in enumerate(read.listof(raw, "rules"))
     )
     seen: dict[str, int] = {}
     for i, rule in enumerate(rules):
         if rule.name in seen:
-            fail(f"rules[{i}].name", f"another rule (rules[{seen[rule.name]}]) has the name {rule.name!r}")
+            read.fail(
+                f"rules[{i}].name", f"another rule (rules[{seen[rule.name]}]) has the name {rule.name!r}"
+            )
         seen[rule.name] = i
     return rules
