@@ -185,6 +185,8 @@ class TokenIssuedInFuture(InvalidToken):
 
 
 class AudienceMismatch(InvalidToken):
+    """No audience of the token is one the provider accepts (``audiences``)."""
+
     code = "audience_mismatch"
     description = "the token audience is not accepted"
 

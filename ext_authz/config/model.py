@@ -27,6 +27,8 @@ DEFAULT_MAX_TOKEN_BYTES = 16 * 1024
 
 @dataclass(frozen=True, slots=True)
 class HeaderSource:
+    """A header that carries tokens after ``prefix`` (``from_headers``)."""
+
     name: str
     prefix: str
 
@@ -241,11 +243,15 @@ class Match:
 
 @dataclass(frozen=True, slots=True)
 class Providers:
+    """The token comes from one of these providers (``require.providers``)."""
+
     names: frozenset[str]
 
 
 @dataclass(frozen=True, slots=True)
 class Scopes:
+    """Every one of these OAuth scopes is granted (a denial names them: insufficient_scope)."""
+
     scopes: tuple[str, ...]
 
 
@@ -269,6 +275,8 @@ class Roles:
 
 @dataclass(frozen=True, slots=True)
 class Expression:
+    """A CEL expression over ``claims``, ``request`` and ``params``, compiled at load."""
+
     text: str
     program: Any  # a compiled cel_expr_python Expression
     # The top-level claims the expression reads (None: it may read any), so that evaluation
@@ -278,16 +286,22 @@ class Expression:
 
 @dataclass(frozen=True, slots=True)
 class AllOf:
+    """Every child holds (a rule's ``require`` is one; empty: a valid token suffices)."""
+
     children: tuple[Requirement, ...]
 
 
 @dataclass(frozen=True, slots=True)
 class AnyOf:
+    """At least one child holds."""
+
     children: tuple[Requirement, ...]
 
 
 @dataclass(frozen=True, slots=True)
 class Not:
+    """The child does not hold; an unknown child stays unknown (never an allow)."""
+
     child: Requirement
 
 

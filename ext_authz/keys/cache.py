@@ -52,6 +52,8 @@ _PROCESS_SECRET = os.urandom(32)
 
 @dataclass(frozen=True, slots=True)
 class CachedDocument:
+    """A key set another replica (or this one) fetched, authenticated and within its lifetime."""
+
     jwks: object
     fetched_at: float
     max_age: float | None
