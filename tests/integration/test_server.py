@@ -227,3 +227,31 @@ async def test_a_check_in_flight_during_a_reload_is_logged_under_its_own_config(
         assert [(line["decision"], line["subject"]) for line in lines] == [("allow", "alice")]
     finally:
         await server.stop(0)
+
+
+async def test_a_reload_hands_unchanged_providers_keys_over(issuer: TestIssuer, tmp_path: Path) -> None:
+    path = tmp_path / "ext-authz.yaml"
+
+    def write(**provider: Any) -> None:
+        entry = {"name": "test", "issuer": issuer.url, "audiences": ["api"], **provider}
+        path.write_text(yaml.safe_dump({"listen": "127.0.0.1:0", "providers": [entry]}))
+
+    write()
+    server = Server(settings.load(path), config_path=path)
+    client = Running(server, grpc.aio.insecure_channel(await server.start()))
+    try:
+        assert (await client.check(issuer.mint())).status.code == 0
+        kept = server.keys.provider("test")
+        write(audiences=["api", "other"])  # the same key source
+        assert await server.reload("test")
+        assert server.keys.provider("test") is kept
+        assert kept.provider is server.settings.providers[0]  # serving the new config's settings
+        assert (await client.check(issuer.mint())).status.code == 0
+        assert issuer.request_count(JWKS_PATH) == 1
+        write(jwks_uri=issuer.jwks_uri)  # another key source: fetched afresh
+        assert await server.reload("test")
+        assert server.keys.provider("test") is not kept
+        assert (await client.check(issuer.mint())).status.code == 0
+        assert issuer.request_count(JWKS_PATH) == 2
+    finally:
+        await server.stop(0)
