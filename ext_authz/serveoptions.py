@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Literal
 
 from ext_authz import settings
@@ -93,18 +93,9 @@ class ServeOptions:
             workers = worker_count(args.workers)
         except ValueError:
             raise OptionError("--workers: must be a number from 1 to 64, or auto") from None
-        return cls(
-            config=args.config,
-            listen=args.listen,
-            log_level=args.log_level,
-            drain_seconds=args.drain_seconds,
-            event_loop=args.event_loop,
-            workers=workers,
-            reuse_port=args.reuse_port,
-            admin_listen=args.admin_listen,
-            admin_address_file=args.admin_address_file,
-            admin_plaintext=args.admin_plaintext,
-        )
+        # The argparse destinations are the field names (add_arguments above).
+        values = {field.name: getattr(args, field.name) for field in fields(cls)}
+        return cls(**{**values, "workers": workers})
 
     @classmethod
     def from_argv(cls, argv: Sequence[str]) -> ServeOptions:

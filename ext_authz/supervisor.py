@@ -115,7 +115,7 @@ class Supervisor:
             admin_plaintext=admin,
         )
 
-    def _argv(self, index: int, address: str) -> list[str]:
+    def worker_argv(self, index: int, address: str) -> list[str]:
         return [sys.executable, "-m", "ext_authz", "serve", *self.worker_options(index, address).to_argv()]
 
     def _admin_file(self, index: int) -> Path:
@@ -140,7 +140,7 @@ class Supervisor:
                 self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2))
                 for index in range(self.options.workers):
                     admin_file = self._admin_file(index) if self.settings.admin else None
-                    worker = Worker(index, self._argv(index, address), admin_file)
+                    worker = Worker(index, self.worker_argv(index, address), admin_file)
                     await worker.start()
                     self._workers.append(worker)
                 if self.settings.admin is not None:
