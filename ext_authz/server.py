@@ -236,7 +236,8 @@ class Server:
         await self._cache.close()
 
     def _observe(self, request: Request, request_id: str, decision: Decision, seconds: float) -> None:
-        self.metrics.record(decision, seconds)  # the decision line: Runtime.record, same config
+        # Metrics only: the decision line is the Check's own runtime's (Runtime.record), same config.
+        self.metrics.record(decision, seconds)
 
     async def reload(self, reason: str = "signal") -> bool:
         """Load the config file again and switch to it if valid. True when the new config is in force."""
