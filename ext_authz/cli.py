@@ -17,8 +17,9 @@ import uvloop
 
 from ext_authz import __version__, explain, logs, policytest, supervisor
 from ext_authz.config.model import Settings
-from ext_authz.config.parse import listen_address, load
+from ext_authz.config.parse import load
 from ext_authz.config.values import ConfigError
+from ext_authz.serveoptions import OptionError, ServeOptions
 from ext_authz.server import ServeError, serve
 from ext_authz.tracing import TracingUnavailable
 
@@ -32,35 +33,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"ext-authz {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     serve_cmd = commands.add_parser("serve", help="run the gRPC Check service")
-    serve_cmd.add_argument("--config", required=True, metavar="FILE", help="the YAML config file")
-    serve_cmd.add_argument("--listen", metavar="HOST:PORT", help="override the config's listen address")
-    serve_cmd.add_argument(
-        "--log-level", choices=["debug", "info", "warning", "error"], help="override the config's log.level"
-    )
-    serve_cmd.add_argument(
-        "--drain-seconds",
-        type=float,
-        metavar="S",
-        help="override shutdown.drain_seconds (e.g. 0 when nothing routes traffic here)",
-    )
-    serve_cmd.add_argument(
-        "--event-loop",
-        choices=["asyncio", "uvloop"],
-        default="uvloop",
-        help="the event loop (default uvloop: faster with grpc.aio here, see make bench)",
-    )
-    serve_cmd.add_argument(
-        "--workers",
-        default="1",
-        metavar="N|auto",
-        help="worker processes sharing the port (auto: one per available core); default 1",
-    )
-    # Set by the supervisor for its workers.
-    serve_cmd.add_argument("--reuse-port", action="store_true", help=argparse.SUPPRESS)
-    serve_cmd.add_argument("--worker-index", type=int, help=argparse.SUPPRESS)
-    serve_cmd.add_argument("--admin-listen", help=argparse.SUPPRESS)
-    serve_cmd.add_argument("--admin-address-file", help=argparse.SUPPRESS)
-    serve_cmd.add_argument("--admin-plaintext", action="store_true", help=argparse.SUPPRESS)
+    ServeOptions.add_arguments(serve_cmd)
     check_cmd = commands.add_parser("check-config", help="validate a config file and exit")
     check_cmd.add_argument("file", metavar="FILE")
 
@@ -166,47 +139,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{args.file}: ok ({len(loaded.providers)} providers, {len(loaded.rules)} rules)")
         return 0
     loaded = _load(args.config)
-    if args.listen is not None:
-        try:
-            listen_address(args.listen, "--listen")
-        except ConfigError as exc:
-            print(f"ext-authz: {exc}", file=sys.stderr)
-            return EXIT_CONFIG
-    if args.drain_seconds is not None and not 0 <= args.drain_seconds <= 600:
-        print("ext-authz: --drain-seconds: must be between 0 and 600", file=sys.stderr)
-        return EXIT_CONFIG
     try:
-        workers = supervisor.worker_count(args.workers)
-    except ValueError:
-        print("ext-authz: --workers: must be a number from 1 to 64, or auto", file=sys.stderr)
+        options = ServeOptions.from_args(args)
+    except OptionError as exc:
+        print(f"ext-authz: {exc}", file=sys.stderr)
         return EXIT_CONFIG
-    logs.configure(args.log_level or loaded.log.level)
-    if workers > 1:
-        boss = supervisor.Supervisor(
-            loaded,
-            config_path=args.config,
-            listen=args.listen,
-            workers=workers,
-            drain_seconds=args.drain_seconds,
-            log_level=args.log_level,
-        )
-        return asyncio.run(boss.run())
+    logs.configure(options.log_level or loaded.log.level)
+    if options.workers > 1:
+        return asyncio.run(supervisor.Supervisor(loaded, options).run())
     run: Callable[[Coroutine[Any, Any, None]], None] = asyncio.run
-    if args.event_loop == "uvloop":
+    if options.event_loop == "uvloop":
         run = uvloop.run
     try:
-        run(
-            serve(
-                loaded,
-                listen=args.listen,
-                config_path=args.config,
-                drain_seconds=args.drain_seconds,
-                reuse_port=args.reuse_port,
-                admin_listen=args.admin_listen,
-                admin_address_file=args.admin_address_file,
-                admin_plaintext=args.admin_plaintext,
-            )
-        )
+        run(serve(loaded, options))
     except ServeError as exc:
         print(f"ext-authz: {exc}", file=sys.stderr)
         return 1

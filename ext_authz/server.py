@@ -1,38 +1,27 @@
-"""Lifecycle: start-up → serve (reloading the config on SIGHUP or when its file changes) →
-graceful shutdown on SIGTERM or SIGINT.
+"""Lifecycle: start-up → serve (reloading the config on SIGHUP or when its file changes, see
+reload.py) → graceful shutdown on SIGTERM or SIGINT.
 
 Shutdown: health (gRPC and /readyz) turns NOT_SERVING at once; Checks are still answered for
 ``shutdown.drain_seconds`` so that Envoy and Kubernetes stop sending; then the server stops
 accepting and waits for Checks in flight up to ``shutdown.grace_seconds``.
-
-Reload: the new file is validated; keys of new or changed providers are fetched first (bounded by
-their fetch timeout); then the new config replaces the old one in one step (keys of unchanged
-providers are kept). An invalid file leaves the old config in force. Each Check runs wholly under
-one config.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import hashlib
 import logging
 import signal
 import ssl
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
 
 import grpc
 
-from ext_authz import logs
-from ext_authz._proto.envoy.service.auth.v3 import external_auth_pb2_grpc
+from ext_authz import signals
 from ext_authz.admin import AdminServer
 from ext_authz.compiled import compile
 from ext_authz.config.model import Settings
-from ext_authz.config.parse import load
-from ext_authz.config.values import ConfigError
 from ext_authz.decisionlog import DecisionLog
 from ext_authz.keys.cache import SharedKeyCache
 from ext_authz.keys.fetch import HttpFetcher
@@ -40,30 +29,20 @@ from ext_authz.keys.store import KeyStore
 from ext_authz.metrics import Metrics, TlsCollector
 from ext_authz.model import Decision, Request
 from ext_authz.pipeline import Pipeline
+from ext_authz.reload import Current, Reloader, Runtime
+from ext_authz.serveoptions import ServeOptions
 from ext_authz.tls import ServerTls
 from ext_authz.tlsfiles import TlsFileError
 from ext_authz.tokencache import CacheCounters
 from ext_authz.tracing import Tracing
 from ext_authz.transport.health import Health
-from ext_authz.transport.servicer import AuthorizationServicer
+from ext_authz.transport.servicer import AuthorizationServicer, register
 
 log = logging.getLogger(__name__)
-
-WATCH_INTERVAL_SECONDS = 1.0
 
 
 class ServeError(Exception):
     """The server could not start (e.g. the address cannot be bound)."""
-
-
-@dataclass(frozen=True, slots=True)
-class Runtime:
-    """Everything built from one config; replaced as a whole on reload."""
-
-    settings: Settings
-    keys: KeyStore
-    pipeline: Pipeline
-    decisions: DecisionLog
 
 
 class Server:
@@ -85,25 +64,29 @@ class Server:
     ) -> None:
         self._clock = clock
         self._address = listen or settings.listen
-        self._config_path = Path(config_path) if config_path is not None else None
-        self._config_digest = _digest(self._config_path)
         self._drain_override = drain_seconds
         self._fetcher = HttpFetcher()
         self._cache = SharedKeyCache(settings.jwks_cache)
         self._token_counters = CacheCounters()
-        self.runtime = self._build(settings, reuse=None)
-        self.metrics = Metrics(lambda: self.runtime.keys.stats(), clock, token_cache=self._token_cache_state)
+        self.current = Current(self._build(settings, None))
+        self.metrics = Metrics(lambda: self.keys.stats(), clock, token_cache=self._token_cache_state)
+        self._reloader = Reloader(
+            Path(config_path) if config_path is not None else None,
+            self.current,
+            build=self._build,
+            metrics=self.metrics,
+            reloaded=self._keys_changed,
+        )
         self.health = Health()
         tracing = (
             Tracing(settings.tracing.service_name, tracer_provider) if settings.tracing.enabled else None
         )
-        self.servicer = AuthorizationServicer(self.runtime.pipeline, observer=self._observe, tracing=tracing)
+        self.servicer = AuthorizationServicer(self.current.get, observer=self._observe, tracing=tracing)
         # gRPC enables SO_REUSEPORT by default: a second server on a busy port would bind silently
         # and take half the connections. One process owns its port, unless it is one of a
         # supervisor's workers (serve --workers), which share it on purpose.
         self._grpc = grpc.aio.server(options=[("grpc.so_reuseport", 1 if reuse_port else 0)])
-        add_servicer = external_auth_pb2_grpc.add_AuthorizationServicer_to_server
-        add_servicer(self.servicer, self._grpc)  # type: ignore[no-untyped-call]
+        register(self._grpc, self.servicer)
         self.health.register(self._grpc)
         # The files were checked at config load; this reads them again (they may have been renewed).
         try:
@@ -134,7 +117,10 @@ class Server:
         self._serving: bool | None = None
         self._draining = False
         self._background: set[asyncio.Task[object]] = set()
-        self._reload_lock = asyncio.Lock()
+
+    @property
+    def runtime(self) -> Runtime:
+        return self.current.get()
 
     @property
     def settings(self) -> Settings:
@@ -149,6 +135,8 @@ class Server:
         return self.runtime.pipeline
 
     def _build(self, new: Settings, reuse: KeyStore | None) -> Runtime:
+        """One config's runtime; ``reuse``: the store in force, whose unchanged providers' keys
+        are handed over (a reload)."""
         keys = KeyStore(
             new.providers,
             fetcher=self._fetcher,
@@ -196,8 +184,8 @@ class Server:
             self._spawn(self.tls.watch(), "tls-watch")
         self.keys.start()
         self._keys_changed()  # providers with inline keys may be ready already
-        if self._config_path is not None:
-            self._spawn(self._watch_config(), "config-watch")
+        if self._reloader.path is not None:
+            self._spawn(self._reloader.watch(), "config-watch")
         return bound
 
     def ready(self) -> bool:
@@ -248,94 +236,31 @@ class Server:
         await self._fetcher.close()
         await self._cache.close()
 
-    # ---- observing decisions ----
-
     def _observe(self, request: Request, request_id: str, decision: Decision, seconds: float) -> None:
+        # Metrics only: the decision line is the Check's own runtime's (Runtime.record), same config.
         self.metrics.record(decision, seconds)
-        self.runtime.decisions.record(request, request_id, decision, round(seconds * 1e6))
-
-    # ---- reload ----
 
     async def reload(self, reason: str = "signal") -> bool:
         """Load the config file again and switch to it if valid. True when the new config is in force."""
-        if self._config_path is None:
-            return False
-        async with self._reload_lock:
-            self._config_digest = _digest(self._config_path)
-            try:
-                new = load(self._config_path)
-            except ConfigError as exc:
-                self.metrics.reloads.labels("invalid").inc()
-                log.error(
-                    "config reload rejected: the old config stays in force",
-                    extra={"fields": {"reason": reason, "file": str(self._config_path), "error": str(exc)}},
-                )
-                return False
-            for key, old_value, new_value in (
-                ("listen", self.settings.listen, new.listen),
-                ("admin", self.settings.admin, new.admin),
-                ("jwks_cache", self.settings.jwks_cache, new.jwks_cache),
-                # Renewed file contents need no restart (see tls.py); other files or options do.
-                ("tls", self.settings.tls, new.tls),
-            ):
-                if old_value != new_value:
-                    log.warning("a changed setting needs a restart", extra={"fields": {"key": key}})
-            old = self.runtime
-            runtime = self._build(new, reuse=old.keys)
-            runtime.keys.start()  # only new or changed providers fetch
-            await runtime.keys.first_fetches()
-            self.runtime = runtime
-            self.servicer.pipeline = runtime.pipeline
-            await old.keys.stop(keep=runtime.keys)
-            logs.set_level(new.log.level)
-            self.metrics.reloads.labels("ok").inc()
-            log.info("config reloaded", extra={"fields": {"reason": reason, "providers": len(new.providers)}})
-            self._keys_changed()
-            return True
-
-    async def _watch_config(self) -> None:
-        """Notice a changed file (an edit, or Kubernetes' symlink swap of a ConfigMap) within seconds."""
-        assert self._config_path is not None
-        while True:
-            await asyncio.sleep(WATCH_INTERVAL_SECONDS)
-            digest = await asyncio.to_thread(_digest, self._config_path)
-            if digest is not None and digest != self._config_digest:
-                await self.reload("file changed")
+        return await self._reloader.reload(reason)
 
 
-def _digest(path: Path | None) -> str | None:
-    if path is None:
-        return None
-    try:
-        return hashlib.sha256(path.read_bytes()).hexdigest()
-    except OSError:
-        return None
-
-
-async def serve(
-    loaded: Settings,
-    *,
-    listen: str | None = None,
-    config_path: str | Path | None = None,
-    drain_seconds: float | None = None,
-    reuse_port: bool = False,
-    admin_listen: str | None = None,
-    admin_address_file: str | None = None,
-    admin_plaintext: bool = False,
-) -> None:
+async def serve(loaded: Settings, options: ServeOptions) -> None:
     """Serve until SIGTERM or SIGINT, then stop gracefully; SIGHUP reloads the config."""
     stop = asyncio.Event()
+    hangup = asyncio.Event()
+    handlers = {signal.SIGTERM: stop.set, signal.SIGINT: stop.set, signal.SIGHUP: hangup.set}
     # Handlers go in before the "serving" line: a SIGTERM right after it must drain, not kill.
-    with _signals_set(stop) as hangup:
+    with signals.handling(handlers):
         server = Server(
             loaded,
-            listen=listen,
-            config_path=config_path,
-            drain_seconds=drain_seconds,
-            reuse_port=reuse_port,
-            admin_listen=admin_listen,
-            admin_address_file=admin_address_file,
-            admin_plaintext=admin_plaintext,
+            listen=options.listen,
+            config_path=options.config,
+            drain_seconds=options.drain_seconds,
+            reuse_port=options.reuse_port,
+            admin_listen=options.admin_listen,
+            admin_address_file=options.admin_address_file,
+            admin_plaintext=options.admin_plaintext,
         )
         await server.start()
         while not stop.is_set():
@@ -347,22 +272,3 @@ async def serve(
                 hangup.clear()
                 await server.reload("SIGHUP")
         await server.stop()
-
-
-@contextlib.contextmanager
-def _signals_set(stop: asyncio.Event) -> Iterator[asyncio.Event]:
-    loop = asyncio.get_running_loop()
-    hangup = asyncio.Event()
-    handlers = {signal.SIGTERM: stop.set, signal.SIGINT: stop.set, signal.SIGHUP: hangup.set}
-    installed = []
-    for sig, handler in handlers.items():
-        try:
-            loop.add_signal_handler(sig, handler)
-            installed.append(sig)
-        except (NotImplementedError, RuntimeError):  # not the main thread
-            pass
-    try:
-        yield hangup
-    finally:
-        for sig in installed:
-            loop.remove_signal_handler(sig)

@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import functools
 import logging
-import os
 import shutil
 import signal
 import socket
@@ -30,8 +31,10 @@ from pathlib import Path
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
+from ext_authz import signals
 from ext_authz.admin import AdminServer
 from ext_authz.config.model import Settings
+from ext_authz.serveoptions import ServeOptions
 from ext_authz.tls import ServerTls
 from ext_authz.tlsfiles import TlsFileError
 
@@ -45,15 +48,6 @@ _MAX_ACROSS_WORKERS = {
     "ext_authz_build_info",
     "ext_authz_tls_certificate_expiry_timestamp_seconds",  # one file: the same in every worker
 }
-
-
-def worker_count(value: str) -> int:
-    if value == "auto":
-        return max(1, len(os.sched_getaffinity(0)))
-    count = int(value)
-    if not 1 <= count <= 64:
-        raise ValueError(value)
-    return count
 
 
 def reserve_port(address: str) -> tuple[str, socket.socket | None]:
@@ -96,41 +90,33 @@ class Worker:
 
 
 class Supervisor:
-    def __init__(
-        self,
-        settings: Settings,
-        *,
-        config_path: str,
-        listen: str | None,
-        workers: int,
-        drain_seconds: float | None,
-        log_level: str | None,
-    ) -> None:
+    def __init__(self, settings: Settings, options: ServeOptions) -> None:
         self.settings = settings
-        self._config_path = config_path
-        self._listen = listen or settings.listen
-        self._count = workers
-        self._drain_seconds = drain_seconds
-        self._log_level = log_level
+        self.options = options
+        self._listen = options.listen or settings.listen
         self._workers: list[Worker] = []
         self._stopping = False
         self._rundir = Path(tempfile.mkdtemp(prefix="ext-authz-"))
         self._session: aiohttp.ClientSession | None = None
 
-    def _argv(self, index: int, address: str) -> list[str]:
-        argv = [sys.executable, "-m", "ext_authz", "serve", "--config", self._config_path]
-        argv += ["--listen", address, "--reuse-port", "--worker-index", str(index)]
-        if self._drain_seconds is not None:
-            argv += ["--drain-seconds", str(self._drain_seconds)]
-        if self._log_level is not None:
-            argv += ["--log-level", self._log_level]
-        if self.settings.admin is not None:
-            argv += ["--admin-listen", "127.0.0.1:0", "--admin-address-file", str(self._admin_file(index))]
-            # Loopback, read by this supervisor only: plaintext even with tls.admin (the fleet's
-            # admin listener below is the one that serves TLS). Each worker's gRPC listener serves
-            # TLS from the same config file.
-            argv += ["--admin-plaintext"]
-        return argv
+    def worker_options(self, index: int, address: str) -> ServeOptions:
+        """The supervisor's own options, for one worker on the shared port."""
+        # Loopback, read by this supervisor only: plaintext even with tls.admin (the fleet's admin
+        # listener below is the one that serves TLS). Each worker's gRPC listener serves TLS from
+        # the same config file.
+        admin = self.settings.admin is not None
+        return dataclasses.replace(
+            self.options,
+            listen=address,
+            workers=1,
+            reuse_port=True,
+            admin_listen="127.0.0.1:0" if admin else None,
+            admin_address_file=str(self._admin_file(index)) if admin else None,
+            admin_plaintext=admin,
+        )
+
+    def worker_argv(self, index: int, address: str) -> list[str]:
+        return [sys.executable, "-m", "ext_authz", "serve", *self.worker_options(index, address).to_argv()]
 
     def _admin_file(self, index: int) -> Path:
         return self._rundir / f"worker-{index}.admin"
@@ -145,45 +131,43 @@ class Supervisor:
             return 1
         address, reservation = reserve_port(self._listen)
         stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        loop.add_signal_handler(signal.SIGTERM, stop.set)
-        loop.add_signal_handler(signal.SIGINT, stop.set)
-        loop.add_signal_handler(signal.SIGHUP, self._forward, signal.SIGHUP)
+        hangup: signals.Handler = functools.partial(self._forward, signal.SIGHUP)
+        handlers = {signal.SIGTERM: stop.set, signal.SIGINT: stop.set, signal.SIGHUP: hangup}
         admin = None
         watcher: asyncio.Future[None] | None = None
-        try:
-            self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2))
-            for index in range(self._count):
-                admin_file = self._admin_file(index) if self.settings.admin else None
-                worker = Worker(index, self._argv(index, address), admin_file)
-                await worker.start()
-                self._workers.append(worker)
-            if self.settings.admin is not None:
-                admin = AdminServer(
-                    self.settings.admin,
-                    ready=self._ready,
-                    metrics=self._metrics,
-                    ssl_context=admin_context,
-                )
-                await admin.start()
-                if admin_tls is not None:
-                    watcher = asyncio.ensure_future(admin_tls.watch())
-            fields = {"address": address, "workers": self._count, "admin": admin.bound if admin else None}
-            log.info("supervising", extra={"fields": fields})
-            code = await self._supervise(stop)
-        finally:
-            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-                loop.remove_signal_handler(sig)
-            if watcher is not None:
-                watcher.cancel()
-                await asyncio.gather(watcher, return_exceptions=True)
-            if admin is not None:
-                await admin.stop()
-            if self._session is not None:
-                await self._session.close()
-            if reservation is not None:
-                reservation.close()
-            shutil.rmtree(self._rundir, ignore_errors=True)
+        with signals.handling(handlers):
+            try:
+                self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2))
+                for index in range(self.options.workers):
+                    admin_file = self._admin_file(index) if self.settings.admin else None
+                    worker = Worker(index, self.worker_argv(index, address), admin_file)
+                    await worker.start()
+                    self._workers.append(worker)
+                if self.settings.admin is not None:
+                    admin = AdminServer(
+                        self.settings.admin,
+                        ready=self._ready,
+                        metrics=self._metrics,
+                        ssl_context=admin_context,
+                    )
+                    await admin.start()
+                    if admin_tls is not None:
+                        watcher = asyncio.ensure_future(admin_tls.watch())
+                count = self.options.workers
+                fields = {"address": address, "workers": count, "admin": admin.bound if admin else None}
+                log.info("supervising", extra={"fields": fields})
+                code = await self._supervise(stop)
+            finally:
+                if watcher is not None:
+                    watcher.cancel()
+                    await asyncio.gather(watcher, return_exceptions=True)
+                if admin is not None:
+                    await admin.stop()
+                if self._session is not None:
+                    await self._session.close()
+                if reservation is not None:
+                    reservation.close()
+                shutil.rmtree(self._rundir, ignore_errors=True)
         return code
 
     def _forward(self, sig: int) -> None:
@@ -220,7 +204,7 @@ class Supervisor:
         self._stopping = True
         self._forward(signal.SIGTERM)
         shutdown = self.settings.shutdown
-        drain = shutdown.drain_seconds if self._drain_seconds is None else self._drain_seconds
+        drain = shutdown.drain_seconds if self.options.drain_seconds is None else self.options.drain_seconds
         bound = drain + shutdown.grace_seconds + 5
         procs = [w.process for w in self._workers if w.process is not None]
         try:

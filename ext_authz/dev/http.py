@@ -7,10 +7,10 @@ import contextlib
 import ipaddress
 import signal
 import socket
-from collections.abc import Iterator
 
 from aiohttp import web
 
+from ext_authz import signals
 from ext_authz.dev.errors import DevIssuerError
 
 DEFAULT_HOST = "127.0.0.1"
@@ -72,14 +72,5 @@ def check_bind(host: str, allow_non_loopback: bool) -> None:
         )
 
 
-@contextlib.contextmanager
-def stop_on_signals(stop: asyncio.Event) -> Iterator[None]:
-    loop = asyncio.get_running_loop()
-    signals = (signal.SIGINT, signal.SIGTERM)
-    for sig in signals:
-        loop.add_signal_handler(sig, stop.set)
-    try:
-        yield
-    finally:
-        for sig in signals:
-            loop.remove_signal_handler(sig)
+def stop_on_signals(stop: asyncio.Event) -> contextlib.AbstractContextManager[None]:
+    return signals.handling({signal.SIGINT: stop.set, signal.SIGTERM: stop.set})

@@ -427,14 +427,13 @@ class KeyStore:
     ) -> None:
         self._readiness = readiness
         self._on_change = on_change
+        self._handed_over: set[str] = set()
         providers_keys: dict[str, ProviderKeys] = {}
         for p in providers:
-            old = reuse._providers.get(p.name) if reuse is not None else None
-            if old is not None and old.same_source(p):
-                old.rebind(p, self._changed)
-                providers_keys[p.name] = old
-            else:
-                providers_keys[p.name] = ProviderKeys(p, fetcher, cache, clock=clock, on_change=self._changed)
+            kept = reuse.hand_over(p, self._changed) if reuse is not None else None
+            if kept is None:
+                kept = ProviderKeys(p, fetcher, cache, clock=clock, on_change=self._changed)
+            providers_keys[p.name] = kept
         self._providers: Mapping[str, ProviderKeys] = providers_keys
 
     def _changed(self) -> None:
@@ -457,10 +456,23 @@ class KeyStore:
                 async with asyncio.timeout(bound):
                     await asyncio.gather(*(p.first_attempt.wait() for p in pending))
 
-    async def stop(self, keep: KeyStore | None = None) -> None:
-        """Stop every provider's loop, except those ``keep`` took over on a reload."""
-        kept = set(map(id, keep._providers.values())) if keep is not None else set()
-        await asyncio.gather(*(p.stop() for p in self._providers.values() if id(p) not in kept))
+    def hand_over(self, provider: ProviderSettings, on_change: Callable[[], None]) -> ProviderKeys | None:
+        """On a reload, the new store (``KeyStore(..., reuse=old)``) asks the old one for each
+        provider's keys: when the provider's key source is unchanged, its keys, refresh loop and
+        counters move to the new store (rebound to the new settings, reporting to ``on_change``),
+        and this store's :meth:`stop` leaves them running. None: the new store fetches afresh."""
+        keys = self._providers.get(provider.name)
+        if keys is None or not keys.same_source(provider):
+            return None
+        keys.rebind(provider, on_change)
+        self._handed_over.add(provider.name)
+        return keys
+
+    async def stop(self) -> None:
+        """Stop every provider's loop, except those handed over to a new store on a reload."""
+        await asyncio.gather(
+            *(p.stop() for name, p in self._providers.items() if name not in self._handed_over)
+        )
 
     def ready(self) -> bool:
         usable = [p.usable() for p in self._providers.values()]

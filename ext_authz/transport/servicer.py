@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
 
 import grpc
 
@@ -24,13 +26,43 @@ EMPTY_REQUEST = Request(method="", path="")
 Observer = Callable[[Request, str, Decision, float], None]
 
 
+class Runtime(Protocol):
+    """What one Check reads, once: the pipeline that decides it, and the decision log (of the same
+    config) that records it."""
+
+    @property
+    def pipeline(self) -> Pipeline: ...
+
+    def record(self, request: Request, request_id: str, decision: Decision, seconds: float) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Fixed:
+    """One pipeline for the servicer's life, with no decision log (the tests' servicers)."""
+
+    pipeline: Pipeline
+
+    def record(self, request: Request, request_id: str, decision: Decision, seconds: float) -> None:
+        pass
+
+
 class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):
-    """``pipeline`` may be replaced at any time (a config reload): each Check uses one config."""
+    """Decides with a fixed pipeline, or with ``current()``'s: the server passes the reader of its
+    runtime holder, which a config reload replaces at any time. Each Check reads it once, so it is
+    decided and logged under one config. ``observer`` sees every decision, whatever the config
+    (the server's metrics)."""
 
     def __init__(
-        self, pipeline: Pipeline, observer: Observer | None = None, tracing: Tracing | None = None
+        self,
+        pipeline: Pipeline | Callable[[], Runtime],
+        observer: Observer | None = None,
+        tracing: Tracing | None = None,
     ) -> None:
-        self.pipeline = pipeline
+        if isinstance(pipeline, Pipeline):
+            fixed = Fixed(pipeline)
+            self.current: Callable[[], Runtime] = lambda: fixed
+        else:
+            self.current = pipeline
         self.observer = observer
         self.tracing = tracing
 
@@ -38,7 +70,8 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):
         self, request: external_auth_pb2.CheckRequest, context: grpc.aio.ServicerContext[object, object]
     ) -> external_auth_pb2.CheckResponse:
         started = time.perf_counter()
-        pipeline = self.pipeline
+        runtime = self.current()
+        pipeline = runtime.pipeline
         adapted = EMPTY_REQUEST
         request_id = ""
         try:
@@ -58,9 +91,16 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):
             log.exception("check failed")
             decision = pipeline.answers.deny(InternalError())
             response = to_response(decision)
-        if self.observer is not None:
-            try:
-                self.observer(adapted, request_id, decision, time.perf_counter() - started)
-            except Exception:  # logging and metrics must never fail a Check
-                log.exception("recording the decision failed")
+        seconds = time.perf_counter() - started
+        try:
+            if self.observer is not None:
+                self.observer(adapted, request_id, decision, seconds)
+            runtime.record(adapted, request_id, decision, seconds)
+        except Exception:  # logging and metrics must never fail a Check
+            log.exception("recording the decision failed")
         return response
+
+
+def register(server: grpc.aio.Server, servicer: AuthorizationServicer) -> None:
+    """Serve the Check service on ``server`` (the generated registration lives behind this seam)."""
+    external_auth_pb2_grpc.add_AuthorizationServicer_to_server(servicer, server)  # type: ignore[no-untyped-call]

@@ -5,10 +5,12 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
+import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from ext_authz._proto.envoy.service.auth.v3 import (
@@ -17,7 +19,8 @@ from ext_authz._proto.envoy.service.auth.v3 import (
     external_auth_pb2_grpc,
 )
 from ext_authz.config.model import Settings
-from ext_authz.config.parse import parse
+from ext_authz.config.parse import load, parse
+from ext_authz.model import Decision, Request
 from ext_authz.server import ServeError, Server
 from tests.support.idp import JWKS_PATH, TestIssuer
 
@@ -185,5 +188,71 @@ async def test_bind_failure_is_a_clean_error(issuer: TestIssuer) -> None:
         busy = Server(config(issuer), listen="256.0.0.1:1")
         with pytest.raises(ServeError, match="cannot listen"):
             await busy.start()
+    finally:
+        await server.stop(0)
+
+
+async def test_a_check_in_flight_during_a_reload_is_logged_under_its_own_config(
+    issuer: TestIssuer, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "ext-authz.yaml"
+
+    def write(log: dict[str, str]) -> None:
+        provider = {"name": "test", "issuer": issuer.url, "audiences": ["api"], "jwks": issuer.jwks()}
+        path.write_text(yaml.safe_dump({"listen": "127.0.0.1:0", "providers": [provider], "log": log}))
+
+    write({"decisions": "all", "subject": "plain"})  # config A
+    server = Server(load(path), config_path=path)
+    client = Running(server, grpc.aio.insecure_channel(await server.start()))
+    try:
+        under_a = server.runtime
+        decide, entered, release = under_a.pipeline.decide, asyncio.Event(), asyncio.Event()
+
+        async def held(request: Request) -> Decision:
+            entered.set()
+            await release.wait()
+            return await decide(request)
+
+        monkeypatch.setattr(under_a.pipeline, "decide", held)
+        in_flight = asyncio.ensure_future(client.check(issuer.mint()))
+        async with asyncio.timeout(5):
+            await entered.wait()
+        write({"decisions": "none"})  # config B: no decision lines
+        assert await server.reload("test")
+        assert server.runtime is not under_a
+        capsys.readouterr()
+        release.set()
+        assert (await in_flight).status.code == 0
+        assert (await client.check(issuer.mint())).status.code == 0  # decided and logged under B
+        lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+        assert [(line["decision"], line["subject"]) for line in lines] == [("allow", "alice")]
+    finally:
+        await server.stop(0)
+
+
+async def test_a_reload_hands_unchanged_providers_keys_over(issuer: TestIssuer, tmp_path: Path) -> None:
+    path = tmp_path / "ext-authz.yaml"
+
+    def write(**provider: Any) -> None:
+        entry = {"name": "test", "issuer": issuer.url, "audiences": ["api"], **provider}
+        path.write_text(yaml.safe_dump({"listen": "127.0.0.1:0", "providers": [entry]}))
+
+    write()
+    server = Server(load(path), config_path=path)
+    client = Running(server, grpc.aio.insecure_channel(await server.start()))
+    try:
+        assert (await client.check(issuer.mint())).status.code == 0
+        kept = server.keys.provider("test")
+        write(audiences=["api", "other"])  # the same key source
+        assert await server.reload("test")
+        assert server.keys.provider("test") is kept
+        assert kept.provider is server.settings.providers[0]  # serving the new config's settings
+        assert (await client.check(issuer.mint())).status.code == 0
+        assert issuer.request_count(JWKS_PATH) == 1
+        write(jwks_uri=issuer.jwks_uri)  # another key source: fetched afresh
+        assert await server.reload("test")
+        assert server.keys.provider("test") is not kept
+        assert (await client.check(issuer.mint())).status.code == 0
+        assert issuer.request_count(JWKS_PATH) == 2
     finally:
         await server.stop(0)

@@ -1,0 +1,128 @@
+"""``ext-authz serve``'s command-line options as one value: parsed once by the CLI, and handed to a
+supervisor's workers through :meth:`ServeOptions.to_argv`, which :meth:`ServeOptions.from_argv`
+reads back (the worker's CLI parses the same arguments), so a worker runs with every option its
+supervisor was given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, fields
+from typing import Literal
+
+from ext_authz.config.parse import listen_address
+from ext_authz.config.values import ConfigError
+
+EventLoop = Literal["asyncio", "uvloop"]
+MAX_DRAIN_SECONDS = 600
+
+
+class OptionError(Exception):
+    """A serve option is out of range; the message names it (``--workers: ...``)."""
+
+
+def worker_count(value: str) -> int:
+    if value == "auto":
+        return max(1, len(os.sched_getaffinity(0)))
+    count = int(value)
+    if not 1 <= count <= 64:
+        raise ValueError(value)
+    return count
+
+
+@dataclass(frozen=True, slots=True)
+class ServeOptions:
+    """What ``serve`` takes besides the config file's contents; None: the config's own value."""
+
+    config: str
+    listen: str | None = None
+    log_level: str | None = None
+    drain_seconds: float | None = None
+    event_loop: EventLoop = "uvloop"
+    workers: int = 1
+    # Set by the supervisor for its workers.
+    reuse_port: bool = False
+    admin_listen: str | None = None
+    admin_address_file: str | None = None
+    admin_plaintext: bool = False
+
+    @staticmethod
+    def add_arguments(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--config", required=True, metavar="FILE", help="the YAML config file")
+        parser.add_argument("--listen", metavar="HOST:PORT", help="override the config's listen address")
+        parser.add_argument(
+            "--log-level",
+            choices=["debug", "info", "warning", "error"],
+            help="override the config's log.level",
+        )
+        parser.add_argument(
+            "--drain-seconds",
+            type=float,
+            metavar="S",
+            help="override shutdown.drain_seconds (e.g. 0 when nothing routes traffic here)",
+        )
+        parser.add_argument(
+            "--event-loop",
+            choices=["asyncio", "uvloop"],
+            default="uvloop",
+            help="the event loop (default uvloop: faster with grpc.aio here, see make bench)",
+        )
+        parser.add_argument(
+            "--workers",
+            default="1",
+            metavar="N|auto",
+            help="worker processes sharing the port (auto: one per available core); default 1",
+        )
+        parser.add_argument("--reuse-port", action="store_true", help=argparse.SUPPRESS)
+        parser.add_argument("--admin-listen", help=argparse.SUPPRESS)
+        parser.add_argument("--admin-address-file", help=argparse.SUPPRESS)
+        parser.add_argument("--admin-plaintext", action="store_true", help=argparse.SUPPRESS)
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> ServeOptions:
+        """The parsed arguments, checked (in this order: listen, drain, workers). Raises OptionError."""
+        if args.listen is not None:
+            try:
+                listen_address(args.listen, "--listen")
+            except ConfigError as exc:
+                raise OptionError(str(exc)) from None
+        if args.drain_seconds is not None and not 0 <= args.drain_seconds <= MAX_DRAIN_SECONDS:
+            raise OptionError(f"--drain-seconds: must be between 0 and {MAX_DRAIN_SECONDS}")
+        try:
+            workers = worker_count(args.workers)
+        except ValueError:
+            raise OptionError("--workers: must be a number from 1 to 64, or auto") from None
+        # The argparse destinations are the field names (add_arguments above).
+        values = {field.name: getattr(args, field.name) for field in fields(cls)}
+        return cls(**{**values, "workers": workers})
+
+    @classmethod
+    def from_argv(cls, argv: Sequence[str]) -> ServeOptions:
+        """Parse ``serve``'s arguments (without the ``serve`` itself). Raises OptionError."""
+        parser = argparse.ArgumentParser(prog="ext-authz serve")
+        cls.add_arguments(parser)
+        return cls.from_args(parser.parse_args(list(argv)))
+
+    def to_argv(self) -> list[str]:
+        """The arguments that :meth:`from_argv` turns back into these options."""
+        argv = ["--config", self.config]
+        if self.listen is not None:
+            argv += ["--listen", self.listen]
+        if self.log_level is not None:
+            argv += ["--log-level", self.log_level]
+        if self.drain_seconds is not None:
+            argv += ["--drain-seconds", str(self.drain_seconds)]
+        argv += ["--event-loop", self.event_loop]
+        if self.workers != 1:
+            argv += ["--workers", str(self.workers)]
+        if self.reuse_port:
+            argv += ["--reuse-port"]
+        if self.admin_listen is not None:
+            argv += ["--admin-listen", self.admin_listen]
+        if self.admin_address_file is not None:
+            argv += ["--admin-address-file", self.admin_address_file]
+        if self.admin_plaintext:
+            argv += ["--admin-plaintext"]
+        return argv
