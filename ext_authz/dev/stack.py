@@ -28,6 +28,7 @@ import yaml
 from aiohttp import web
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from ext_authz import signals
 from ext_authz.dev.echo import echo_app
 from ext_authz.dev.errors import DevIssuerError
 from ext_authz.dev.http import listen_socket, start_site, url_host
@@ -188,12 +189,14 @@ def _commands(plan: StackPlan, key_dir: KeyDir) -> list[str]:
     ]
 
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
 async def run_stack(options: StackOptions, env: Mapping[str, str], out: TextIO, log: TextIO) -> int:
     """Run the stack until SIGINT/SIGTERM (exit 0) or until a part of it fails (exit 1)."""
-    loop = asyncio.get_running_loop()
     stop = asyncio.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        loop.add_signal_handler(sig, stop.set)
+    on_signals = contextlib.ExitStack()  # closed last: the previous handlers come back
+    on_signals.enter_context(signals.handling(dict.fromkeys(STOP_SIGNALS, stop.set)))
     envoy_config = load_yaml(options.envoy_config)
     authz_config = load_yaml(options.authz_config)
     plan = stack_plan(envoy_config, authz_config, env)
@@ -255,8 +258,7 @@ async def run_stack(options: StackOptions, env: Mapping[str, str], out: TextIO, 
         for runner in reversed(runners):
             await runner.cleanup()
         shutil.rmtree(workdir, ignore_errors=True)
-        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-            loop.remove_signal_handler(sig)
+        on_signals.close()
         print("[run] stopped", file=log, flush=True)
 
 
