@@ -27,8 +27,8 @@ with atheris.instrument_imports(include=["ext_authz"]):
     from ext_authz.sources import HeaderToken
     from ext_authz.transport.adapter import to_response
     from tests.fuzz.common import Fixture, write_seeds
-    from tests.unit.conftest import sign_raw
-    from tests.unit.test_attacks import assert_well_formed
+    from tests.support.attacks import assert_well_formed
+    from tests.support.tokens import sign_raw
 
 FIXTURE = Fixture()
 MAX_TOKEN_BYTES = FIXTURE.settings.max_token_bytes

@@ -33,11 +33,11 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa, utils
 from jwt.algorithms import get_default_algorithms
 
 from ext_authz.dev.plan import envoy_binary
+from tests.support.attacks import P256_ORDER
 from tests.support.echo import EchoBackend
 from tests.support.envoy import LISTENER_NAME, TRACE_HEADER, envoy_config, send
 from tests.support.idp import SigningKey, b64url, b64url_decode, public_jwk, tamper_signature
 from tests.support.processes import DEFAULT_READY_TIMEOUT, ExtAuthzProcess, ManagedProcess, start_ext_authz
-from tests.unit.test_attacks import P256_ORDER
 
 ISSUER = "https://idp.example.com/"
 AUDIENCE = "api"

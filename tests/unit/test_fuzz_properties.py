@@ -32,9 +32,9 @@ from ext_authz.compiled import compile
 from ext_authz.keys.jwks import parse_jwks
 from ext_authz.pipeline import Pipeline
 from ext_authz.transport.servicer import AuthorizationServicer
+from tests.support.attacks import OWNED, PROVIDER, RULES, assert_well_formed, check, response_headers
 from tests.support.idp import SigningKey, b64url
-from tests.unit.conftest import NOW, Keys, StaticResolver, claims, clock, make_settings
-from tests.unit.test_attacks import OWNED, PROVIDER, RULES, assert_well_formed, check, response_headers
+from tests.support.tokens import NOW, Keys, StaticResolver, claims, clock, make_settings
 
 CheckRequest = external_auth_pb2.CheckRequest
 HttpRequest = attribute_context_pb2.AttributeContext.HttpRequest

@@ -14,7 +14,7 @@ from ext_authz.identity import Verifier, parse_token
 from ext_authz.model import Credential
 from ext_authz.sources import HeaderToken, ParamToken, TokenSource
 from tests.support.idp import hmac_token, tamper_signature, unsigned_token
-from tests.unit.conftest import (
+from tests.support.tokens import (
     ISSUER,
     NOW,
     Keys,

@@ -18,7 +18,7 @@ from ext_authz.keys.fetch import FetchError, decode_json
 from ext_authz.keys.jwks import JWKSError, KeySet, parse_jwks
 from tests.support.idp import b64url, public_jwk
 from tests.support.keys_fetch import IDP_KEY_SETS, idp_jwks, rsa_key
-from tests.unit.conftest import Keys
+from tests.support.tokens import Keys
 
 PROPERTY = settings(
     max_examples=150,

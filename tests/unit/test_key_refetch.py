@@ -20,8 +20,8 @@ from ext_authz.config.model import JwksCacheSettings
 from ext_authz.keys.cache import CachedDocument, CacheKey, Rejected, SharedKeyCache, cache_key
 from ext_authz.keys.fetch import FetchError
 from tests.support.idp import SigningKey
-from tests.unit.conftest import ISSUER, Keys
-from tests.unit.test_key_store import JWKS_URI, Clock, ScriptedFetcher, jwks, make, memory_cache, started
+from tests.support.keystore import JWKS_URI, Clock, ScriptedFetcher, jwks, make, memory_cache, started
+from tests.support.tokens import ISSUER, Keys
 
 
 class RunningClock(Clock):

@@ -5,83 +5,26 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import ssl
-from collections.abc import Callable
-from typing import Any
 
 import pytest
 
 from ext_authz import errors
-from ext_authz.config.model import JwksCacheSettings, ProviderSettings
+from ext_authz.config.model import JwksCacheSettings
 from ext_authz.keys.cache import CachedDocument, SharedKeyCache, cache_key
-from ext_authz.keys.fetch import Document, FetchError
+from ext_authz.keys.fetch import FetchError
 from ext_authz.keys.store import ProviderKeys
 from tests.support.idp import SigningKey, generate_key
-from tests.unit.conftest import ISSUER, NOW, Keys, make_settings
-
-JWKS_URI = "https://idp.example.com/jwks"
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = NOW
-
-    def __call__(self) -> float:
-        return self.now
-
-
-class ScriptedFetcher:
-    """Serves whatever ``document`` is (a JWKS dict, a FetchError to raise, or a callable)."""
-
-    def __init__(self, document: object) -> None:
-        self.document = document
-        self.max_age: float | None = None
-        self.delay = 0.0
-        self.jwks_fetches = 0
-        self.discoveries = 0
-        self.allow_insecure_http: list[bool] = []  # the flag each call was given
-
-    async def get_json(self, url: str, *, ssl_context: ssl.SSLContext, allow_insecure_http: bool) -> Document:
-        self.jwks_fetches += 1
-        self.allow_insecure_http.append(allow_insecure_http)
-        document = self.document  # what the IdP publishes when the request reaches it
-        if self.delay:
-            await asyncio.sleep(self.delay)
-        if isinstance(document, FetchError):
-            raise document
-        return Document(document, self.max_age)
-
-    async def discover_jwks_uri(
-        self, issuer: str, *, ssl_context: ssl.SSLContext, allow_insecure_http: bool
-    ) -> str:
-        self.discoveries += 1
-        self.allow_insecure_http.append(allow_insecure_http)
-        return JWKS_URI
-
-
-def provider(**policy: Any) -> ProviderSettings:
-    return make_settings(provider={"jwks_uri": JWKS_URI, **policy}).providers[0]
-
-
-def jwks(*keys: SigningKey) -> dict[str, Any]:
-    return {"keys": [k.jwk() for k in keys]}
-
-
-def make(
-    fetcher: ScriptedFetcher,
-    clock: Clock,
-    cache: SharedKeyCache | None = None,
-    on_change: Callable[[], None] = lambda: None,
-    **policy: Any,
-) -> ProviderKeys:
-    return ProviderKeys(
-        provider(**policy), fetcher, cache, clock=clock, on_change=on_change, jitter=lambda low, high: high
-    )
-
-
-async def started(keys: ProviderKeys) -> ProviderKeys:
-    assert await keys._refresh(from_idp=True) in ("installed", "failed")
-    return keys
+from tests.support.keystore import (
+    JWKS_URI,
+    Clock,
+    ScriptedFetcher,
+    jwks,
+    make,
+    memory_cache,
+    provider,
+    started,
+)
+from tests.support.tokens import ISSUER, NOW, Keys
 
 
 async def test_first_fetch_and_lookup(keys: Keys) -> None:
@@ -248,10 +191,6 @@ async def test_on_change_is_called(keys: Keys) -> None:
 
 
 # ---- the shared cache ----
-
-
-def memory_cache() -> SharedKeyCache:
-    return SharedKeyCache(JwksCacheSettings())
 
 
 async def test_second_process_adopts_the_shared_document(keys: Keys) -> None:

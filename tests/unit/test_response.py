@@ -13,7 +13,7 @@ from ext_authz.config.model import DEFAULT_RULE
 from ext_authz.model import Credential, Principal, Request
 from ext_authz.response import Answers, header_value, is_safe_header_value, underscore_spellings
 from ext_authz.sources import CookieToken, HeaderToken, ParamToken, TokenSource
-from tests.unit.conftest import make_settings
+from tests.support.tokens import make_settings
 
 CLAIM_HEADERS = [
     {"header": "x-user-id", "claim": "sub"},

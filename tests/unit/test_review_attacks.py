@@ -14,8 +14,8 @@ from ext_authz.config.rules import claims_used
 from ext_authz.model import Allow, Deny, Request
 from ext_authz.paths import path_readings
 from ext_authz.pipeline import Pipeline
-from tests.unit.conftest import StaticResolver, clock, make_settings
-from tests.unit.test_attacks import Forge
+from tests.support.attacks import Forge
+from tests.support.tokens import StaticResolver, clock, make_settings
 
 
 @pytest.fixture
