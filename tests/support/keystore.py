@@ -76,7 +76,7 @@ def make(
 
 
 async def started(keys: ProviderKeys) -> ProviderKeys:
-    assert await keys._refresh(from_idp=True) in ("installed", "failed")
+    assert await keys.refresh(from_idp=True) in ("installed", "failed")
     return keys
 
 

@@ -39,7 +39,7 @@ async def test_requests_wait_for_the_first_fetch(keys: Keys) -> None:
     fetcher = ScriptedFetcher(jwks(keys.rsa))
     fetcher.delay = 0.05
     store = make(fetcher, Clock())
-    store._refresh(from_idp=True)  # as start() does
+    store.refresh(from_idp=True)  # as start() does
     assert (await store.key_for("rsa-1", "RS256")).kid == "rsa-1"
     assert fetcher.jwks_fetches == 1
 
@@ -113,14 +113,14 @@ async def test_failed_refresh_keeps_good_keys_until_max_stale(keys: Keys) -> Non
     for failure in failures:
         fetcher.document = failure
         clock.now += 10
-        assert await store._refresh(from_idp=True) == "failed"
+        assert await store.refresh(from_idp=True) == "failed"
         assert (await store.key_for("rsa-1", "RS256")).kid == "rsa-1"
     clock.now += 51  # 101 s after the last good fetch
     assert not store.usable()
     with pytest.raises(errors.KeysUnavailable):
         await store.key_for("rsa-1", "RS256")
     fetcher.document = jwks(keys.rsa)
-    assert await store._refresh(from_idp=True) == "installed"
+    assert await store.refresh(from_idp=True) == "installed"
     assert store.usable()
 
 
@@ -155,7 +155,7 @@ async def test_removed_key_stops_at_next_refresh(keys: Keys) -> None:
     fetcher = ScriptedFetcher(jwks(keys.rsa, keys.ec))
     store = await started(make(fetcher, Clock(), refetch_min_interval_seconds=3600))
     fetcher.document = jwks(keys.ec)
-    assert await store._refresh(from_idp=True) == "installed"
+    assert await store.refresh(from_idp=True) == "installed"
     with pytest.raises(errors.UnknownKey):
         await store.key_for("rsa-1", "RS256")
 
@@ -170,7 +170,7 @@ async def test_refresh_schedule_honours_cache_control(
     fetcher = ScriptedFetcher(jwks(keys.rsa))
     fetcher.max_age = max_age
     store = await started(make(fetcher, Clock()))
-    assert store._next_refresh_at - NOW == expected
+    assert store.next_refresh_at - NOW == expected
 
 
 async def test_discovery_runs_on_every_fetch(keys: Keys) -> None:
@@ -178,7 +178,7 @@ async def test_discovery_runs_on_every_fetch(keys: Keys) -> None:
     fetcher = ScriptedFetcher(jwks(keys.rsa))
     store = ProviderKeys(p, fetcher, None, clock=Clock(), on_change=lambda: None)
     await started(store)
-    await store._refresh(from_idp=True)
+    await store.refresh(from_idp=True)
     assert fetcher.discoveries == 2 and fetcher.jwks_fetches == 2
 
 
@@ -210,7 +210,7 @@ async def test_waits_for_the_lock_holder_then_adopts(keys: Keys) -> None:
     assert await cache.acquire("lock", key, 5) is True  # another process is fetching
     fetcher = ScriptedFetcher(jwks(keys.rsa))
     store = make(fetcher, clock, cache, fetch_timeout_seconds=2)
-    refresh = asyncio.ensure_future(store._refresh(from_idp=True))
+    refresh = asyncio.ensure_future(store.refresh(from_idp=True))
     await asyncio.sleep(0.12)
     await cache.put(key, CachedDocument(jwks(keys.rsa), clock() + 1, None), ttl_seconds=60)
     assert await refresh == "installed"
