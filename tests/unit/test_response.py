@@ -53,9 +53,12 @@ def test_values() -> None:
     assert header_value(None) is None
     assert claim_value({"a": {"b": ["x"]}}, ("a", "b")) == ["x"]
     assert claim_value({"a": "s"}, ("a", "b")) is None
-    for unsafe in ("a\r\nx-admin: 1", "a\nb", "a\x00", "a\x7f", "a\tb", " a", "x" * 9000):
-        assert not is_safe_header_value(unsafe)
     assert is_safe_header_value("Zoë, a@b.c")
+
+
+@pytest.mark.parametrize("unsafe", ["a\r\nx-admin: 1", "a\nb", "a\x00", "a\x7f", "a\tb", " a", "x" * 9000])
+def test_unsafe_header_values(unsafe: str) -> None:
+    assert not is_safe_header_value(unsafe)
 
 
 def test_allow_sets_claims_and_strips_forgeries() -> None:
