@@ -33,6 +33,7 @@ from ext_authz._proto.envoy.service.auth.v3 import (
 )
 from ext_authz.dev.errors import DevIssuerError
 from ext_authz.dev.plan import render_envoy_config, stack_plan
+from ext_authz.jws import b64url
 from tests.support.processes import ManagedProcess, start_ext_authz
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -80,7 +81,7 @@ def unverified(token: str) -> tuple[dict[str, Any], dict[str, Any]]:
 def rfc7638_thumbprint(jwk: dict[str, Any]) -> str:
     members = {"crv": jwk["crv"], "kty": jwk["kty"], "x": jwk["x"], "y": jwk["y"]}
     digest = hashlib.sha256(json.dumps(members, separators=(",", ":"), sort_keys=True).encode()).digest()
-    return base64.urlsafe_b64encode(digest).rstrip(b"=").decode()
+    return b64url(digest)
 
 
 @dataclass

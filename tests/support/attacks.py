@@ -22,6 +22,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 from cryptography.x509.oid import NameOID
 from jwt.algorithms import get_default_algorithms
 
+from ext_authz import jws
 from ext_authz._proto.envoy.config.core.v3 import base_pb2
 from ext_authz._proto.envoy.service.auth.v3 import attribute_context_pb2, external_auth_pb2
 from ext_authz.compiled import compile
@@ -217,9 +218,7 @@ class Forge:
     def raw(self, header_json: str, payload_json: str, key: SigningKey | None = None) -> str:
         """Signed over exactly these JSON texts (duplicate members, odd numbers, ...)."""
         key = key or self.keys.rsa
-        signing_input = f"{b64url(header_json.encode())}.{b64url(payload_json.encode())}"
-        signature = get_default_algorithms()[key.alg].sign(signing_input.encode(), key.private_key)
-        return f"{signing_input}.{b64url(signature)}"
+        return jws.sign(header_json.encode(), payload_json.encode(), key.private_key, key.alg)
 
     def unsigned(self, header: Mapping[str, Any], signature: bytes = b"", **claim: Any) -> str:
         return f"{json_segment(dict(header))}.{json_segment(self.claims(**claim))}.{b64url(signature)}"
@@ -316,6 +315,8 @@ def nested_token(f: Forge, outer: SigningKey | None) -> str:
 
 
 def unencoded_payload_token(f: Forge, *, crit: bool) -> str:
+    """RFC 7797 `b64: false`: the signature covers the payload unencoded, which no compact-JWS
+    signer (ext_authz.jws.sign included) produces, so it is built by hand."""
     header = {"alg": "RS256", "kid": "rsa-1", "b64": False, **({"crit": ["b64"]} if crit else {})}
     payload = json.dumps(f.claims())
     head = json_segment(header)

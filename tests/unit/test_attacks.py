@@ -21,9 +21,8 @@ from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
-from jwt.algorithms import get_default_algorithms
 
-from ext_authz import errors
+from ext_authz import errors, jws
 from ext_authz._proto.envoy.service.auth.v3 import attribute_context_pb2
 from ext_authz.compiled import compile
 from ext_authz.identity import parse_token
@@ -44,13 +43,12 @@ from tests.support.attacks import (
     challenge_params,
     check,
     check_request,
-    json_segment,
     jwe_token,
     nested_token,
     response_headers,
     unencoded_payload_token,
 )
-from tests.support.idp import SigningKey, b64url, b64url_decode
+from tests.support.idp import SigningKey, b64url_decode
 from tests.support.tokens import ISSUER, NOW, Keys, StaticResolver, claims, clock, make_settings
 
 
@@ -110,11 +108,8 @@ def _pad_to(f: Forge, size: int) -> str:
 
 def _none_with_real_signature(f: Forge) -> str:
     """alg none, yet carrying the issuer's genuine RS256 signature of exactly these bytes."""
-    unsigned = f.unsigned({"alg": "none", "kid": "rsa-1"})
-    signing_input = unsigned.rsplit(".", 1)[0].encode()
-    return f.with_signature(
-        unsigned, get_default_algorithms()["RS256"].sign(signing_input, f.keys.rsa.private_key)
-    )
+    header = json.dumps({"alg": "none", "kid": "rsa-1"}).encode()
+    return jws.sign(header, json.dumps(f.claims()).encode(), f.keys.rsa.private_key, "RS256")
 
 
 def _unsigned(alg: str, signature: bytes) -> Make:
@@ -507,10 +502,7 @@ def _one_mod_four(token: str) -> str:
 
 
 def _raw_segments(f: Forge, payload: bytes) -> str:
-    head = json_segment(f.header(f.keys.rsa))
-    signing_input = f"{head}.{b64url(payload)}"
-    signature = get_default_algorithms()["RS256"].sign(signing_input.encode(), f.keys.rsa.private_key)
-    return f"{signing_input}.{b64url(signature)}"
+    return jws.sign(json.dumps(f.header(f.keys.rsa)).encode(), payload, f.keys.rsa.private_key, "RS256")
 
 
 REQUEST_CASES = [

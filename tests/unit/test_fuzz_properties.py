@@ -26,6 +26,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from ext_authz import jws
 from ext_authz._proto.envoy.config.core.v3 import base_pb2
 from ext_authz._proto.envoy.service.auth.v3 import attribute_context_pb2, external_auth_pb2
 from ext_authz.compiled import compile
@@ -206,13 +207,8 @@ def valid_tokens(draw: st.DrawFn, keys: Keys) -> str:
 
 
 def sign(header: Mapping[str, Any], payload: Mapping[str, Any], key: SigningKey) -> str:
-    from jwt.algorithms import get_default_algorithms
-
-    signing_input = (
-        f"{b64url(json.dumps(header).encode())}.{b64url(json.dumps(payload, ensure_ascii=False).encode())}"
-    )
-    signature = get_default_algorithms()[key.alg].sign(signing_input.encode(), key.private_key)
-    return f"{signing_input}.{b64url(signature)}"
+    body = json.dumps(payload, ensure_ascii=False).encode()
+    return jws.sign(json.dumps(header).encode(), body, key.private_key, key.alg)
 
 
 def decodes_to(segment: str) -> bytes | None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import base64
 import json
 from typing import Any
 
@@ -11,6 +10,7 @@ import pytest
 from ext_authz import errors
 from ext_authz.config.model import Settings
 from ext_authz.identity import Verifier, parse_token
+from ext_authz.jws import b64url
 from ext_authz.model import Credential
 from ext_authz.sources import HeaderToken, ParamToken, TokenSource
 from tests.support.idp import hmac_token, tamper_signature, unsigned_token
@@ -49,7 +49,7 @@ async def rejected(resolver: StaticResolver, token: str, s: Settings | None = No
 
 
 def segment(value: Any) -> str:
-    return base64.urlsafe_b64encode(json.dumps(value).encode()).rstrip(b"=").decode()
+    return b64url(json.dumps(value).encode())
 
 
 @pytest.mark.parametrize("family", ["rsa", "ec", "ed"])
@@ -277,7 +277,7 @@ async def test_bad_signature_encodings(resolver: StaticResolver, keys: Keys, min
     head, payload, _ = mint(keys.ec).split(".")
     for signature in ("", "AAAA", "A" * 86, segment({"r": 0})):
         assert isinstance(await rejected(resolver, f"{head}.{payload}.{signature}"), errors.InvalidToken)
-    zero = base64.urlsafe_b64encode(bytes(64)).rstrip(b"=").decode()  # r = s = 0
+    zero = b64url(bytes(64))  # r = s = 0
     assert type(await rejected(resolver, f"{head}.{payload}.{zero}")) is errors.BadSignature
 
 
