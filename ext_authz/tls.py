@@ -61,7 +61,7 @@ class ServerTls:
         # The stubs say the fetcher returns a configuration; grpc documents None as "no change".
         return grpc.dynamic_ssl_server_credentials(
             self._config[1],
-            self._fetch,  # type: ignore[arg-type]
+            self.fetch,  # type: ignore[arg-type]
             require_client_authentication=self.mutual,
         )
 
@@ -72,7 +72,8 @@ class ServerTls:
             [(contents.private_key, contents.cert_chain)], root_certificates=contents.client_ca
         )
 
-    def _fetch(self) -> grpc.ServerCertificateConfiguration | None:
+    def fetch(self) -> grpc.ServerCertificateConfiguration | None:
+        """gRPC's certificate fetcher: the configuration once after each change, else None."""
         generation, config = self._config
         if generation == self._served_generation:
             return None  # unchanged: gRPC keeps the configuration it has

@@ -159,13 +159,17 @@ def unseal(secret: bytes, key: CacheKey, raw: str, *, not_after: float) -> Cache
 
 
 class SharedKeyCache:
-    def __init__(self, settings: JwksCacheSettings) -> None:
+    def __init__(self, settings: JwksCacheSettings, storage: Any = None) -> None:
+        """`storage`: an aiocache store to share instead of a new one for `settings` (a test's two
+        processes over one storage)."""
         self.backend = settings.backend
         # No secret (the memory backend, or redis built in code: the config requires one for it):
         # this process's random key, so that nothing another process stored is ever trusted.
         self._secret = settings.secret or _PROCESS_SECRET
         self._cache: Any
-        if settings.backend == "redis":
+        if storage is not None:
+            self._cache = storage
+        elif settings.backend == "redis":
             assert settings.url is not None
             self._cache = RedisCache(
                 namespace=NAMESPACE,
@@ -178,6 +182,11 @@ class SharedKeyCache:
             self._cache = SimpleMemoryCache(namespace=NAMESPACE, serializer=StringSerializer())
         self._broken_until = 0.0
         self.timeout_seconds = settings.timeout_seconds
+
+    @property
+    def storage(self) -> Any:
+        """The aiocache store the sealed documents are kept in."""
+        return self._cache
 
     def _timeout(self, budget: float | None) -> float:
         return self.timeout_seconds if budget is None else min(self.timeout_seconds, budget)
@@ -196,7 +205,8 @@ class SharedKeyCache:
             )
         self._broken_until = time.monotonic() + ERROR_BACKOFF_SECONDS
 
-    def _usable(self) -> bool:
+    def usable(self) -> bool:
+        """False while the cache backs off after an error (then every call is a miss or a no-op)."""
         return time.monotonic() >= self._broken_until
 
     async def get(
@@ -204,7 +214,7 @@ class SharedKeyCache:
     ) -> CachedDocument | Rejected | None:
         """The shared document for ``key``: None if there is none (or the cache is down),
         ``Rejected`` if there is one that must not be trusted (see ``unseal``)."""
-        if not self._usable():
+        if not self.usable():
             return None
         try:
             raw = await self._cache.get(f"doc:{key.digest}", timeout=self._timeout(budget))
@@ -222,7 +232,7 @@ class SharedKeyCache:
     async def put(
         self, key: CacheKey, document: CachedDocument, ttl_seconds: float, budget: float | None = None
     ) -> None:
-        if not self._usable():
+        if not self.usable():
             return
         try:
             raw = seal(self._secret, key, document)
@@ -239,7 +249,7 @@ class SharedKeyCache:
         self, marker: str, key: CacheKey, ttl_seconds: float, budget: float | None = None
     ) -> bool | None:
         """Set a short-lived marker if absent: True = ours, False = someone else's, None = cache down."""
-        if not self._usable():
+        if not self.usable():
             return None
         try:
             await self._cache.add(
@@ -253,7 +263,7 @@ class SharedKeyCache:
         return True
 
     async def release(self, marker: str, key: CacheKey, budget: float | None = None) -> None:
-        if not self._usable():
+        if not self.usable():
             return
         try:
             await self._cache.delete(f"{marker}:{key.digest}", timeout=self._timeout(budget))

@@ -142,7 +142,13 @@ class ProviderKeys:
         wait = self._next_attempt_at - self._clock()
         return int(min(BACKOFF_MAX_SECONDS, max(1, math.ceil(wait))))
 
-    def _current(self) -> KeySet:
+    @property
+    def next_refresh_at(self) -> float:
+        """When the next scheduled refresh is due (the store's clock); 0 before the first fetch."""
+        return self._next_refresh_at
+
+    def current(self) -> KeySet:
+        """The key set in use; KeysUnavailable when there is none or it is past max_stale."""
         keys = self._keys
         if keys is None or self._stale(self._clock()):
             raise KeysUnavailable(retry_after_seconds=self._retry_after())
@@ -151,14 +157,14 @@ class ProviderKeys:
     async def key_for(self, kid: str | None, alg: str) -> VerificationKey:
         if self._keys is None and self._inflight is not None:
             # The first fetch is under way (start-up): worth a bounded wait rather than a 503.
-            await self._bounded(self._refresh(from_idp=self._inflight_from_idp))
-        current = self._current()
+            await self._bounded(self.refresh(from_idp=self._inflight_from_idp))
+        current = self.current()
         candidates = current.candidates(kid, alg)
         if candidates or kid is None or self._static or any(k.kid == kid for k in current.keys):
             # A kid the set has for another algorithm is the wrong key type, not a new key: 401.
             return select_key(candidates, kid)
         waited = await self._idp.wait_for(kid, alg, deadlines.budget(self.policy.fetch_timeout_seconds))
-        candidates = self._current().candidates(kid, alg)
+        candidates = self.current().candidates(kid, alg)
         if candidates:
             return select_key(candidates, kid)
         if waited.verdict in ("fetched", "unknown"):
@@ -177,8 +183,9 @@ class ProviderKeys:
 
     # ---- fetching (single-flight) ----
 
-    def _refresh(self, *, from_idp: bool) -> asyncio.Future[Result]:
-        """Join the fetch under way when it goes as far as asked, else start one."""
+    def refresh(self, *, from_idp: bool) -> asyncio.Future[Result]:
+        """Join the fetch under way when it goes as far as asked, else start one. `from_idp`: fetch
+        from the IdP unless the shared cache has a newer document; False: only adopt a shared one."""
         if self._inflight is None or (from_idp and not self._inflight_from_idp):
             task = asyncio.create_task(self._do_refresh(from_idp), name=f"keys-{self.provider.name}")
             task.add_done_callback(self._refresh_done)
@@ -367,7 +374,7 @@ class ProviderKeys:
         """Begin the first fetch now (so that early requests can wait on it) and the refresh loop."""
         if self._static or self._task is not None:
             return
-        self._refresh(from_idp=True)
+        self.refresh(from_idp=True)
         self._task = asyncio.create_task(self.run(), name=f"keys-loop-{self.provider.name}")
 
     async def stop(self) -> None:
@@ -392,7 +399,7 @@ class ProviderKeys:
                 if delay > 0:
                     await asyncio.sleep(delay)
                     continue  # a rotation refetch may have moved the schedule meanwhile
-            result = await self._refresh(from_idp=True)
+            result = await self.refresh(from_idp=True)
             self.first_attempt.set()
             if result == "installed":
                 continue

@@ -11,8 +11,8 @@ from typing import Any, TypeVar
 from ext_authz.compiled import compile
 from ext_authz.keys.jwks import parse_jwks
 from ext_authz.pipeline import Pipeline
-from tests.unit.conftest import Keys, StaticResolver, claims, clock, make_settings, sign_raw
-from tests.unit.test_attacks import PROVIDER, RULES
+from tests.support.attacks import PROVIDER, RULES
+from tests.support.tokens import Keys, StaticResolver, claims, clock, make_settings, sign_raw
 
 T = TypeVar("T")
 

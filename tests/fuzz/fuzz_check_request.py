@@ -23,7 +23,7 @@ with atheris.instrument_imports(include=["ext_authz"]):
     from ext_authz.transport.adapter import to_request, to_response
     from ext_authz.transport.servicer import AuthorizationServicer
     from tests.fuzz.common import Fixture, write_seeds
-    from tests.unit.test_attacks import assert_well_formed, bearer, check, check_request
+    from tests.support.attacks import assert_well_formed, bearer, check, check_request
 
 FIXTURE = Fixture()
 SERVICER = AuthorizationServicer(FIXTURE.pipeline)

@@ -12,7 +12,6 @@ and dynamic metadata see arbitrary claims). A crash is any exception other than 
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import json
 import sys
@@ -23,12 +22,13 @@ from tests.fuzz.atheris_loader import atheris
 with atheris.instrument_imports(include=["ext_authz"]):
     from ext_authz import errors
     from ext_authz.identity import parse_token
+    from ext_authz.jws import b64url
     from ext_authz.model import Credential, Request
     from ext_authz.sources import HeaderToken
     from ext_authz.transport.adapter import to_response
     from tests.fuzz.common import Fixture, write_seeds
-    from tests.unit.conftest import sign_raw
-    from tests.unit.test_attacks import assert_well_formed
+    from tests.support.attacks import assert_well_formed
+    from tests.support.tokens import sign_raw
 
 FIXTURE = Fixture()
 MAX_TOKEN_BYTES = FIXTURE.settings.max_token_bytes
@@ -37,10 +37,6 @@ SIGNED_PARTS = frozenset(t.rsplit(".", 1)[0] for t in FIXTURE.valid_tokens)
 HEADER = {"alg": "RS256", "typ": "JWT", "kid": FIXTURE.keys.rsa.kid}
 MODES = 5
 SIGNED = 4
-
-
-def _b64url(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
 
 
 def token_from(data: bytes) -> tuple[int, str]:
@@ -61,7 +57,7 @@ def token_from(data: bytes) -> tuple[int, str]:
         header = fdp.ConsumeUnicodeNoSurrogates(fdp.ConsumeIntInRange(0, 300))
         payload = fdp.ConsumeUnicodeNoSurrogates(fdp.ConsumeIntInRange(0, 600))
         signature = fdp.ConsumeBytes(fdp.ConsumeIntInRange(0, 600))
-        return mode, ".".join([_b64url(header.encode()), _b64url(payload.encode()), _b64url(signature)])
+        return mode, ".".join([b64url(header.encode()), b64url(payload.encode()), b64url(signature)])
     # Issuer-signed arbitrary claims: lone surrogates, huge integers and 1e400 must all be answered.
     payload = body.decode("utf-8", "replace")
     return mode, sign_raw(HEADER, payload, FIXTURE.keys.rsa)

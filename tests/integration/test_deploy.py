@@ -32,7 +32,6 @@ import shlex
 import subprocess
 import urllib.parse
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -43,29 +42,25 @@ import yaml
 
 from ext_authz import cli
 from ext_authz.dev.plan import render_envoy_config, stack_plan
+from tests.support.deploy import (
+    DEPLOY,
+    KUBERNETES_VERSION,
+    KUSTOMIZATIONS,
+    REPO_ROOT,
+    Kustomization,
+    document,
+    documents,
+)
 from tests.support.envoy import validate_config
 from tests.support.keys_shared import with_test_secrets
 from tests.support.processes import venv_binary
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-DEPLOY = REPO_ROOT / "deploy"
 DOCKERFILE = DEPLOY / "Dockerfile"
 COMPOSE = DEPLOY / "docker-compose.yml"
-KUBERNETES_VERSION = "1.37"
-KUSTOMIZATIONS = {"base": DEPLOY / "kubernetes", "sidecar": DEPLOY / "kubernetes" / "sidecar"}
 REDIS_COMPONENT = DEPLOY / "kubernetes" / "redis-cache"  # a kustomize Component of the base
 ISTIO = DEPLOY / "istio"
 NOT_SCANNED = {".git", ".venv", "node_modules", "__pycache__", ".mypy_cache", ".ruff_cache", ".pytest_cache"}
 NOT_SCANNED |= {"build", "dist", ".ext-authz-dev"}
-
-
-def documents(path: Path) -> list[dict[str, Any]]:
-    return [d for d in yaml.safe_load_all(path.read_text(encoding="utf-8")) if d is not None]
-
-
-def document(path: Path) -> dict[str, Any]:
-    [only] = documents(path)
-    return only
 
 
 # ---- Dockerfile --------------------------------------------------------------------------------
@@ -249,49 +244,6 @@ def test_compose_redis_is_locked_down_and_ext_authz_has_its_secrets() -> None:
 
 
 # ---- Kubernetes --------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Kustomization:
-    directory: Path
-
-    @property
-    def spec(self) -> dict[str, Any]:
-        return document(self.directory / "kustomization.yaml")
-
-    def resources(self) -> list[tuple[Path, dict[str, Any]]]:
-        return [
-            (self.directory / name, resource)
-            for name in self.spec.get("resources", [])
-            for resource in documents(self.directory / name)
-        ]
-
-    def generated(self) -> dict[str, dict[str, Path]]:
-        """ConfigMap name -> {key: file} for each configMapGenerator entry."""
-        return {
-            entry["name"]: {Path(f).name: self.directory / f for f in entry.get("files", [])}
-            for entry in self.spec.get("configMapGenerator", [])
-        }
-
-    def objects(self) -> list[dict[str, Any]]:
-        """Every object `kubectl apply -k` would send, the generated ConfigMaps included."""
-        config_maps = [
-            {
-                "apiVersion": "v1",
-                "kind": "ConfigMap",
-                "metadata": {"name": name},
-                "data": {key: file.read_text(encoding="utf-8") for key, file in files.items()},
-            }
-            for name, files in self.generated().items()
-        ]
-        return [resource for _, resource in self.resources()] + config_maps
-
-    def of_kind(self, kind: str) -> list[dict[str, Any]]:
-        return [o for o in self.objects() if o["kind"] == kind]
-
-    def one(self, kind: str) -> dict[str, Any]:
-        [only] = self.of_kind(kind)
-        return only
 
 
 def pod_containers(deployment: dict[str, Any]) -> list[dict[str, Any]]:

@@ -26,7 +26,7 @@ import pytest
 import yaml
 
 from ext_authz import cli
-from tests.integration.test_deploy import (
+from tests.support.deploy import (
     DEPLOY,
     KUBERNETES_VERSION,
     KUSTOMIZATIONS,

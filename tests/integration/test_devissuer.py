@@ -31,11 +31,9 @@ from ext_authz._proto.envoy.service.auth.v3 import (
     external_auth_pb2,
     external_auth_pb2_grpc,
 )
-from ext_authz.dev.errors import DevIssuerError
-from ext_authz.dev.plan import render_envoy_config, stack_plan
+from ext_authz.jws import b64url
 from tests.support.processes import ManagedProcess, start_ext_authz
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 OK, PERMISSION_DENIED, UNAUTHENTICATED = 0, 7, 16
 
 
@@ -80,7 +78,7 @@ def unverified(token: str) -> tuple[dict[str, Any], dict[str, Any]]:
 def rfc7638_thumbprint(jwk: dict[str, Any]) -> str:
     members = {"crv": jwk["crv"], "kty": jwk["kty"], "x": jwk["x"], "y": jwk["y"]}
     digest = hashlib.sha256(json.dumps(members, separators=(",", ":"), sort_keys=True).encode()).digest()
-    return base64.urlsafe_b64encode(digest).rstrip(b"=").decode()
+    return b64url(digest)
 
 
 @dataclass
@@ -267,18 +265,3 @@ def test_mint_warns_when_an_expired_token_is_still_within_ext_authz_leeway(
     assert status == 0
     assert "clock_skew_seconds" in err
     assert out.count(".") == 2  # the token alone on standard output
-
-
-def test_stack_ports_default_to_the_repository_configs() -> None:
-    envoy = yaml.safe_load((REPO_ROOT / "envoy.yaml").read_text())
-    authz = yaml.safe_load((REPO_ROOT / "deploy/local/ext-authz.yaml").read_text())
-
-    plan = stack_plan(envoy, authz, {})
-    moved = stack_plan(envoy, authz, {"RUN_ENVOY_PORT": "18000", "RUN_HOST": "127.0.0.1"})
-
-    assert (plan.envoy_port, plan.admin_port, plan.authz_port, plan.backend_port) == (8000, 9901, 9001, 8080)
-    assert (plan.issuer_port, plan.listener_host) == (8999, "0.0.0.0")
-    assert render_envoy_config(envoy, plan) == envoy  # defaults: envoy.yaml as it is
-    assert (moved.envoy_port, moved.listener_host, moved.authz_port) == (18000, "127.0.0.1", 9001)
-    with pytest.raises(DevIssuerError, match="RUN_AUTHZ_PORT"):
-        stack_plan(envoy, authz, {"RUN_AUTHZ_PORT": "ninety"})

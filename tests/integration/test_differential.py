@@ -30,14 +30,14 @@ import pytest
 import yaml
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa, utils
-from jwt.algorithms import get_default_algorithms
 
+from ext_authz import jws
 from ext_authz.dev.plan import envoy_binary
+from tests.support.attacks import P256_ORDER
 from tests.support.echo import EchoBackend
 from tests.support.envoy import LISTENER_NAME, TRACE_HEADER, envoy_config, send
 from tests.support.idp import SigningKey, b64url, b64url_decode, public_jwk, tamper_signature
 from tests.support.processes import DEFAULT_READY_TIMEOUT, ExtAuthzProcess, ManagedProcess, start_ext_authz
-from tests.unit.test_attacks import P256_ORDER
 
 ISSUER = "https://idp.example.com/"
 AUDIENCE = "api"
@@ -105,9 +105,7 @@ class Minter:
 
     def raw(self, header: str, payload: str, key: SigningKey | None = None) -> str:
         key = key or self.keys.rs
-        signing_input = f"{b64url(header.encode())}.{b64url(payload.encode())}"
-        signature = get_default_algorithms()[key.alg].sign(signing_input.encode(), key.private_key)
-        return f"{signing_input}.{b64url(signature)}"
+        return jws.sign(header.encode(), payload.encode(), key.private_key, key.alg)
 
     def payload_text(self, **raw: str) -> str:
         """The default claims as JSON text with members set to raw JSON text (duplicates allowed)."""

@@ -30,12 +30,12 @@ from typing import Any
 import pytest
 import yaml
 
+from tests.support.attacks import P256_ORDER, Forge, jwe_token, nested_token, unencoded_payload_token
 from tests.support.echo import EchoBackend
 from tests.support.envoy import TRACE_HEADER, EnvoyProcess, Exchange, send, start_envoy
 from tests.support.idp import JWKS_PATH, TestIssuer, b64url, b64url_decode
 from tests.support.processes import DEFAULT_READY_TIMEOUT, ProcessError, json_log_line, venv_python
-from tests.unit.conftest import Keys
-from tests.unit.test_attacks import P256_ORDER, Forge, jwe_token, nested_token, unencoded_payload_token
+from tests.support.tokens import Keys
 
 AUDIENCE = "api"
 GUARDED_HOSTS = ["admin.example.com", "[2001:db8::1]"]  # rules[0]: a hosts rule before /public/*

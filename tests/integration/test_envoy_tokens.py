@@ -11,8 +11,8 @@ from typing import Any
 
 import pytest
 import yaml
-from jwt.algorithms import get_default_algorithms
 
+from ext_authz import jws
 from tests.support.echo import EchoBackend
 from tests.support.envoy import AUTHZ_METADATA_HEADER, Exchange, Gateway, start_envoy
 from tests.support.idp import TestIssuer, b64url
@@ -150,10 +150,8 @@ def signed_with_header(issuer: TestIssuer, header: dict[str, Any]) -> str:
     """A token validly signed over its encoded payload, with these header members as given
     (PyJWT would drop `b64: true` and detach the payload for `b64: false`)."""
     key = issuer.key()
-    head = b64url(json.dumps({"alg": key.alg, "kid": key.kid, "typ": "JWT", **header}).encode())
-    body = b64url(json.dumps(issuer.claims()).encode())
-    signature = get_default_algorithms()[key.alg].sign(f"{head}.{body}".encode(), key.private_key)
-    return f"{head}.{body}.{b64url(signature)}"
+    head = json.dumps({"alg": key.alg, "kid": key.kid, "typ": "JWT", **header}).encode()
+    return jws.sign(head, json.dumps(issuer.claims()).encode(), key.private_key, key.alg)
 
 
 @pytest.mark.parametrize(

@@ -127,7 +127,7 @@ async def test_provider_keys_over_the_slow_idp_verify_tokens(
     for idp_name in IDP_KEY_SETS:
         expected = idp_jwks(idp_name)
         idp.reply("/keys", json_reply(expected.document, framing=framing))
-        assert await keys._refresh(from_idp=True) == "installed", (idp_name, keys.stats.fetches)
+        assert await keys.refresh(from_idp=True) == "installed", (idp_name, keys.stats.fetches)
         for kid, private in expected.signing.items():
             key = await keys.key_for(kid, "RS256")
             token = jwt.encode({"sub": "alice"}, private, algorithm="RS256", headers={"kid": kid})
@@ -202,11 +202,11 @@ async def test_a_body_that_never_ends_is_bounded_by_the_fetch_timeout(
     idp.reply("/keys", Reply(body=body, content_length=len(body) + 10, hang=True))
     keys = provider_keys(idp, fetcher, jwks_uri=idp.url + "/keys", fetch_timeout_seconds=0.3)
     started = time.monotonic()
-    assert await keys._refresh(from_idp=True) == "failed"
+    assert await keys.refresh(from_idp=True) == "failed"
     assert time.monotonic() - started < 1.5
     assert keys.stats.fetches["timeout"] == 1
     idp.reply("/keys", Reply(body=body))
-    assert await keys._refresh(from_idp=True) == "installed"
+    assert await keys.refresh(from_idp=True) == "installed"
 
 
 # ---- item 5 through the whole server ------------------------------------------------------------
@@ -361,7 +361,7 @@ async def test_the_providers_allow_insecure_http_decides_each_hop(
         keys = provider_keys(
             idp, fetcher, jwks_uri=idp.url + "/keys", allow_insecure_http=allow_insecure_http
         )
-        result = await keys._refresh(from_idp=True)
+        result = await keys.refresh(from_idp=True)
         if allow_insecure_http:
             assert result == "installed"
             assert elsewhere.counts == {"/keys": 1}

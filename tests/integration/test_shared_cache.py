@@ -348,10 +348,10 @@ async def test_a_planted_key_set_is_rejected_counted_and_the_idp_keys_used(
     keys = ProviderKeys(p, fetcher, cache, clock=time.time, on_change=lambda: None)
     try:
         started = time.monotonic()
-        assert await keys._refresh(from_idp=True) == "installed"
+        assert await keys.refresh(from_idp=True) == "installed"
         elapsed = time.monotonic() - started
 
-        installed = keys._current()
+        installed = keys.current()
         assert installed.candidates(attacker.kid, "RS256") == ()
         [genuine] = installed.candidates(issuer.default_kid, "RS256")
         assert genuine.key.public_numbers() == issuer.key().public_key.public_numbers()  # type: ignore[union-attr]
@@ -496,6 +496,6 @@ async def test_an_acl_user_limited_to_the_cache_keys_and_commands_the_readme_lis
         assert await cache.acquire("lock", key, 5) is False
         await cache.release("lock", key)
         assert await cache.acquire("lock", key, 5) is True
-        assert cache._usable(), "a command the ACL refused made the cache back off"
+        assert cache.usable(), "a command the ACL refused made the cache back off"
     finally:
         await cache.close()

@@ -38,6 +38,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from jwt.algorithms import ECAlgorithm, OKPAlgorithm, RSAAlgorithm
 
+from ext_authz.jws import b64url as b64url
 from tests.support.httpserver import LoopbackHTTPServer
 
 PrivateKey = rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey
@@ -49,11 +50,6 @@ DEFAULT_AUDIENCE = "api"
 DEFAULT_SUBJECT = "alice"
 
 _kid_counter = itertools.count(1)
-
-
-def b64url(data: bytes) -> str:
-    """Base64url without padding (RFC 7515 §2)."""
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
 
 
 def b64url_decode(segment: str) -> bytes:

@@ -1,50 +1,18 @@
-"""Shared unit-test fixtures: a fixed clock, signing keys, and a config built around them."""
+"""Shared unit-test fixtures: signing keys, their key set and resolver, and a token minter.
+
+The helpers they build on live in tests/support/tokens.py; test modules import them from there.
+"""
 
 from __future__ import annotations
 
-import json
-from collections.abc import Callable, Mapping
-from typing import Any
-
 import pytest
-from jwt.algorithms import get_default_algorithms
 
-from ext_authz.config.model import Settings
-from ext_authz.config.parse import parse
-from ext_authz.errors import KeysUnavailable
-from ext_authz.keys.jwks import KeySet, VerificationKey, parse_jwks, select_key
-from tests.support.idp import SigningKey, b64url, generate_key
+from ext_authz.keys.jwks import KeySet, parse_jwks
+from tests.support.tokens import ISSUER, NOW, Keys, Mint, StaticResolver, clock, make_settings, minter
 
-# The unit tests' fixed clock. Nothing here reads the machine's clock: every stage under test gets
-# `clock` (tests/unit/test_fixed_clock.py runs the clock-dependent tests with the machine's clock
-# years before and after NOW), so the tests pass on any date.
-NOW = 1_800_000_000.0
-ISSUER = "https://idp.example.com/"
-
-
-class StaticResolver:
-    """A KeyResolver over fixed key sets; a provider missing from it has no keys."""
-
-    def __init__(self, sets: Mapping[str, KeySet]) -> None:
-        self.sets = dict(sets)
-
-    async def key_for(self, provider: str, kid: str | None, alg: str) -> VerificationKey:
-        if provider not in self.sets:
-            raise KeysUnavailable(retry_after_seconds=7)
-        return select_key(self.sets[provider].candidates(kid, alg), kid)
-
-
-class Keys:
-    """One key per algorithm family, created once per session (RSA generation is slow)."""
-
-    def __init__(self) -> None:
-        self.rsa = SigningKey("rsa-1", "RS256", generate_key("RS256"))
-        self.ec = SigningKey("ec-1", "ES256", generate_key("ES256"))
-        self.ed = SigningKey("ed-1", "EdDSA", generate_key("EdDSA"))
-        self.other_rsa = SigningKey("rsa-1", "RS256", generate_key("RS256"))  # same kid, not published
-
-    def jwks(self) -> dict[str, Any]:
-        return {"keys": [self.rsa.jwk(), self.ec.jwk(), self.ed.jwk()]}
+# Re-exported only for tests/unit/test_explain.py (owned by another branch), until it imports
+# them from tests.support.tokens like every other test module; then this list goes.
+__all__ = ["ISSUER", "NOW", "Keys", "Mint", "clock", "make_settings"]
 
 
 @pytest.fixture(scope="session")
@@ -62,56 +30,6 @@ def resolver(key_set: KeySet) -> StaticResolver:
     return StaticResolver({"idp": key_set})
 
 
-def clock() -> float:
-    return NOW
-
-
-def claims(**overrides: Any) -> dict[str, Any]:
-    base: dict[str, Any] = {
-        "iss": ISSUER,
-        "aud": "api",
-        "sub": "alice",
-        "iat": int(NOW) - 10,
-        "exp": int(NOW) + 300,
-    }
-    base.update(overrides)
-    return {k: v for k, v in base.items() if v is not None}
-
-
-Mint = Callable[..., str]
-
-
 @pytest.fixture
 def mint(keys: Keys) -> Mint:
-    def _mint(
-        key: SigningKey | None = None, headers: Mapping[str, Any] | None = None, **claim_overrides: Any
-    ) -> str:
-        key = key or keys.rsa
-        header = {"alg": key.alg, "typ": "JWT", "kid": key.kid, **(headers or {})}
-        return sign_raw(header, claims(**claim_overrides), key)
-
-    return _mint
-
-
-def sign_raw(header: Mapping[str, Any], payload: Mapping[str, Any] | str, key: SigningKey) -> str:
-    """A JWS built by hand, so a test controls every byte of the header and payload."""
-    body = payload if isinstance(payload, str) else json.dumps(payload)
-    signing_input = f"{b64url(json.dumps(header).encode())}.{b64url(body.encode())}"
-    signature = get_default_algorithms()[key.alg].sign(signing_input.encode(), key.private_key)
-    return f"{signing_input}.{b64url(signature)}"
-
-
-def make_settings(
-    *, provider: Mapping[str, Any] | None = None, rules: list[Any] | None = None, **top: Any
-) -> Settings:
-    p: dict[str, Any] = {
-        "name": "idp",
-        "issuer": ISSUER,
-        "audiences": ["api"],
-        "jwks_uri": "https://idp.example.com/jwks",
-    }
-    p.update(provider or {})
-    document: dict[str, Any] = {"providers": [p], **top}
-    if rules is not None:
-        document["rules"] = rules
-    return parse(document)
+    return minter(keys)

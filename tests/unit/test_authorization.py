@@ -15,7 +15,7 @@ from ext_authz.config.model import Settings
 from ext_authz.model import Credential, Principal, Request
 from ext_authz.paths import RequestView, host_name, normalise_path, path_readings
 from ext_authz.requirements import Context, cel_error_reason, evaluate, explain_requirement
-from tests.unit.conftest import make_settings
+from tests.support.tokens import make_settings
 
 
 @pytest.mark.parametrize(

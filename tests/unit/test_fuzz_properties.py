@@ -26,15 +26,16 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from ext_authz import jws
 from ext_authz._proto.envoy.config.core.v3 import base_pb2
 from ext_authz._proto.envoy.service.auth.v3 import attribute_context_pb2, external_auth_pb2
 from ext_authz.compiled import compile
 from ext_authz.keys.jwks import parse_jwks
 from ext_authz.pipeline import Pipeline
 from ext_authz.transport.servicer import AuthorizationServicer
+from tests.support.attacks import OWNED, PROVIDER, RULES, assert_well_formed, check, response_headers
 from tests.support.idp import SigningKey, b64url
-from tests.unit.conftest import NOW, Keys, StaticResolver, claims, clock, make_settings
-from tests.unit.test_attacks import OWNED, PROVIDER, RULES, assert_well_formed, check, response_headers
+from tests.support.tokens import NOW, Keys, StaticResolver, claims, clock, make_settings
 
 CheckRequest = external_auth_pb2.CheckRequest
 HttpRequest = attribute_context_pb2.AttributeContext.HttpRequest
@@ -206,13 +207,8 @@ def valid_tokens(draw: st.DrawFn, keys: Keys) -> str:
 
 
 def sign(header: Mapping[str, Any], payload: Mapping[str, Any], key: SigningKey) -> str:
-    from jwt.algorithms import get_default_algorithms
-
-    signing_input = (
-        f"{b64url(json.dumps(header).encode())}.{b64url(json.dumps(payload, ensure_ascii=False).encode())}"
-    )
-    signature = get_default_algorithms()[key.alg].sign(signing_input.encode(), key.private_key)
-    return f"{signing_input}.{b64url(signature)}"
+    body = json.dumps(payload, ensure_ascii=False).encode()
+    return jws.sign(json.dumps(header).encode(), body, key.private_key, key.alg)
 
 
 def decodes_to(segment: str) -> bytes | None:

@@ -4,7 +4,6 @@ parse_jwks, for any JSON document (hypothesis)."""
 
 from __future__ import annotations
 
-import base64
 import json
 import time
 from typing import Any
@@ -18,7 +17,7 @@ from ext_authz.keys.fetch import FetchError, decode_json
 from ext_authz.keys.jwks import JWKSError, KeySet, parse_jwks
 from tests.support.idp import b64url, public_jwk
 from tests.support.keys_fetch import IDP_KEY_SETS, idp_jwks, rsa_key
-from tests.unit.conftest import Keys
+from tests.support.tokens import Keys
 
 PROPERTY = settings(
     max_examples=150,
@@ -196,10 +195,6 @@ json_values = st.recursive(
 )
 
 
-def _b64(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
-
-
 # Members of real keys, so that examples also reach the key constructors with valid parts.
 _REAL = [
     public_jwk(rsa_key("hypothesis").public_key(), kid="r", alg="RS256"),
@@ -208,7 +203,7 @@ _REAL = [
 ]
 member_values = (
     json_values
-    | st.binary(min_size=0, max_size=300).map(_b64)  # base64url of random bytes, any length
+    | st.binary(min_size=0, max_size=300).map(b64url)  # base64url of random bytes, any length
     | st.sampled_from(["AQAB", "AQ", "", "=", "A", "AAAA====", "_-_-", "P-256", "Ed25519"])
     | st.sampled_from([jwk[m] for jwk in _REAL for m in ("n", "e", "x", "y") if m in jwk])
 )

@@ -120,8 +120,8 @@ async def test_the_memory_backend_round_trips_and_never_trusts_a_stranger() -> N
     await cache.put(KEY, DOCUMENT, ttl_seconds=60)
     assert await cache.get(KEY) == DOCUMENT
     assert await cache.get(KEY, not_after=NOW - 1) == Rejected("future")
-    stranger = SharedKeyCache(JwksCacheSettings("memory", None, 0.5, b"s" * 32))
-    stranger._cache = cache._cache  # the same storage, another secret
+    # the same storage, another secret
+    stranger = SharedKeyCache(JwksCacheSettings("memory", None, 0.5, b"s" * 32), storage=cache.storage)
     assert await stranger.get(KEY) == Rejected("unauthenticated")
     await cache.put(KEY, CachedDocument(JWKS, math.nan, None), ttl_seconds=60)  # not stored
     assert await cache.get(KEY) == DOCUMENT

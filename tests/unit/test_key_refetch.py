@@ -20,8 +20,8 @@ from ext_authz.config.model import JwksCacheSettings
 from ext_authz.keys.cache import CachedDocument, CacheKey, Rejected, SharedKeyCache, cache_key
 from ext_authz.keys.fetch import FetchError
 from tests.support.idp import SigningKey
-from tests.unit.conftest import ISSUER, Keys
-from tests.unit.test_key_store import JWKS_URI, Clock, ScriptedFetcher, jwks, make, memory_cache, started
+from tests.support.keystore import JWKS_URI, Clock, ScriptedFetcher, jwks, make, memory_cache, started
+from tests.support.tokens import ISSUER, Keys
 
 
 class RunningClock(Clock):
@@ -43,7 +43,7 @@ async def test_a_kid_seen_while_a_fetch_is_under_way_waits_for_the_next(keys: Ke
     fetcher = ScriptedFetcher(jwks(keys.rsa))
     store = await started(make(fetcher, Clock()))
     fetcher.delay = 0.05
-    routine = asyncio.ensure_future(store._refresh(from_idp=True))  # the IdP answers with the old set
+    routine = asyncio.ensure_future(store.refresh(from_idp=True))  # the IdP answers with the old set
     await asyncio.sleep(0.01)
     fetcher.document = jwks(keys.rsa, rotated(keys))  # published just after that fetch began
     assert (await store.key_for("rsa-2", "RS256")).kid == "rsa-2"
@@ -75,7 +75,7 @@ async def test_adopting_a_shared_document_never_makes_a_kid_unknown(keys: Keys) 
     )  # ... and A stored the pre-rotation set half a second ago
     fetcher.document = jwks(keys.rsa, rotated(keys))
     fetcher.delay = 0.1  # the IdP is slower than Redis: the adoption lands first
-    adopting = asyncio.ensure_future(worker_b._refresh(from_idp=True))
+    adopting = asyncio.ensure_future(worker_b.refresh(from_idp=True))
     await asyncio.sleep(0.01)
     assert (await worker_b.key_for("rsa-2", "RS256")).kid == "rsa-2"
     assert await adopting == "installed"
@@ -197,7 +197,7 @@ async def test_rotations_placed_right_after_a_fetch_never_get_a_401(keys: Keys, 
     store = await started(make(fetcher, RunningClock(), refetch_min_interval_seconds=0.2))
     with pytest.raises(errors.UnknownKey):
         await store.key_for("junk", "RS256")
-    routine = asyncio.ensure_future(store._refresh(from_idp=True))
+    routine = asyncio.ensure_future(store.refresh(from_idp=True))
     await asyncio.sleep(offset)
     fetcher.document = jwks(keys.rsa, rotated(keys))
     results = await asyncio.gather(
@@ -223,7 +223,7 @@ async def test_a_slow_fetch_never_replaces_a_fresher_adopted_set(keys: Keys) -> 
     await cache.put(
         cache_key(ISSUER, JWKS_URI), CachedDocument(jwks(rotated(keys)), clock.now, None), ttl_seconds=60
     )  # a peer fetched after the removal of rsa-1
-    assert await store._refresh(from_idp=False) == "installed"
+    assert await store.refresh(from_idp=False) == "installed"
     with pytest.raises(errors.UnknownKey):
         await junk
     with pytest.raises(errors.AuthError):

@@ -5,83 +5,26 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import ssl
-from collections.abc import Callable
-from typing import Any
 
 import pytest
 
 from ext_authz import errors
-from ext_authz.config.model import JwksCacheSettings, ProviderSettings
+from ext_authz.config.model import JwksCacheSettings
 from ext_authz.keys.cache import CachedDocument, SharedKeyCache, cache_key
-from ext_authz.keys.fetch import Document, FetchError
+from ext_authz.keys.fetch import FetchError
 from ext_authz.keys.store import ProviderKeys
 from tests.support.idp import SigningKey, generate_key
-from tests.unit.conftest import ISSUER, NOW, Keys, make_settings
-
-JWKS_URI = "https://idp.example.com/jwks"
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = NOW
-
-    def __call__(self) -> float:
-        return self.now
-
-
-class ScriptedFetcher:
-    """Serves whatever ``document`` is (a JWKS dict, a FetchError to raise, or a callable)."""
-
-    def __init__(self, document: object) -> None:
-        self.document = document
-        self.max_age: float | None = None
-        self.delay = 0.0
-        self.jwks_fetches = 0
-        self.discoveries = 0
-        self.allow_insecure_http: list[bool] = []  # the flag each call was given
-
-    async def get_json(self, url: str, *, ssl_context: ssl.SSLContext, allow_insecure_http: bool) -> Document:
-        self.jwks_fetches += 1
-        self.allow_insecure_http.append(allow_insecure_http)
-        document = self.document  # what the IdP publishes when the request reaches it
-        if self.delay:
-            await asyncio.sleep(self.delay)
-        if isinstance(document, FetchError):
-            raise document
-        return Document(document, self.max_age)
-
-    async def discover_jwks_uri(
-        self, issuer: str, *, ssl_context: ssl.SSLContext, allow_insecure_http: bool
-    ) -> str:
-        self.discoveries += 1
-        self.allow_insecure_http.append(allow_insecure_http)
-        return JWKS_URI
-
-
-def provider(**policy: Any) -> ProviderSettings:
-    return make_settings(provider={"jwks_uri": JWKS_URI, **policy}).providers[0]
-
-
-def jwks(*keys: SigningKey) -> dict[str, Any]:
-    return {"keys": [k.jwk() for k in keys]}
-
-
-def make(
-    fetcher: ScriptedFetcher,
-    clock: Clock,
-    cache: SharedKeyCache | None = None,
-    on_change: Callable[[], None] = lambda: None,
-    **policy: Any,
-) -> ProviderKeys:
-    return ProviderKeys(
-        provider(**policy), fetcher, cache, clock=clock, on_change=on_change, jitter=lambda low, high: high
-    )
-
-
-async def started(keys: ProviderKeys) -> ProviderKeys:
-    assert await keys._refresh(from_idp=True) in ("installed", "failed")
-    return keys
+from tests.support.keystore import (
+    JWKS_URI,
+    Clock,
+    ScriptedFetcher,
+    jwks,
+    make,
+    memory_cache,
+    provider,
+    started,
+)
+from tests.support.tokens import ISSUER, NOW, Keys
 
 
 async def test_first_fetch_and_lookup(keys: Keys) -> None:
@@ -96,7 +39,7 @@ async def test_requests_wait_for_the_first_fetch(keys: Keys) -> None:
     fetcher = ScriptedFetcher(jwks(keys.rsa))
     fetcher.delay = 0.05
     store = make(fetcher, Clock())
-    store._refresh(from_idp=True)  # as start() does
+    store.refresh(from_idp=True)  # as start() does
     assert (await store.key_for("rsa-1", "RS256")).kid == "rsa-1"
     assert fetcher.jwks_fetches == 1
 
@@ -170,14 +113,14 @@ async def test_failed_refresh_keeps_good_keys_until_max_stale(keys: Keys) -> Non
     for failure in failures:
         fetcher.document = failure
         clock.now += 10
-        assert await store._refresh(from_idp=True) == "failed"
+        assert await store.refresh(from_idp=True) == "failed"
         assert (await store.key_for("rsa-1", "RS256")).kid == "rsa-1"
     clock.now += 51  # 101 s after the last good fetch
     assert not store.usable()
     with pytest.raises(errors.KeysUnavailable):
         await store.key_for("rsa-1", "RS256")
     fetcher.document = jwks(keys.rsa)
-    assert await store._refresh(from_idp=True) == "installed"
+    assert await store.refresh(from_idp=True) == "installed"
     assert store.usable()
 
 
@@ -212,7 +155,7 @@ async def test_removed_key_stops_at_next_refresh(keys: Keys) -> None:
     fetcher = ScriptedFetcher(jwks(keys.rsa, keys.ec))
     store = await started(make(fetcher, Clock(), refetch_min_interval_seconds=3600))
     fetcher.document = jwks(keys.ec)
-    assert await store._refresh(from_idp=True) == "installed"
+    assert await store.refresh(from_idp=True) == "installed"
     with pytest.raises(errors.UnknownKey):
         await store.key_for("rsa-1", "RS256")
 
@@ -227,7 +170,7 @@ async def test_refresh_schedule_honours_cache_control(
     fetcher = ScriptedFetcher(jwks(keys.rsa))
     fetcher.max_age = max_age
     store = await started(make(fetcher, Clock()))
-    assert store._next_refresh_at - NOW == expected
+    assert store.next_refresh_at - NOW == expected
 
 
 async def test_discovery_runs_on_every_fetch(keys: Keys) -> None:
@@ -235,7 +178,7 @@ async def test_discovery_runs_on_every_fetch(keys: Keys) -> None:
     fetcher = ScriptedFetcher(jwks(keys.rsa))
     store = ProviderKeys(p, fetcher, None, clock=Clock(), on_change=lambda: None)
     await started(store)
-    await store._refresh(from_idp=True)
+    await store.refresh(from_idp=True)
     assert fetcher.discoveries == 2 and fetcher.jwks_fetches == 2
 
 
@@ -248,10 +191,6 @@ async def test_on_change_is_called(keys: Keys) -> None:
 
 
 # ---- the shared cache ----
-
-
-def memory_cache() -> SharedKeyCache:
-    return SharedKeyCache(JwksCacheSettings())
 
 
 async def test_second_process_adopts_the_shared_document(keys: Keys) -> None:
@@ -271,7 +210,7 @@ async def test_waits_for_the_lock_holder_then_adopts(keys: Keys) -> None:
     assert await cache.acquire("lock", key, 5) is True  # another process is fetching
     fetcher = ScriptedFetcher(jwks(keys.rsa))
     store = make(fetcher, clock, cache, fetch_timeout_seconds=2)
-    refresh = asyncio.ensure_future(store._refresh(from_idp=True))
+    refresh = asyncio.ensure_future(store.refresh(from_idp=True))
     await asyncio.sleep(0.12)
     await cache.put(key, CachedDocument(jwks(keys.rsa), clock() + 1, None), ttl_seconds=60)
     assert await refresh == "installed"

@@ -13,7 +13,7 @@ import pytest
 from ext_authz.compiled import compile
 from ext_authz.model import Allow, Deny, Request
 from ext_authz.pipeline import Pipeline
-from tests.unit.conftest import NOW, Mint, StaticResolver, clock, make_settings
+from tests.support.tokens import NOW, Mint, StaticResolver, clock, make_settings
 
 RULES: list[Any] = [
     {"match": {"paths": ["/public/*"]}, "allow": "anonymous"},

@@ -169,7 +169,7 @@ def test_only_a_whole_new_pair_is_handed_to_grpc_once(
     tls = ServerTls(loaded.tls)
     first = tls.material.serial
     assert tls.mutual
-    assert tls._fetch() is None  # the initial configuration is the one gRPC has
+    assert tls.fetch() is None  # the initial configuration is the one gRPC has
     assert tls.poll() is False  # nothing changed
 
     renewed = ca.issue()
@@ -182,11 +182,11 @@ def test_only_a_whole_new_pair_is_handed_to_grpc_once(
         assert tls.poll() is False
     assert [getattr(r, "fields", {})["key"] for r in caplog.records] == ["tls.key_file", "tls.key_file"]
     assert tls.material.serial == first
-    assert tls._fetch() is None
+    assert tls.fetch() is None
 
     (tls_dir / "tls.key").write_bytes(renewed.key_pem)
     assert tls.poll() is True
     assert tls.material.serial == renewed.serial != first
-    assert tls._fetch() is not None  # the new configuration, once
-    assert tls._fetch() is None
+    assert tls.fetch() is not None  # the new configuration, once
+    assert tls.fetch() is None
     assert tls.poll() is False

@@ -12,7 +12,7 @@ from ext_authz.model import Credential
 from ext_authz.sources import HeaderToken, ParamToken
 from ext_authz.tokencache import CachedToken, TokenCache
 from tests.support.idp import SigningKey
-from tests.unit.conftest import NOW, Keys, Mint, StaticResolver, make_settings
+from tests.support.tokens import NOW, Keys, Mint, StaticResolver, make_settings
 
 AUTH = HeaderToken("authorization", "Bearer ")
 
