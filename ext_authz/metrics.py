@@ -11,7 +11,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from ext_authz import __version__
-from ext_authz.keys.store import KeyStats
+from ext_authz.keys.provider import KeyStats
 from ext_authz.model import Allow, Decision
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"

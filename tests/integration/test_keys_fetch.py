@@ -32,7 +32,7 @@ from ext_authz.config.model import ProviderSettings
 from ext_authz.config.parse import parse
 from ext_authz.keys.fetch import MAX_DOCUMENT_BYTES, Document, FetchError, HttpFetcher
 from ext_authz.keys.jwks import parse_jwks
-from ext_authz.keys.store import ProviderKeys
+from ext_authz.keys.provider import ProviderKeys
 from ext_authz.server import Server
 from tests.support.keys_fetch import (
     IDP_KEY_SETS,

@@ -39,7 +39,7 @@ from ext_authz.keys.cache import (
     unseal,
 )
 from ext_authz.keys.fetch import HttpFetcher
-from ext_authz.keys.store import ProviderKeys
+from ext_authz.keys.provider import ProviderKeys
 from tests.support.authz import (
     AUDIENCE,
     Authz,

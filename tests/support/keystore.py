@@ -11,7 +11,7 @@ from typing import Any
 from ext_authz.config.model import JwksCacheSettings, ProviderSettings
 from ext_authz.keys.cache import SharedKeyCache
 from ext_authz.keys.fetch import Document, FetchError
-from ext_authz.keys.store import ProviderKeys
+from ext_authz.keys.provider import ProviderKeys
 from tests.support.idp import SigningKey
 from tests.support.tokens import NOW, make_settings
 

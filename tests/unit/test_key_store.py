@@ -12,7 +12,7 @@ from ext_authz import errors
 from ext_authz.config.model import JwksCacheSettings
 from ext_authz.keys.cache import CachedDocument, SharedKeyCache, cache_key
 from ext_authz.keys.fetch import FetchError
-from ext_authz.keys.store import ProviderKeys
+from ext_authz.keys.provider import ProviderKeys
 from tests.support.idp import SigningKey, generate_key
 from tests.support.keystore import (
     JWKS_URI,
