@@ -34,7 +34,7 @@ typecheck: $(STAMP)
 
 # The import boundaries of the layout table (README: Development), from [tool.importlinter].
 imports: $(STAMP)
-	$(VENV)/bin/lint-imports
+	$(VENV)/bin/lint-imports --no-cache
 
 unit: $(STAMP)
 	$(PY) -m pytest
