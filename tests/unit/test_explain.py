@@ -14,10 +14,12 @@ import pytest
 from ext_authz import explain
 from ext_authz.config.model import Settings
 from ext_authz.config.parse import parse
-from ext_authz.explain import Explanation, JwksFileKeys, build_request, render_json, render_text, with_token
+from ext_authz.explain import Explanation, build_request, render_json, render_text, with_token
 from ext_authz.keys.jwks import parse_jwks
+from ext_authz.keys.static import StaticKeys
 from ext_authz.model import Decision, Deny, Request, TokenLocation
 from ext_authz.pipeline import Pipeline
+from ext_authz.trace import Trace
 from tests.unit.conftest import ISSUER, NOW, Keys, Mint, clock, make_settings
 
 RULES: list[Any] = [
@@ -56,8 +58,8 @@ def request(
     return with_token(built, explain.token_location(provider), token)
 
 
-def static_keys(keys: Keys) -> JwksFileKeys:
-    return JwksFileKeys(parse_jwks(keys.jwks()))
+def static_keys(keys: Keys) -> StaticKeys:
+    return StaticKeys(keys=parse_jwks(keys.jwks()))
 
 
 async def explained(keys: Keys, req: Request, settings: Settings | None = None) -> Explanation:
@@ -350,7 +352,7 @@ async def test_final_answer_is_the_pipelines_decision(keys: Keys, mint: Mint) ->
     answer = Deny(418, 7, "teapot", (), "{}", rule="x")
 
     class Fixed(Pipeline):
-        async def decide(self, request: Request) -> Decision:
+        async def decide(self, request: Request, trace: Trace | None = None) -> Decision:
             return answer
 
     e = await explain.explain(
