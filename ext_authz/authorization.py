@@ -28,8 +28,9 @@ from ext_authz.config.model import (
     Scopes,
 )
 from ext_authz.model import Principal
-from ext_authz.paths import RequestView
+from ext_authz.paths import RequestView, path_readings
 from ext_authz.requirements import NO_LOCATIONS, Context, evaluate
+from ext_authz.trace import ReadingPicked, RuleTried, Trace
 
 # ---- match ----
 
@@ -158,19 +159,60 @@ class Rules:
     def context(self, matched: Matched, principal: Principal, view: RequestView) -> Context:
         return Context(principal, self._locations.get(principal.provider, NO_LOCATIONS), view, matched.params)
 
-    def check_every_reading(self, matched: Matched, principal: Principal, view: RequestView) -> None:
-        """``check`` under each reading of the path (CEL sees ``request.path`` per reading)."""
-        self.check(matched, self.context(matched, principal, view))
-        for path in view.other_paths:
-            self.check(matched, self.context(matched, principal, view.reading(path)))
+    def trace_match(self, view: RequestView, trace: Trace) -> None:
+        """Record each rule tried for the first reading (with its conditions), the rule it picks,
+        and, when backends could read the path differently, the rule each reading picks."""
+        matched = self.match(view)
+        tried: list[RuleTried] = []
+        for index, rule in enumerate(self.rules):
+            hit = matched is not None and rule is matched.rule
+            tried.append(RuleTried(index, rule.name, hit, tuple(explain_match(rule.match, view))))
+            if hit:
+                break
+        trace.normalised_path, trace.rules = view.path, tuple(tried)
+        if matched is not None:
+            trace.matched, trace.params = matched.rule, dict(matched.params)
+            trace.dry_run = matched.rule.dry_run
+        if view.other_paths:
+            readings = path_readings(view.request.path)
+            picks = [(how, path, self.match(view.reading(path))) for how, path in readings]
+            trace.readings = tuple(
+                ReadingPicked(how, path, m.rule.name if m else None, dict(m.params) if m else {})
+                for how, path, m in picks
+            )
 
-    def check(self, matched: Matched, ctx: Context) -> None:
-        """Raise the reason the principal does not satisfy the rule's requirements."""
+    def check_every_reading(
+        self, matched: Matched, principal: Principal, view: RequestView, trace: Trace | None = None
+    ) -> errors.AuthError | None:
+        """``denial`` under each reading of the path (CEL sees ``request.path`` per reading): the
+        first reading's that fails, or None when every one holds. A trace judges every reading."""
+        denial = self.denial(matched, self.context(matched, principal, view), trace)
+        for path in view.other_paths:
+            if denial is not None and trace is None:
+                return denial
+            other = self.denial(matched, self.context(matched, principal, view.reading(path)), trace)
+            denial = denial or other
+        return denial
+
+    def denial(self, matched: Matched, ctx: Context, trace: Trace | None = None) -> errors.AuthError | None:
+        """Why the principal does not satisfy the rule's requirements (None: it does)."""
+        found: errors.AuthError | None = None
         for requirement in matched.rule.require.children:
             if evaluate(requirement, ctx) is True:
                 continue  # False and None (unknown) both deny
             if isinstance(requirement, Providers):
-                raise errors.IssuerNotAccepted()
-            if isinstance(requirement, Scopes):
-                raise errors.InsufficientScope(requirement.scopes)
-            raise errors.RequirementNotMet()
+                found = errors.IssuerNotAccepted()
+            elif isinstance(requirement, Scopes):
+                found = errors.InsufficientScope(requirement.scopes)
+            else:
+                found = errors.RequirementNotMet()
+            break
+        if trace is not None:
+            trace.judge(matched.rule.require, ctx, found)
+        return found
+
+    def check(self, matched: Matched, ctx: Context) -> None:
+        """Raise ``denial``'s reason (the raising form, for callers that want an exception)."""
+        denial = self.denial(matched, ctx)
+        if denial is not None:
+            raise denial

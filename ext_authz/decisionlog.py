@@ -17,7 +17,7 @@ from collections.abc import Callable
 from typing import TextIO
 
 from ext_authz.config.model import LogSettings
-from ext_authz.model import Allow, Decision, Request
+from ext_authz.model import Allow, Decision, Request, reason_of
 
 
 @functools.lru_cache(maxsize=4096)
@@ -60,7 +60,7 @@ class DecisionLog:
             "path": request.path,
             "decision": "allow" if allowed else "deny",
             "status": 200 if isinstance(decision, Allow) else decision.status,
-            "reason": decision.reason if isinstance(decision, Allow) else decision.code,
+            "reason": reason_of(decision),
             "provider": decision.provider,
             "rule": decision.rule,
             "subject": subject,

@@ -124,13 +124,7 @@ class Metrics:
 
     def record(self, decision: Decision, seconds: float) -> None:
         if isinstance(decision, Allow):
-            labels = (
-                "allow",
-                "200",
-                decision.reason.partition(":")[0],
-                decision.provider or "",
-                decision.rule,
-            )
+            labels = ("allow", "200", decision.reason, decision.provider or "", decision.rule)
         else:
             labels = ("deny", str(decision.status), decision.code, decision.provider or "", decision.rule)
         self.checks.labels(*labels).inc()

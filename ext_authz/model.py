@@ -51,6 +51,14 @@ class Principal:
 
 
 @dataclass(frozen=True, slots=True)
+class WouldDeny:
+    """The denial a dry-run rule recorded instead of answering with it."""
+
+    status: int
+    code: str
+
+
+@dataclass(frozen=True, slots=True)
 class Allow:
     """Let the request through, rewriting its headers for the upstream."""
 
@@ -61,8 +69,10 @@ class Allow:
     rule: str = ""
     provider: str | None = None
     subject: str | None = None
-    # Why the request is allowed, for logs and metrics: "token", "anonymous", "dry_run:<code>".
+    # Why the request is allowed, for logs and metrics: "token", "anonymous" or "dry_run".
     reason: str = "token"
+    # Set in dry-run mode (reason "dry_run"): the denial the request would have had.
+    would_deny: WouldDeny | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,3 +90,13 @@ class Deny:
 
 
 Decision = Allow | Deny
+
+
+def reason_of(decision: Decision) -> str:
+    """The reason logs and traces show: a denial's code, else "token" or "anonymous", and for a
+    dry-run allow "dry_run:<code>" (the code of the denial it would have had)."""
+    if isinstance(decision, Deny):
+        return decision.code
+    if decision.would_deny is not None:
+        return f"{decision.reason}:{decision.would_deny.code}"
+    return decision.reason

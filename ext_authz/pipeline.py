@@ -10,16 +10,18 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import replace
 
 from ext_authz import errors
 from ext_authz.authorization import Matched
 from ext_authz.compiled import Compiled
-from ext_authz.config.model import DEFAULT_RULE
+from ext_authz.config.model import DEFAULT_RULE, ProviderSettings, Settings
 from ext_authz.credentials import CredentialFinder
-from ext_authz.identity import KeyResolver, Verifier
-from ext_authz.model import Decision, Deny, Principal, Request
+from ext_authz.identity import KeyResolver, Verifier, parse_token
+from ext_authz.model import Credential, Decision, Deny, Principal, Request, WouldDeny
 from ext_authz.paths import RequestView
 from ext_authz.tokencache import CacheCounters, TokenCache
+from ext_authz.trace import TokenSeen, Trace
 
 log = logging.getLogger(__name__)
 
@@ -45,37 +47,53 @@ class Pipeline:
         self.answers = config.answers
         self._all_dry_run = config.all_dry_run
 
-    async def identify(self, request: Request) -> tuple[Principal | None, errors.AuthError | None]:
+    async def identify(
+        self, request: Request, trace: Trace | None = None
+    ) -> tuple[Principal | None, errors.AuthError | None]:
         """The verified principal, or why the request's credentials do not yield one."""
+        credential: Credential | None = None
+        identity: tuple[Principal | None, errors.AuthError | None]
         try:
             credential = self.finder.find(request)
-            if credential is None:
-                return None, None
-            return await self.verifier.verify(credential), None
+            identity = (None, None) if credential is None else (await self.verifier.verify(credential), None)
         except errors.AuthError as error:
-            return None, error
+            identity = None, error
+        if trace is not None:
+            trace.token = self._token_seen(credential, *identity)
+        return identity
 
-    async def decide(self, request: Request) -> Decision:
+    async def decide(self, request: Request, trace: Trace | None = None) -> Decision:
+        """The decision for ``request``; each stage also records what it checked in ``trace``."""
+        if trace is None:
+            return await self._decide(request, None)
+        trace.dry_run = self.settings.dry_run  # the matched rule's own mode replaces it
+        trace.decision = await self._decide(request, trace)
+        return trace.decision
+
+    async def _decide(self, request: Request, trace: Trace | None) -> Decision:
         try:
             view = RequestView.of(request, self.settings.path_readings)
+            if trace is not None:
+                self.rules.trace_match(view, trace)
             matched = self.rules.choose(view)
         except errors.InvalidRequest as malformed:
             # A malformed host, or a path whose readings pick different rules: no rule can be
             # trusted to be the one the backend serves, so none decides (not even anonymous).
-            denial = self.answers.deny(malformed)
-            if self._all_dry_run:
-                return self._dry_run(denial, request, await self.identify(request), Matched(DEFAULT_RULE, {}))
-            return denial
+            if trace is not None:
+                trace.skip("refused", malformed)
+            return await self._unruled(self.answers.deny(malformed), request, self._all_dry_run, trace)
         if matched is None:
+            if trace is not None:
+                trace.skip("no_rule")
             denial = self.answers.deny(errors.NoMatchingRule())
-            if self.settings.dry_run:
-                return self._dry_run(denial, request, await self.identify(request), Matched(DEFAULT_RULE, {}))
-            return denial
-        identity = await self.identify(request)
+            return await self._unruled(denial, request, self.settings.dry_run, trace)
+        identity = await self.identify(request, trace)
         principal, error = identity
         rule = matched.rule
         if rule.anonymous:
             # An anonymous route ignores a bad token: the request goes on without identity.
+            if trace is not None:
+                trace.skip("anonymous")
             return self.answers.allow(request, principal, rule)
         decision: Decision
         if error is not None:
@@ -83,14 +101,25 @@ class Pipeline:
         elif principal is None:
             decision = self.answers.deny(errors.MissingToken(), rule)
         else:
-            try:
-                self.rules.check_every_reading(matched, principal, view)
+            failed = self.rules.check_every_reading(matched, principal, view, trace)
+            if failed is None:
                 decision = self.answers.allow(request, principal, rule)
-            except errors.AuthError as failed:
+            else:
                 decision = self.answers.deny(failed, rule, principal)
+        if trace is not None and principal is None:
+            trace.skip("not_verified" if error is not None else "no_token")
         if isinstance(decision, Deny) and rule.dry_run:
             return self._dry_run(decision, request, identity, matched)
         return decision
+
+    async def _unruled(self, denial: Deny, request: Request, dry_run: bool, trace: Trace | None) -> Decision:
+        """A denial no rule decided: let through in dry-run mode (the token is traced all the same)."""
+        if dry_run:
+            identity = await self.identify(request, trace)
+            return self._dry_run(denial, request, identity, Matched(DEFAULT_RULE, {}))
+        if trace is not None:
+            await self.identify(request, trace)
+        return denial
 
     def _dry_run(
         self,
@@ -100,13 +129,33 @@ class Pipeline:
         matched: Matched,
     ) -> Decision:
         """Let the request through, recording the denial it would have had."""
-        would = {"status": denial.status, "code": denial.code}
+        would = WouldDeny(denial.status, denial.code)
         log.warning(
             "dry-run: request allowed that would be denied",
             extra={
                 "fields": {"rule": matched.rule.name, "dry_run_status": denial.status, "reason": denial.code}
             },
         )
-        return self.answers.allow(
-            request, identity[0], matched.rule, {"dry_run_denial": would}, reason=f"dry_run:{denial.code}"
-        )
+        metadata = {"dry_run_denial": {"status": would.status, "code": would.code}}
+        allow = self.answers.allow(request, identity[0], matched.rule, metadata, reason="dry_run")
+        return replace(allow, would_deny=would)
+
+    def _token_seen(
+        self, credential: Credential | None, principal: Principal | None, error: errors.AuthError | None
+    ) -> TokenSeen:
+        locations = credential.locations if credential is not None else ()
+        claimed = None
+        if error is not None and credential is not None:
+            provider = issuing_provider(self.settings, credential.token)
+            claimed = provider.name if provider else None
+        return TokenSeen(locations, principal, error, claimed)
+
+
+def issuing_provider(settings: Settings, token: str) -> ProviderSettings | None:
+    """The provider the token's ``iss`` names, read WITHOUT verification: for display and for
+    placing a given token, never for a decision."""
+    try:
+        issuer = parse_token(token, settings.max_token_bytes).claims.get("iss")
+    except errors.AuthError:
+        return None
+    return next((p for p in settings.providers if p.issuer == issuer), None)

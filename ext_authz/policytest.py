@@ -61,10 +61,13 @@ from ext_authz.config.values import (
     string,
     type_name,
 )
-from ext_authz.explain import RequirementStep, build_request, explain, token_location, with_token
-from ext_authz.keys.jwks import KeySet, VerificationKey, select_key
+from ext_authz.explain import build_request, explanation, token_location, with_token
+from ext_authz.explainrender import RequirementStep
+from ext_authz.keys.jwks import KeySet, VerificationKey
+from ext_authz.keys.static import StaticKeys
 from ext_authz.model import Allow, Decision, Request
 from ext_authz.pipeline import Pipeline
+from ext_authz.trace import Trace
 
 TOKEN_LIFETIME_SECONDS = 300
 # Fast to generate first; RSA (slow to generate) only for a provider that accepts nothing else.
@@ -228,11 +231,13 @@ class ThrowawayKey:
 
 
 class ThrowawayKeys:
-    """A KeyResolver over throwaway keys: one per provider, made when a case first needs it."""
+    """Throwaway keys, one per provider, made when a case first needs it; ``resolver`` resolves
+    each provider's to it (a provider without one has an empty key set)."""
 
     def __init__(self, providers: tuple[ProviderSettings, ...]) -> None:
         self._providers = {p.name: p for p in providers}
         self._keys: dict[str, ThrowawayKey] = {}
+        self.resolver = StaticKeys(keys=KeySet(()))
 
     def for_provider(self, name: str) -> ThrowawayKey:
         key = self._keys.get(name)
@@ -242,12 +247,8 @@ class ThrowawayKeys:
             typ = "JWT" if "jwt" in provider.token_types else sorted(provider.token_types)[0]
             key = ThrowawayKey(f"ext-authz-test-{name}", alg, typ, jws.generate_key(alg))
             self._keys[name] = key
+            self.resolver.add(name, KeySet((key.verification_key,)))
         return key
-
-    async def key_for(self, provider: str, kid: str | None, alg: str) -> VerificationKey:
-        key = self._keys.get(provider)
-        keys = KeySet((key.verification_key,) if key else ())
-        return select_key(keys.candidates(kid, alg), kid)
 
 
 def token_claims(provider: ProviderSettings, overrides: Mapping[str, object], now: int) -> dict[str, object]:
@@ -275,17 +276,15 @@ def token_claims(provider: ProviderSettings, overrides: Mapping[str, object], no
 def reason(decision: Decision) -> str | None:
     """A denial's code; for an allow in dry-run mode, the would-be denial's code."""
     if isinstance(decision, Allow):
-        denial = decision.metadata.get("dry_run_denial")
-        return str(denial["code"]) if isinstance(denial, Mapping) else None
+        return decision.would_deny.code if decision.would_deny is not None else None
     return decision.code
 
 
 def describe(decision: Decision) -> str:
     if isinstance(decision, Allow):
         text = f"allowed by rule {json.dumps(decision.rule)}"
-        denial = decision.metadata.get("dry_run_denial")
-        if isinstance(denial, Mapping):
-            text += f"; dry run, would deny {denial['status']} {denial['code']}"
+        if decision.would_deny is not None:
+            text += f"; dry run, would deny {decision.would_deny.status} {decision.would_deny.code}"
         return text
     return decision.code + (f", rule {json.dumps(decision.rule)}" if decision.rule else "")
 
@@ -328,7 +327,7 @@ async def run_cases(
 ) -> list[Outcome]:
     """Decide every case with the real pipeline; tokens are signed with throwaway keys."""
     keys = ThrowawayKeys(settings.providers)
-    pipeline = Pipeline(compile(settings), keys, clock=clock)
+    pipeline = Pipeline(compile(settings), keys.resolver, clock=clock)
     providers = {p.name: p for p in settings.providers}
     outcomes: list[Outcome] = []
     for case in cases:
@@ -337,11 +336,11 @@ async def run_cases(
             provider = providers[case.provider]
             token = keys.for_provider(provider.name).sign(token_claims(provider, case.claims, int(clock())))
             request = with_token(request, token_location(provider), token)
-        decision = await pipeline.decide(request)
+        trace = Trace()
+        decision = await pipeline.decide(request, trace)
         problems = judge(case.expect, decision)
         if problems and reason(decision) == "requirement_not_met":
-            explained = await explain(pipeline, request)
-            problems += requirement_errors(explained.requirements or ())
+            problems += requirement_errors(explanation(request, trace, decision).requirements or ())
         outcomes.append(Outcome(case, decision, problems))
     return outcomes
 

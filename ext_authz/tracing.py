@@ -12,7 +12,7 @@ import contextlib
 from collections.abc import Iterator, Mapping
 from typing import Any
 
-from ext_authz.model import Allow, Decision
+from ext_authz.model import Allow, Decision, reason_of
 
 
 class TracingUnavailable(Exception):
@@ -29,9 +29,7 @@ class SpanRecorder:
         self._span.set_attribute(
             "http.response.status_code", 200 if isinstance(decision, Allow) else decision.status
         )
-        self._span.set_attribute(
-            "ext_authz.reason", decision.reason if isinstance(decision, Allow) else decision.code
-        )
+        self._span.set_attribute("ext_authz.reason", reason_of(decision))
         self._span.set_attribute("ext_authz.rule", decision.rule)
         if decision.provider:
             self._span.set_attribute("ext_authz.provider", decision.provider)

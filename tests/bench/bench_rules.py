@@ -17,7 +17,8 @@ import jwt
 from ext_authz.authorization import Rules
 from ext_authz.compiled import compile
 from ext_authz.config.parse import parse
-from ext_authz.keys.jwks import VerificationKey, parse_jwks, select_key
+from ext_authz.keys.jwks import parse_jwks
+from ext_authz.keys.static import StaticKeys
 from ext_authz.model import Credential, Principal, Request
 from ext_authz.paths import RequestView
 from ext_authz.pipeline import Pipeline
@@ -99,14 +100,6 @@ def per_call_us(fn: Callable[[], object], seconds: float = 0.4) -> float:
     return statistics.median(samples)
 
 
-class StaticKeys:
-    def __init__(self, jwk: dict[str, Any]) -> None:
-        self.keys = parse_jwks({"keys": [jwk]})
-
-    async def key_for(self, provider: str, kid: str | None, alg: str) -> VerificationKey:
-        return select_key(self.keys.candidates(kid, alg), kid)
-
-
 def main() -> None:
     key = SigningKey("k1", "ES256", generate_key("ES256"))
     jwk = key.jwk()
@@ -128,7 +121,7 @@ def main() -> None:
                 rules.check(matched, rules.context(matched, principal, view))
 
             results[(n, pad)] = per_call_us(evaluate)
-            pipeline = Pipeline(compile(s), StaticKeys(jwk))
+            pipeline = Pipeline(compile(s), StaticKeys(keys=parse_jwks({"keys": [jwk]})))
             full_request = Request(
                 request.method,
                 request.path,

@@ -10,9 +10,10 @@ from typing import Any, TypeVar
 
 from ext_authz.compiled import compile
 from ext_authz.keys.jwks import parse_jwks
+from ext_authz.keys.static import StaticKeys
 from ext_authz.pipeline import Pipeline
 from tests.support.attacks import PROVIDER, RULES
-from tests.support.tokens import Keys, StaticResolver, claims, clock, make_settings, sign_raw
+from tests.support.tokens import Keys, claims, clock, make_settings, sign_raw
 
 T = TypeVar("T")
 
@@ -27,7 +28,7 @@ class Fixture:
 
     def __init__(self) -> None:
         self.keys = Keys()
-        resolver = StaticResolver({"idp": parse_jwks(self.keys.jwks())})
+        resolver = StaticKeys({"idp": parse_jwks(self.keys.jwks())})
         self.settings = make_settings(provider=PROVIDER, rules=RULES)
         self.pipeline = Pipeline(compile(self.settings), resolver, clock=clock)
         self.loop = asyncio.new_event_loop()

@@ -27,11 +27,12 @@ from ext_authz._proto.envoy.config.core.v3 import base_pb2
 from ext_authz._proto.envoy.service.auth.v3 import attribute_context_pb2, external_auth_pb2
 from ext_authz.compiled import compile
 from ext_authz.keys.jwks import parse_jwks
+from ext_authz.keys.static import StaticKeys
 from ext_authz.pipeline import Pipeline
 from ext_authz.response import underscore_spellings
 from ext_authz.transport.servicer import AuthorizationServicer
 from tests.support.idp import SigningKey, b64url, b64url_decode, public_jwk
-from tests.support.tokens import Keys, StaticResolver, claims, clock, make_settings
+from tests.support.tokens import Keys, claims, clock, make_settings
 
 HttpRequest = attribute_context_pb2.AttributeContext.HttpRequest
 CheckRequest = external_auth_pb2.CheckRequest
@@ -68,7 +69,7 @@ RULES: list[Any] = [
 
 
 def build_servicer(keys: Keys, **top: Any) -> AuthorizationServicer:
-    resolver = StaticResolver({"idp": parse_jwks(keys.jwks())})
+    resolver = StaticKeys({"idp": parse_jwks(keys.jwks())})
     return AuthorizationServicer(
         Pipeline(compile(make_settings(provider=PROVIDER, rules=RULES, **top)), resolver, clock=clock)
     )

@@ -1,4 +1,4 @@
-"""Unit-test helpers: the fixed clock, signing keys, a static key resolver, claims, a hand-made
+"""Unit-test helpers: the fixed clock, signing keys, claims, a hand-made
 JWS and a config built around them (the fixtures in tests/unit/conftest.py build on these)."""
 
 from __future__ import annotations
@@ -10,8 +10,6 @@ from typing import Any
 from ext_authz import jws
 from ext_authz.config.model import Settings
 from ext_authz.config.parse import parse
-from ext_authz.errors import KeysUnavailable
-from ext_authz.keys.jwks import KeySet, VerificationKey, select_key
 from tests.support.idp import SigningKey, generate_key
 
 # The unit tests' fixed clock. Nothing here reads the machine's clock: every stage under test gets
@@ -19,18 +17,6 @@ from tests.support.idp import SigningKey, generate_key
 # years before and after NOW), so the tests pass on any date.
 NOW = 1_800_000_000.0
 ISSUER = "https://idp.example.com/"
-
-
-class StaticResolver:
-    """A KeyResolver over fixed key sets; a provider missing from it has no keys."""
-
-    def __init__(self, sets: Mapping[str, KeySet]) -> None:
-        self.sets = dict(sets)
-
-    async def key_for(self, provider: str, kid: str | None, alg: str) -> VerificationKey:
-        if provider not in self.sets:
-            raise KeysUnavailable(retry_after_seconds=7)
-        return select_key(self.sets[provider].candidates(kid, alg), kid)
 
 
 class Keys:

@@ -8,11 +8,8 @@ from __future__ import annotations
 import pytest
 
 from ext_authz.keys.jwks import KeySet, parse_jwks
-from tests.support.tokens import ISSUER, NOW, Keys, Mint, StaticResolver, clock, make_settings, minter
-
-# Re-exported only for tests/unit/test_explain.py (owned by another branch), until it imports
-# them from tests.support.tokens like every other test module; then this list goes.
-__all__ = ["ISSUER", "NOW", "Keys", "Mint", "clock", "make_settings"]
+from ext_authz.keys.static import StaticKeys
+from tests.support.tokens import Keys, Mint, minter
 
 
 @pytest.fixture(scope="session")
@@ -26,8 +23,8 @@ def key_set(keys: Keys) -> KeySet:
 
 
 @pytest.fixture
-def resolver(key_set: KeySet) -> StaticResolver:
-    return StaticResolver({"idp": key_set})
+def resolver(key_set: KeySet) -> StaticKeys:
+    return StaticKeys({"idp": key_set})
 
 
 @pytest.fixture

@@ -26,6 +26,7 @@ from ext_authz import errors, jws
 from ext_authz._proto.envoy.service.auth.v3 import attribute_context_pb2
 from ext_authz.compiled import compile
 from ext_authz.identity import parse_token
+from ext_authz.keys.static import StaticKeys
 from ext_authz.model import Allow, Deny, Request
 from ext_authz.pipeline import Pipeline
 from ext_authz.transport.servicer import AuthorizationServicer
@@ -49,7 +50,7 @@ from tests.support.attacks import (
     unencoded_payload_token,
 )
 from tests.support.idp import SigningKey, b64url_decode
-from tests.support.tokens import ISSUER, NOW, Keys, StaticResolver, claims, clock, make_settings
+from tests.support.tokens import ISSUER, NOW, Keys, claims, clock, make_settings
 
 
 @pytest.fixture
@@ -1098,7 +1099,7 @@ AMBIGUOUS_PATHS = [
 ]
 
 
-def path_pipeline(resolver: StaticResolver, **top: Any) -> Pipeline:
+def path_pipeline(resolver: StaticKeys, **top: Any) -> Pipeline:
     return Pipeline(compile(make_settings(rules=PATH_RULES, **top)), resolver, clock=clock)
 
 
@@ -1109,7 +1110,7 @@ def get(path: str, token: str | None = None, host: str = "api.example.com") -> R
 
 @pytest.mark.parametrize("path", AMBIGUOUS_PATHS)
 async def test_a_path_read_differently_is_never_judged_by_a_weaker_rule(
-    resolver: StaticResolver, forge: Forge, path: str
+    resolver: StaticKeys, forge: Forge, path: str
 ) -> None:
     p = path_pipeline(resolver)
     for token in (None, forge.token(), forge.token(scope="admin")):
@@ -1123,7 +1124,7 @@ async def test_a_path_read_differently_is_never_judged_by_a_weaker_rule(
         assert challenge_params(dict(decision.headers)["www-authenticate"])["error"] == "invalid_request"
 
 
-async def test_requirements_must_hold_under_every_reading(resolver: StaticResolver, forge: Forge) -> None:
+async def test_requirements_must_hold_under_every_reading(resolver: StaticKeys, forge: Forge) -> None:
     p = path_pipeline(resolver)
     # Every reading picks rule "api"; under the Tomcat one CEL sees /api/admin.
     decision = await p.decide(get("/api/x/..;/admin", forge.token()))
@@ -1146,7 +1147,7 @@ LEGIT_PATHS: list[tuple[str, bool, str]] = [
 
 @pytest.mark.parametrize(("path", "with_token", "rule"), LEGIT_PATHS)
 async def test_paths_whose_readings_agree_still_work(
-    resolver: StaticResolver, forge: Forge, path: str, with_token: bool, rule: str
+    resolver: StaticKeys, forge: Forge, path: str, with_token: bool, rule: str
 ) -> None:
     decision = await path_pipeline(resolver).decide(
         get(path, forge.token(scope="admin") if with_token else None)
@@ -1155,19 +1156,19 @@ async def test_paths_whose_readings_agree_still_work(
     assert decision.rule == rule
 
 
-async def test_template_parameters_must_agree(resolver: StaticResolver, forge: Forge) -> None:
+async def test_template_parameters_must_agree(resolver: StaticKeys, forge: Forge) -> None:
     # {id} is "alice;v=1" under RFC 3986 and "alice" under Tomcat: not the same request.
     decision = await path_pipeline(resolver).decide(get("/users/alice;v=1", forge.token()))
     assert isinstance(decision, Deny) and decision.code == "ambiguous_path"
 
 
-async def test_rfc3986_path_readings_is_the_explicit_relaxed_mode(resolver: StaticResolver) -> None:
+async def test_rfc3986_path_readings_is_the_explicit_relaxed_mode(resolver: StaticKeys) -> None:
     relaxed = path_pipeline(resolver, path_readings="rfc3986")
     decision = await relaxed.decide(get("/public/..;/admin/x"))
     assert isinstance(decision, Allow) and decision.rule == "public"
 
 
-async def test_an_ambiguous_path_in_dry_run(resolver: StaticResolver) -> None:
+async def test_an_ambiguous_path_in_dry_run(resolver: StaticKeys) -> None:
     dry = path_pipeline(resolver, mode="dry_run")
     decision = await dry.decide(get("/public/..;/admin/x"))
     assert isinstance(decision, Allow)
@@ -1242,7 +1243,7 @@ HOST_SPELLINGS: list[tuple[str, str | None]] = [
 
 @pytest.mark.parametrize(("host", "rule"), HOST_SPELLINGS)
 async def test_a_hosts_rule_cannot_be_skipped_by_spelling(
-    resolver: StaticResolver, forge: Forge, host: str, rule: str | None
+    resolver: StaticKeys, forge: Forge, host: str, rule: str | None
 ) -> None:
     rules = V6_RULES if rule == "v6-host" or host.startswith("[") or host.startswith("2001") else HOST_RULES
     p = Pipeline(compile(make_settings(rules=rules)), resolver, clock=clock)
@@ -1258,7 +1259,7 @@ async def test_a_hosts_rule_cannot_be_skipped_by_spelling(
 
 
 @pytest.mark.parametrize("host", ["api.example.com", "API.example.com.:8443", "localhost", "[::1]:80"])
-async def test_other_hosts_reach_the_open_rule(resolver: StaticResolver, host: str) -> None:
+async def test_other_hosts_reach_the_open_rule(resolver: StaticKeys, host: str) -> None:
     decision = await Pipeline(compile(make_settings(rules=HOST_RULES)), resolver, clock=clock).decide(
         get("/x", host=host)
     )
@@ -1275,7 +1276,7 @@ async def test_other_hosts_reach_the_open_rule(resolver: StaticResolver, host: s
     ],
 )
 async def test_a_request_without_host_where_rules_read_the_host(
-    resolver: StaticResolver, forge: Forge, rules: list[Any], status: int
+    resolver: StaticKeys, forge: Forge, rules: list[Any], status: int
 ) -> None:
     decision = await Pipeline(compile(make_settings(rules=rules)), resolver, clock=clock).decide(
         get("/x", forge.token(), host="")

@@ -15,12 +15,14 @@ from ext_authz import explain
 from ext_authz.compiled import compile
 from ext_authz.config.model import Settings
 from ext_authz.config.parse import parse
-from ext_authz.explain import Explanation, JwksFileKeys, build_request, render_json, render_text, with_token
+from ext_authz.explain import Explanation, build_request, render_json, render_text, with_token
 from ext_authz.keys.jwks import parse_jwks
+from ext_authz.keys.static import StaticKeys
 from ext_authz.model import Decision, Deny, Request
 from ext_authz.pipeline import Pipeline
 from ext_authz.sources import CookieToken
-from tests.unit.conftest import ISSUER, NOW, Keys, Mint, clock, make_settings
+from ext_authz.trace import Trace
+from tests.support.tokens import ISSUER, NOW, Keys, Mint, clock, make_settings
 
 RULES: list[Any] = [
     {"name": "health", "match": {"paths": ["/healthz", "/public/*"]}, "allow": "anonymous"},
@@ -58,8 +60,8 @@ def request(
     return with_token(built, explain.token_location(provider), token)
 
 
-def static_keys(keys: Keys) -> JwksFileKeys:
-    return JwksFileKeys(parse_jwks(keys.jwks()))
+def static_keys(keys: Keys) -> StaticKeys:
+    return StaticKeys(keys=parse_jwks(keys.jwks()))
 
 
 async def explained(keys: Keys, req: Request, settings: Settings | None = None) -> Explanation:
@@ -352,7 +354,7 @@ async def test_final_answer_is_the_pipelines_decision(keys: Keys, mint: Mint) ->
     answer = Deny(418, 7, "teapot", (), "{}", rule="x")
 
     class Fixed(Pipeline):
-        async def decide(self, request: Request) -> Decision:
+        async def decide(self, request: Request, trace: Trace | None = None) -> Decision:
             return answer
 
     e = await explain.explain(

@@ -31,11 +31,12 @@ from ext_authz._proto.envoy.config.core.v3 import base_pb2
 from ext_authz._proto.envoy.service.auth.v3 import attribute_context_pb2, external_auth_pb2
 from ext_authz.compiled import compile
 from ext_authz.keys.jwks import parse_jwks
+from ext_authz.keys.static import StaticKeys
 from ext_authz.pipeline import Pipeline
 from ext_authz.transport.servicer import AuthorizationServicer
 from tests.support.attacks import OWNED, PROVIDER, RULES, assert_well_formed, check, response_headers
 from tests.support.idp import SigningKey, b64url
-from tests.support.tokens import NOW, Keys, StaticResolver, claims, clock, make_settings
+from tests.support.tokens import NOW, Keys, claims, clock, make_settings
 
 CheckRequest = external_auth_pb2.CheckRequest
 HttpRequest = attribute_context_pb2.AttributeContext.HttpRequest
@@ -57,7 +58,7 @@ class Harness:
 
     def __init__(self, keys: Keys) -> None:
         self.keys = keys
-        resolver = StaticResolver({"idp": parse_jwks(keys.jwks())})
+        resolver = StaticKeys({"idp": parse_jwks(keys.jwks())})
         self.strict = AuthorizationServicer(
             Pipeline(compile(make_settings(provider=PROVIDER)), resolver, clock=clock)
         )

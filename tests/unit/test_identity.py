@@ -11,20 +11,11 @@ from ext_authz import errors
 from ext_authz.config.model import Settings
 from ext_authz.identity import Verifier, parse_token
 from ext_authz.jws import b64url
+from ext_authz.keys.static import StaticKeys
 from ext_authz.model import Credential
 from ext_authz.sources import HeaderToken, ParamToken, TokenSource
 from tests.support.idp import hmac_token, tamper_signature, unsigned_token
-from tests.support.tokens import (
-    ISSUER,
-    NOW,
-    Keys,
-    Mint,
-    StaticResolver,
-    claims,
-    clock,
-    make_settings,
-    sign_raw,
-)
+from tests.support.tokens import ISSUER, NOW, Keys, Mint, claims, clock, make_settings, sign_raw
 
 AUTHORIZATION = HeaderToken("authorization", "Bearer ")
 
@@ -33,16 +24,16 @@ def credential(token: str, location: TokenSource = AUTHORIZATION) -> Credential:
     return Credential(token, (location,))
 
 
-def verifier(resolver: StaticResolver, s: Settings | None = None) -> Verifier:
+def verifier(resolver: StaticKeys, s: Settings | None = None) -> Verifier:
     s = s or make_settings()
     return Verifier(s.providers, resolver, max_token_bytes=s.max_token_bytes, clock=clock)
 
 
-async def verify(resolver: StaticResolver, token: str, s: Settings | None = None) -> object:
+async def verify(resolver: StaticKeys, token: str, s: Settings | None = None) -> object:
     return await verifier(resolver, s).verify(credential(token))
 
 
-async def rejected(resolver: StaticResolver, token: str, s: Settings | None = None) -> errors.AuthError:
+async def rejected(resolver: StaticKeys, token: str, s: Settings | None = None) -> errors.AuthError:
     with pytest.raises(errors.AuthError) as caught:
         await verify(resolver, token, s)
     return caught.value
@@ -53,9 +44,7 @@ def segment(value: Any) -> str:
 
 
 @pytest.mark.parametrize("family", ["rsa", "ec", "ed"])
-async def test_valid_tokens_of_each_family(
-    resolver: StaticResolver, keys: Keys, mint: Mint, family: str
-) -> None:
+async def test_valid_tokens_of_each_family(resolver: StaticKeys, keys: Keys, mint: Mint, family: str) -> None:
     key = getattr(keys, family)
     principal = await verifier(resolver).verify(credential(mint(key, email="a@example.com")))
     assert principal.provider == "idp"
@@ -63,7 +52,7 @@ async def test_valid_tokens_of_each_family(
     assert principal.claims["email"] == "a@example.com"
 
 
-async def test_payload_segment_is_the_signed_one(resolver: StaticResolver, mint: Mint) -> None:
+async def test_payload_segment_is_the_signed_one(resolver: StaticKeys, mint: Mint) -> None:
     token = mint()
     principal = await verifier(resolver).verify(credential(token))
     assert principal.payload_segment == token.split(".")[1]
@@ -92,12 +81,12 @@ async def test_payload_segment_is_the_signed_one(resolver: StaticResolver, mint:
     ],
 )
 async def test_claim_checks(
-    resolver: StaticResolver, mint: Mint, overrides: dict[str, Any], expected: type
+    resolver: StaticKeys, mint: Mint, overrides: dict[str, Any], expected: type
 ) -> None:
     assert type(await rejected(resolver, mint(**overrides))) is expected
 
 
-async def test_clock_skew_edges(resolver: StaticResolver, mint: Mint) -> None:
+async def test_clock_skew_edges(resolver: StaticKeys, mint: Mint) -> None:
     v = verifier(resolver)
     for good in (
         {"exp": int(NOW) - 59},
@@ -108,25 +97,25 @@ async def test_clock_skew_edges(resolver: StaticResolver, mint: Mint) -> None:
         await v.verify(credential(mint(**good)))
 
 
-async def test_expired_says_so(resolver: StaticResolver, mint: Mint) -> None:
+async def test_expired_says_so(resolver: StaticKeys, mint: Mint) -> None:
     error = await rejected(resolver, mint(exp=int(NOW) - 3600))
     assert "expired" in error.detail and error.status == 401 and error.rfc6750_error == "invalid_token"
 
 
-async def test_signature_checked_before_claims(resolver: StaticResolver, keys: Keys, mint: Mint) -> None:
+async def test_signature_checked_before_claims(resolver: StaticKeys, keys: Keys, mint: Mint) -> None:
     # Signed by an unpublished key under a published kid, and expired: it reads as a bad signature.
     assert type(await rejected(resolver, mint(keys.other_rsa, exp=int(NOW) - 3600))) is errors.BadSignature
     assert type(await rejected(resolver, tamper_signature(mint()))) is errors.BadSignature
 
 
 @pytest.mark.parametrize("alg", ["none", "None", "NONE"])
-async def test_alg_none(resolver: StaticResolver, keys: Keys, alg: str) -> None:
+async def test_alg_none(resolver: StaticKeys, keys: Keys, alg: str) -> None:
     token = unsigned_token(claims(), headers={"alg": alg, "kid": keys.rsa.kid})
     assert type(await rejected(resolver, token)) is errors.UnsupportedAlgorithm
     assert type(await rejected(resolver, token + "c2ln")) is errors.UnsupportedAlgorithm
 
 
-async def test_hmac_confusion(resolver: StaticResolver, keys: Keys) -> None:
+async def test_hmac_confusion(resolver: StaticKeys, keys: Keys) -> None:
     from cryptography.hazmat.primitives import serialization
 
     pem = keys.rsa.public_key.public_bytes(
@@ -136,7 +125,7 @@ async def test_hmac_confusion(resolver: StaticResolver, keys: Keys) -> None:
     assert type(await rejected(resolver, token)) is errors.UnsupportedAlgorithm
 
 
-async def test_alg_must_fit_key_type(resolver: StaticResolver, keys: Keys, mint: Mint) -> None:
+async def test_alg_must_fit_key_type(resolver: StaticKeys, keys: Keys, mint: Mint) -> None:
     _, payload, sig = mint().split(".")
     # An RS256 signature presented as PS256: the RSA key's JWK says alg RS256, so no key fits...
     as_pss = segment({"alg": "PS256", "kid": keys.rsa.kid})
@@ -145,7 +134,7 @@ async def test_alg_must_fit_key_type(resolver: StaticResolver, keys: Keys, mint:
     from ext_authz.keys.jwks import parse_jwks
 
     unrestricted = {k: v for k, v in keys.rsa.jwk().items() if k != "alg"}
-    any_rsa = StaticResolver({"idp": parse_jwks({"keys": [unrestricted]})})
+    any_rsa = StaticKeys({"idp": parse_jwks({"keys": [unrestricted]})})
     assert type(await rejected(any_rsa, f"{as_pss}.{payload}.{sig}")) is errors.BadSignature
     # Presented as ES256 under the RSA kid: no EC key has that kid.
     as_ec = segment({"alg": "ES256", "kid": keys.rsa.kid})
@@ -156,7 +145,7 @@ async def test_alg_must_fit_key_type(resolver: StaticResolver, keys: Keys, mint:
 
 @pytest.mark.parametrize("field", ["jku", "x5u", "jwk", "x5c"])
 async def test_keys_never_taken_from_the_token(
-    resolver: StaticResolver, keys: Keys, mint: Mint, field: str
+    resolver: StaticKeys, keys: Keys, mint: Mint, field: str
 ) -> None:
     attacker = keys.other_rsa
     value: object = attacker.jwk() if field == "jwk" else "https://evil.example.com/k"
@@ -166,7 +155,7 @@ async def test_keys_never_taken_from_the_token(
     assert type(await rejected(resolver, token)) is errors.BadSignature
 
 
-async def test_kid_rules(resolver: StaticResolver, keys: Keys, mint: Mint) -> None:
+async def test_kid_rules(resolver: StaticKeys, keys: Keys, mint: Mint) -> None:
     assert type(await rejected(resolver, mint(headers={"kid": "unknown"}))) is errors.UnknownKey
     assert type(await rejected(resolver, mint(headers={"kid": 5}))) is errors.MalformedToken
     # No kid: accepted only when exactly one key fits the alg (one RSA key here)...
@@ -178,7 +167,7 @@ async def test_kid_rules(resolver: StaticResolver, keys: Keys, mint: Mint) -> No
     from ext_authz.keys.jwks import parse_jwks
 
     second = keys.other_rsa.jwk() | {"kid": "rsa-2"}
-    two = StaticResolver({"idp": parse_jwks({"keys": [keys.rsa.jwk(), second]})})
+    two = StaticKeys({"idp": parse_jwks({"keys": [keys.rsa.jwk(), second]})})
     assert type(await rejected(two, no_kid)) is errors.UnknownKey
 
 
@@ -198,7 +187,7 @@ async def test_kid_rules(resolver: StaticResolver, keys: Keys, mint: Mint) -> No
     ],
 )
 async def test_typ(
-    resolver: StaticResolver, keys: Keys, typ: object, settings_overrides: dict[str, Any], ok: bool
+    resolver: StaticKeys, keys: Keys, typ: object, settings_overrides: dict[str, Any], ok: bool
 ) -> None:
     header: dict[str, Any] = {"alg": "RS256", "kid": keys.rsa.kid}
     if typ is not None:
@@ -211,7 +200,7 @@ async def test_typ(
         assert type(await rejected(resolver, token, s)) is errors.TokenTypeNotAccepted
 
 
-async def test_crit_is_rejected(resolver: StaticResolver, keys: Keys) -> None:
+async def test_crit_is_rejected(resolver: StaticKeys, keys: Keys) -> None:
     token = sign_raw({"alg": "RS256", "kid": keys.rsa.kid, "crit": ["exp"], "exp": 1}, claims(), keys.rsa)
     assert type(await rejected(resolver, token)) is errors.UnsupportedCritical
 
@@ -220,7 +209,7 @@ async def test_crit_is_rejected(resolver: StaticResolver, keys: Keys) -> None:
     "extra", [{"b64": True}, {"b64": False}, {"b64": True, "crit": ["b64"]}, {"b64": False, "crit": ["b64"]}]
 )
 async def test_b64_is_rejected_with_or_without_crit(
-    resolver: StaticResolver, keys: Keys, extra: dict[str, Any]
+    resolver: StaticKeys, keys: Keys, extra: dict[str, Any]
 ) -> None:
     # Validly signed over the encoded payload, as an implementation without RFC 7797 would check
     # it: only the b64 member can deny it.
@@ -251,29 +240,29 @@ async def test_b64_is_rejected_with_or_without_crit(
         "eyJhbGciOiJSUzI1NiJ9.//8.AA",  # not UTF-8
     ],
 )
-async def test_malformed_tokens(resolver: StaticResolver, token: str) -> None:
+async def test_malformed_tokens(resolver: StaticKeys, token: str) -> None:
     error = await rejected(resolver, token)
     assert isinstance(error, errors.MalformedToken)
 
 
-async def test_jwe_says_so(resolver: StaticResolver) -> None:
+async def test_jwe_says_so(resolver: StaticKeys) -> None:
     error = await rejected(resolver, "a.b.c.d.e")
     assert "encrypted" in error.detail
 
 
-async def test_duplicate_claims_rejected(resolver: StaticResolver, keys: Keys) -> None:
+async def test_duplicate_claims_rejected(resolver: StaticKeys, keys: Keys) -> None:
     payload = f'{{"sub":"alice","sub":"admin","iss":"{ISSUER}","aud":"api","exp":{int(NOW) + 60}}}'
     token = sign_raw({"alg": "RS256", "kid": keys.rsa.kid}, payload, keys.rsa)
     assert isinstance(await rejected(resolver, token), errors.MalformedToken)
 
 
-async def test_size_limit_checked_first(resolver: StaticResolver) -> None:
+async def test_size_limit_checked_first(resolver: StaticKeys) -> None:
     s = make_settings(max_token_bytes=1024)
     assert type(await rejected(resolver, "a" * 1025, s)) is errors.TokenTooLarge
     assert len(parse_token("e30.e30." + "A" * 100, 1024).signature) == 75
 
 
-async def test_bad_signature_encodings(resolver: StaticResolver, keys: Keys, mint: Mint) -> None:
+async def test_bad_signature_encodings(resolver: StaticKeys, keys: Keys, mint: Mint) -> None:
     head, payload, _ = mint(keys.ec).split(".")
     for signature in ("", "AAAA", "A" * 86, segment({"r": 0})):
         assert isinstance(await rejected(resolver, f"{head}.{payload}.{signature}"), errors.InvalidToken)
@@ -282,11 +271,11 @@ async def test_bad_signature_encodings(resolver: StaticResolver, keys: Keys, min
 
 
 async def test_keys_unavailable_is_not_a_401(mint: Mint) -> None:
-    error = await rejected(StaticResolver({}), mint())
+    error = await rejected(StaticKeys({}), mint())
     assert isinstance(error, errors.KeysUnavailable) and error.status == 503
 
 
-async def test_token_location_must_be_accepted_by_the_issuer(resolver: StaticResolver, mint: Mint) -> None:
+async def test_token_location_must_be_accepted_by_the_issuer(resolver: StaticKeys, mint: Mint) -> None:
     v = verifier(resolver)
     with pytest.raises(errors.TokenLocationNotAccepted):
         await v.verify(credential(mint(), ParamToken("access_token")))

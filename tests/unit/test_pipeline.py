@@ -11,9 +11,10 @@ from typing import Any
 import pytest
 
 from ext_authz.compiled import compile
+from ext_authz.keys.static import StaticKeys
 from ext_authz.model import Allow, Deny, Request
 from ext_authz.pipeline import Pipeline
-from tests.support.tokens import NOW, Mint, StaticResolver, clock, make_settings
+from tests.support.tokens import NOW, Mint, clock, make_settings
 
 RULES: list[Any] = [
     {"match": {"paths": ["/public/*"]}, "allow": "anonymous"},
@@ -22,7 +23,7 @@ RULES: list[Any] = [
 ]
 
 
-def pipeline(resolver: StaticResolver, **provider: Any) -> Pipeline:
+def pipeline(resolver: StaticKeys, **provider: Any) -> Pipeline:
     p = {"claim_to_headers": [{"header": "x-user-id", "claim": "sub"}], **provider}
     return Pipeline(compile(make_settings(provider=p, rules=RULES)), resolver, clock=clock)
 
@@ -33,14 +34,14 @@ def req(path: str = "/orders", method: str = "GET", token: str | None = None, **
     return Request(method, path, headers={k.replace("_", "-"): v for k, v in headers.items()})
 
 
-async def test_allow_with_identity(resolver: StaticResolver, mint: Mint) -> None:
+async def test_allow_with_identity(resolver: StaticKeys, mint: Mint) -> None:
     decision = await pipeline(resolver).decide(req(token=mint(), x_user_id="mallory"))
     assert isinstance(decision, Allow)
     assert decision.headers_to_set == (("x-user-id", "alice"),)
     assert decision.rule == "rules[2]" and decision.provider == "idp"
 
 
-async def test_denials(resolver: StaticResolver, mint: Mint) -> None:
+async def test_denials(resolver: StaticKeys, mint: Mint) -> None:
     p = pipeline(resolver)
     cases = [
         (req(), 401, "missing_token"),
@@ -58,7 +59,7 @@ async def test_denials(resolver: StaticResolver, mint: Mint) -> None:
     assert isinstance(await p.decide(req("/admin/x", "POST", token=mint(scope="admin"))), Allow)
 
 
-async def test_anonymous_route(resolver: StaticResolver, mint: Mint) -> None:
+async def test_anonymous_route(resolver: StaticKeys, mint: Mint) -> None:
     p = pipeline(resolver)
     without = await p.decide(req("/public/x", x_user_id="mallory"))
     # Every spelling of the owned name goes, whether the request shows it or not.
@@ -78,7 +79,7 @@ async def test_anonymous_route(resolver: StaticResolver, mint: Mint) -> None:
 
 
 async def test_keys_unavailable(mint: Mint) -> None:
-    p = pipeline(StaticResolver({}))
+    p = pipeline(StaticKeys({}))
     decision = await p.decide(req(token=mint()))
     assert isinstance(decision, Deny) and decision.status == 503
     assert dict(decision.headers)["retry-after"] == "7"
@@ -123,7 +124,7 @@ ERRORS_THAT_ALLOWED: list[tuple[str, dict[str, Any]]] = [
 ]
 
 
-async def test_an_error_under_not_denies(resolver: StaticResolver, mint: Mint) -> None:
+async def test_an_error_under_not_denies(resolver: StaticKeys, mint: Mint) -> None:
     p = Pipeline(compile(make_settings(rules=ERROR_RULES)), resolver, clock=clock)
     for path, token_claims in ERRORS_THAT_ALLOWED:
         decision = await p.decide(req(path, token=mint(**token_claims)))
@@ -131,7 +132,7 @@ async def test_an_error_under_not_denies(resolver: StaticResolver, mint: Mint) -
         assert (decision.status, decision.code) == (403, "requirement_not_met"), (path, token_claims)
 
 
-async def test_defined_requirements_still_decide(resolver: StaticResolver, mint: Mint) -> None:
+async def test_defined_requirements_still_decide(resolver: StaticKeys, mint: Mint) -> None:
     p = Pipeline(compile(make_settings(rules=ERROR_RULES)), resolver, clock=clock)
     cases: list[tuple[str, dict[str, Any], bool]] = [
         ("/not", {"email": "bob@example.com"}, True),
@@ -153,7 +154,7 @@ async def test_defined_requirements_still_decide(resolver: StaticResolver, mint:
         assert isinstance(decision, Allow) is allowed, (path, token_claims)
 
 
-async def test_an_error_in_dry_run_is_a_recorded_denial(resolver: StaticResolver, mint: Mint) -> None:
+async def test_an_error_in_dry_run_is_a_recorded_denial(resolver: StaticKeys, mint: Mint) -> None:
     rules = [{"require": {"not": {"expression": CONTRACTOR}}, "mode": "dry_run"}]
     p = Pipeline(compile(make_settings(rules=rules)), resolver, clock=clock)
     decision = await p.decide(req(token=mint()))

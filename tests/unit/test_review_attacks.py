@@ -11,11 +11,12 @@ import pytest
 
 from ext_authz.compiled import compile
 from ext_authz.config.rules import claims_used
+from ext_authz.keys.static import StaticKeys
 from ext_authz.model import Allow, Deny, Request
 from ext_authz.paths import path_readings
 from ext_authz.pipeline import Pipeline
 from tests.support.attacks import Forge
-from tests.support.tokens import StaticResolver, clock, make_settings
+from tests.support.tokens import clock, make_settings
 
 
 @pytest.fixture
@@ -23,7 +24,7 @@ def forge(keys: Any) -> Forge:
     return Forge(keys)
 
 
-def pipeline(resolver: StaticResolver, rules: list[Any]) -> Pipeline:
+def pipeline(resolver: StaticKeys, rules: list[Any]) -> Pipeline:
     return Pipeline(compile(make_settings(rules=rules)), resolver, clock=clock)
 
 
@@ -48,7 +49,7 @@ MACRO_EXPRESSIONS = [
 
 @pytest.mark.parametrize("expression", MACRO_EXPRESSIONS)
 async def test_a_macro_over_the_claims_sees_every_claim(
-    resolver: StaticResolver, forge: Forge, expression: str
+    resolver: StaticKeys, forge: Forge, expression: str
 ) -> None:
     assert claims_used(expression) is None
     p = pipeline(resolver, [{"match": {"paths": ["/*"]}, "require": {"expression": expression}}])
@@ -86,7 +87,7 @@ PUBLIC_AND_ADMIN = [
 
 @pytest.mark.parametrize("path", DOUBLE_DECODED)
 async def test_escaped_escapes_are_read_as_a_double_decoder_reads_them(
-    resolver: StaticResolver, forge: Forge, path: str
+    resolver: StaticKeys, forge: Forge, path: str
 ) -> None:
     assert "/admin/x" in [p for _, p in path_readings(path)]
     p = pipeline(resolver, PUBLIC_AND_ADMIN)
@@ -97,6 +98,6 @@ async def test_escaped_escapes_are_read_as_a_double_decoder_reads_them(
 
 
 @pytest.mark.parametrize("path", ["/public/100%25", "/public/%25%32%30off", "/public/50%", "/public/a%zz"])
-async def test_percent_signs_that_stay_data_still_work(resolver: StaticResolver, path: str) -> None:
+async def test_percent_signs_that_stay_data_still_work(resolver: StaticKeys, path: str) -> None:
     p = pipeline(resolver, PUBLIC_AND_ADMIN)
     assert isinstance(await p.decide(get(path)), Allow), path

@@ -8,11 +8,12 @@ from ext_authz import errors
 from ext_authz.compiled import compile
 from ext_authz.identity import Verifier
 from ext_authz.keys.jwks import parse_jwks
+from ext_authz.keys.static import StaticKeys
 from ext_authz.model import Credential
 from ext_authz.sources import HeaderToken, ParamToken
 from ext_authz.tokencache import CachedToken, TokenCache
 from tests.support.idp import SigningKey
-from tests.support.tokens import NOW, Keys, Mint, StaticResolver, make_settings
+from tests.support.tokens import NOW, Keys, Mint, make_settings
 
 AUTH = HeaderToken("authorization", "Bearer ")
 
@@ -25,12 +26,12 @@ class Clock:
         return self.now
 
 
-def verifier(resolver: StaticResolver, clock: Clock, cache: TokenCache) -> Verifier:
+def verifier(resolver: StaticKeys, clock: Clock, cache: TokenCache) -> Verifier:
     s = make_settings()
     return Verifier(s.providers, resolver, max_token_bytes=s.max_token_bytes, clock=clock, cache=cache)
 
 
-async def test_second_verification_is_a_hit(resolver: StaticResolver, mint: Mint) -> None:
+async def test_second_verification_is_a_hit(resolver: StaticKeys, mint: Mint) -> None:
     cache = TokenCache(10)
     v = verifier(resolver, Clock(), cache)
     token = mint(email="a@example.com")
@@ -40,7 +41,7 @@ async def test_second_verification_is_a_hit(resolver: StaticResolver, mint: Mint
     assert second.claims == first.claims and second.payload_segment == first.payload_segment
 
 
-async def test_hits_stop_at_exp_plus_skew(resolver: StaticResolver, mint: Mint) -> None:
+async def test_hits_stop_at_exp_plus_skew(resolver: StaticKeys, mint: Mint) -> None:
     clock, cache = Clock(), TokenCache(10)
     v = verifier(resolver, clock, cache)
     token = mint(exp=int(NOW) + 10)
@@ -54,26 +55,26 @@ async def test_hits_stop_at_exp_plus_skew(resolver: StaticResolver, mint: Mint) 
 
 
 async def test_removed_or_replaced_key_ends_the_entry(keys: Keys, mint: Mint) -> None:
-    resolver = StaticResolver({"idp": parse_jwks(keys.jwks())})
+    resolver = StaticKeys({"idp": parse_jwks(keys.jwks())})
     cache = TokenCache(10)
     v = verifier(resolver, Clock(), cache)
     token = mint()
     await v.verify(Credential(token, (AUTH,)))
     # The IdP replaced the key behind kid "rsa-1": the cached verdict no longer stands.
     impostor = SigningKey("rsa-1", "RS256", keys.other_rsa.private_key)
-    resolver.sets["idp"] = parse_jwks({"keys": [impostor.jwk()]})
+    resolver.add("idp", parse_jwks({"keys": [impostor.jwk()]}))
     with pytest.raises(errors.BadSignature):
         await v.verify(Credential(token, (AUTH,)))
     # The key left the set entirely.
-    resolver.sets["idp"] = parse_jwks({"keys": [keys.rsa.jwk()]})
+    resolver.add("idp", parse_jwks({"keys": [keys.rsa.jwk()]}))
     await v.verify(Credential(token, (AUTH,)))
-    resolver.sets["idp"] = parse_jwks({"keys": [keys.ec.jwk()]})
+    resolver.add("idp", parse_jwks({"keys": [keys.ec.jwk()]}))
     with pytest.raises(errors.UnknownKey):
         await v.verify(Credential(token, (AUTH,)))
     assert len(cache) == 0
 
 
-async def test_location_still_checked_on_a_hit(resolver: StaticResolver, mint: Mint) -> None:
+async def test_location_still_checked_on_a_hit(resolver: StaticKeys, mint: Mint) -> None:
     cache = TokenCache(10)
     v = verifier(resolver, Clock(), cache)
     token = mint()
@@ -96,7 +97,7 @@ def test_least_recently_used_entries_go_first() -> None:
     assert len(disabled) == 0
 
 
-async def test_pipeline_builds_the_cache_from_config(resolver: StaticResolver) -> None:
+async def test_pipeline_builds_the_cache_from_config(resolver: StaticKeys) -> None:
     from ext_authz.pipeline import Pipeline
 
     assert Pipeline(compile(make_settings()), resolver).verifier.cache is not None
