@@ -30,7 +30,7 @@ class Request:
 class Credential:
     """A token found in a request, with every place it was found (the same token may be sent twice)."""
 
-    token: str
+    token: str = field(repr=False)  # a repr (a log line, a traceback) never carries the token
     locations: tuple[TokenSource, ...]
 
 
