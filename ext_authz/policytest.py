@@ -118,9 +118,7 @@ def _string_map(value: object, path: str) -> dict[str, object]:
 
 
 def _request(raw: object, path: str) -> Request:
-    r = mapping(raw, path, _REQUEST_KEYS)
-    if "path" not in r:
-        fail(f"{path}.path", "is required")
+    r = mapping(raw, path, _REQUEST_KEYS, required=("path",))
     method = string(r.get("method", "GET"), f"{path}.method").upper()
     if not METHOD.match(method):
         fail(f"{path}.method", f"{method!r} is not an HTTP method")
@@ -152,9 +150,7 @@ def _claims(raw: object, path: str) -> dict[str, object]:
 
 
 def _expect(raw: object, path: str) -> Expect:
-    e = mapping(raw, path, _EXPECT_KEYS)
-    if "status" not in e:
-        fail(f"{path}.status", "is required")
+    e = mapping(raw, path, _EXPECT_KEYS, required=("status",))
     status = number(e["status"], f"{path}.status", 100, 599)
     if status != e["status"] or isinstance(e["status"], float):
         fail(f"{path}.status", "must be a whole number")

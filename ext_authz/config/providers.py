@@ -70,10 +70,7 @@ _PROVIDER_KEYS = (
 
 
 def provider(raw: object, path: str, base_dir: Path) -> ProviderSettings:
-    p = mapping(raw, path, _PROVIDER_KEYS)
-    for key in ("name", "issuer", "audiences"):
-        if key not in p:
-            fail(f"{path}.{key}", "is required")
+    p = mapping(raw, path, _PROVIDER_KEYS, required=("name", "issuer", "audiences"))
     insecure = boolean(p.get("allow_insecure_http", False), f"{path}.allow_insecure_http")
     name = string(p["name"], f"{path}.name")
     issuer = _url(p["issuer"], f"{path}.issuer", allow_insecure_http=insecure)
@@ -220,9 +217,7 @@ def _static_keys(document: object, path: str) -> KeySet:
 
 
 def _header_source(raw: object, path: str) -> HeaderSource:
-    h = mapping(raw, path, ("name", "prefix"))
-    if "name" not in h:
-        fail(f"{path}.name", "is required")
+    h = mapping(raw, path, ("name", "prefix"), required=("name",))
     prefix = string(h.get("prefix", ""), f"{path}.prefix", allow_empty=True)
     if prefix.strip() != prefix.rstrip() or "," in prefix:
         fail(f"{path}.prefix", "must not start with white space or contain ','")

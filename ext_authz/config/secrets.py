@@ -119,10 +119,9 @@ def _secret_value(c: Mapping[str, object], name: str, base_dir: Path) -> _Secret
 
 def tls(raw: object, base_dir: Path, admin_address: str | None) -> TlsSettings:
     """The files are read and checked now: a listener never starts with a pair that cannot work."""
-    c = mapping(raw, "tls", ("cert_file", "key_file", "client_ca_file", "admin"))
-    for key in ("cert_file", "key_file"):
-        if key not in c:
-            fail(f"tls.{key}", "is required")
+    c = mapping(
+        raw, "tls", ("cert_file", "key_file", "client_ca_file", "admin"), required=("cert_file", "key_file")
+    )
 
     def file(key: str) -> str:
         return str(base_dir / string(c[key], f"tls.{key}"))

@@ -41,12 +41,18 @@ def type_name(value: object) -> str:
     )
 
 
-def mapping(value: object, path: str, known: Sequence[str]) -> Mapping[str, object]:
+def mapping(
+    value: object, path: str, known: Sequence[str], *, required: Sequence[str] = ()
+) -> Mapping[str, object]:
+    """A mapping whose keys are all ``known`` and include every ``required`` one (in that order)."""
     if not isinstance(value, dict):
         fail(path, f"must be a mapping, not {type_name(value)}")
     for key in value:
         if not isinstance(key, str) or key not in known:
             fail(f"{path}.{key}" if path else str(key), f"unknown key (known keys: {', '.join(known)})")
+    for key in required:
+        if key not in value:
+            fail(f"{path}.{key}" if path else key, "is required")
     return value
 
 
@@ -136,10 +142,7 @@ def parse_claim_path(text: str, path: str) -> tuple[str, ...]:
 
 
 def claim_header(raw: object, path: str) -> ClaimHeader:
-    c = mapping(raw, path, ("header", "claim"))
-    for key in ("header", "claim"):
-        if key not in c:
-            fail(f"{path}.{key}", "is required")
+    c = mapping(raw, path, ("header", "claim"), required=("header", "claim"))
     claim = string(c["claim"], f"{path}.claim")
     return ClaimHeader(
         header=header_target(c["header"], f"{path}.header"),
