@@ -15,7 +15,7 @@ from collections.abc import Iterable
 
 from ext_authz.errors import MultipleTokenMethods, MultipleTokens
 from ext_authz.model import Credential, Request
-from ext_authz.sources import TokenSource
+from ext_authz.sources import Reading, TokenSource
 
 _ORDER = {"header": 0, "cookie": 1, "param": 2}
 
@@ -28,8 +28,9 @@ class CredentialFinder:
     def find(self, request: Request) -> Credential | None:
         """The request's token, None if it has none; raises InvalidRequest when ambiguous."""
         found: dict[str, list[TokenSource]] = {}
+        reading = Reading(request)  # cookies and the query are parsed once, not once per name
         for source in self._sources:
-            for token in source.read(request):
+            for token in source.read(reading):
                 found.setdefault(token, []).append(source)
         if not found:
             return None

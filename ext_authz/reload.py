@@ -104,10 +104,16 @@ class Reloader:
             old = self._current.get()
             _warn_restart_needed(old.settings, new)
             runtime = self._build(new, old.keys)
-            runtime.keys.start()  # only new or changed providers fetch
-            await runtime.keys.first_fetches()
+            try:
+                runtime.keys.start()  # only new or changed providers fetch
+                await runtime.keys.first_fetches()
+            except BaseException:
+                # Abandoned (the server stops meanwhile): the old store keeps what it handed over;
+                # the loops only the new store started stop with it.
+                await runtime.keys.stop(keep=old.keys)
+                raise
             self._current.replace(runtime)
-            await old.keys.stop()  # all but the providers handed over to the new store
+            await old.keys.stop(keep=runtime.keys)  # all but the providers the new store took over
             logs.set_level(new.log.level)
             self._metrics.reloads.labels("ok").inc()
             log.info("config reloaded", extra={"fields": {"reason": reason, "providers": len(new.providers)}})

@@ -107,22 +107,23 @@ class ServeOptions:
 
     def to_argv(self) -> list[str]:
         """The arguments that :meth:`from_argv` turns back into these options."""
-        argv = ["--config", self.config]
+        # --name=value: a value that starts with "-" (a file named -x.yaml) stays a value.
+        argv = [f"--config={self.config}"]
         if self.listen is not None:
-            argv += ["--listen", self.listen]
+            argv += [f"--listen={self.listen}"]
         if self.log_level is not None:
-            argv += ["--log-level", self.log_level]
+            argv += [f"--log-level={self.log_level}"]
         if self.drain_seconds is not None:
-            argv += ["--drain-seconds", str(self.drain_seconds)]
-        argv += ["--event-loop", self.event_loop]
+            argv += [f"--drain-seconds={self.drain_seconds}"]
+        argv += [f"--event-loop={self.event_loop}"]
         if self.workers != 1:
-            argv += ["--workers", str(self.workers)]
+            argv += [f"--workers={self.workers}"]
         if self.reuse_port:
             argv += ["--reuse-port"]
         if self.admin_listen is not None:
-            argv += ["--admin-listen", self.admin_listen]
+            argv += [f"--admin-listen={self.admin_listen}"]
         if self.admin_address_file is not None:
-            argv += ["--admin-address-file", self.admin_address_file]
+            argv += [f"--admin-address-file={self.admin_address_file}"]
         if self.admin_plaintext:
             argv += ["--admin-plaintext"]
         return argv

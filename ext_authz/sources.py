@@ -9,7 +9,7 @@ the verifier's location check, the response and explain do not change.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from typing import ClassVar, Literal
 from urllib.parse import parse_qsl, urlencode
@@ -28,6 +28,30 @@ class Removal:
     cookies: set[str] = field(default_factory=set)
 
 
+class Reading:
+    """A request as the sources read it: its cookies and query parameters are parsed once, on
+    first use, however many names the providers configure (the client controls their size)."""
+
+    __slots__ = ("_cookies", "_params", "request")
+
+    def __init__(self, request: Request) -> None:
+        self.request = request
+        self._cookies: Mapping[str, list[str]] | None = None
+        self._params: Mapping[str, list[str]] | None = None
+
+    def cookies(self) -> Mapping[str, list[str]]:
+        if self._cookies is None:
+            header = self.request.headers.get("cookie")
+            self._cookies = _by_name(_cookies(header) if header else ())
+        return self._cookies
+
+    def params(self) -> Mapping[str, list[str]]:
+        if self._params is None:
+            query = self.request.query
+            self._params = _by_name(parse_qsl(query, keep_blank_values=True) if query else ())
+        return self._params
+
+
 @dataclass(frozen=True, slots=True)
 class HeaderToken:
     """A request header, after a prefix (``Bearer ``: a case-insensitive scheme and spaces)."""
@@ -38,8 +62,8 @@ class HeaderToken:
     # The RFC 6750 §2 method this place is (None: not one; a cookie is not an RFC 6750 method).
     method: ClassVar[str | None] = "header"
 
-    def read(self, request: Request) -> Iterator[str]:
-        value = request.headers.get(self.name)
+    def read(self, reading: Reading) -> Iterator[str]:
+        value = reading.request.headers.get(self.name)
         if value is not None:
             yield from _from_header(value, self.prefix)
 
@@ -65,13 +89,12 @@ class _Named:
     kind: ClassVar[Literal["cookie", "param"]]
     _configured_in: ClassVar[str]  # the provider setting that lists these names
 
-    def _pairs(self, request: Request) -> Iterable[tuple[str, str]]:
+    def _values(self, reading: Reading) -> Mapping[str, list[str]]:
         raise NotImplementedError
 
-    def read(self, request: Request) -> Iterator[str]:
-        for name, value in self._pairs(request):
-            if name == self.name:
-                yield _non_empty(value)
+    def read(self, reading: Reading) -> Iterator[str]:
+        for value in self._values(reading).get(self.name, ()):
+            yield _non_empty(value)
 
     def accepted_by(self, provider: ProviderSettings) -> bool:
         names: tuple[str, ...] = getattr(provider, self._configured_in)
@@ -88,9 +111,8 @@ class CookieToken(_Named):
     method: ClassVar[str | None] = None
     _configured_in: ClassVar[str] = "from_cookies"
 
-    def _pairs(self, request: Request) -> Iterable[tuple[str, str]]:
-        cookie_header = request.headers.get("cookie")
-        return _cookies(cookie_header) if cookie_header else ()
+    def _values(self, reading: Reading) -> Mapping[str, list[str]]:
+        return reading.cookies()
 
     def remove(self, removal: Removal) -> None:
         removal.cookies.add(self.name)
@@ -106,8 +128,8 @@ class ParamToken(_Named):
     method: ClassVar[str | None] = "query"
     _configured_in: ClassVar[str] = "from_params"
 
-    def _pairs(self, request: Request) -> Iterable[tuple[str, str]]:
-        return parse_qsl(request.query, keep_blank_values=True) if request.query else ()
+    def _values(self, reading: Reading) -> Mapping[str, list[str]]:
+        return reading.params()
 
     def remove(self, removal: Removal) -> None:
         removal.params.append(self.name)
@@ -155,6 +177,13 @@ def _from_header(value: str, prefix: str) -> Iterator[str]:
                 yield _non_empty(rest)
         elif part.lower().startswith(wanted):
             yield _non_empty(part[len(wanted) :])
+
+
+def _by_name(pairs: Iterable[tuple[str, str]]) -> Mapping[str, list[str]]:
+    values: dict[str, list[str]] = {}
+    for name, value in pairs:
+        values.setdefault(name, []).append(value)
+    return values
 
 
 def _cookies(header: str) -> Iterator[tuple[str, str]]:

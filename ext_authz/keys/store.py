@@ -55,7 +55,6 @@ class KeyStore:
     ) -> None:
         self._readiness = readiness
         self._on_change = on_change
-        self._handed_over: set[str] = set()
         providers_keys: dict[str, ProviderKeys] = {}
         for p in providers:
             kept = reuse.hand_over(p, self._changed) if reuse is not None else None
@@ -87,20 +86,20 @@ class KeyStore:
     def hand_over(self, provider: ProviderSettings, on_change: Callable[[], None]) -> ProviderKeys | None:
         """On a reload, the new store (``KeyStore(..., reuse=old)``) asks the old one for each
         provider's keys: when the provider's key source is unchanged, its keys, refresh loop and
-        counters move to the new store (rebound to the new settings, reporting to ``on_change``),
-        and this store's :meth:`stop` leaves them running. None: the new store fetches afresh."""
+        counters move to the new store (rebound to the new settings, reporting to ``on_change``).
+        None: the new store fetches afresh. Which store stops them is decided only once a reload
+        has put one in force (:meth:`stop`'s ``keep``): a reload abandoned halfway leaves this
+        store owning all of its loops."""
         keys = self._providers.get(provider.name)
         if keys is None or not keys.same_source(provider):
             return None
         keys.rebind(provider, on_change)
-        self._handed_over.add(provider.name)
         return keys
 
-    async def stop(self) -> None:
-        """Stop every provider's loop, except those handed over to a new store on a reload."""
-        await asyncio.gather(
-            *(p.stop() for name, p in self._providers.items() if name not in self._handed_over)
-        )
+    async def stop(self, keep: KeyStore | None = None) -> None:
+        """Stop every provider's loop, except those ``keep`` (the store now in force) took over."""
+        kept = {id(p) for p in keep._providers.values()} if keep is not None else set()
+        await asyncio.gather(*(p.stop() for p in self._providers.values() if id(p) not in kept))
 
     def ready(self) -> bool:
         usable = [p.usable() for p in self._providers.values()]

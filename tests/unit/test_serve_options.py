@@ -83,8 +83,8 @@ def test_workers_run_the_supervisors_event_loop(
     options = ServeOptions(config="c.yaml", event_loop=event_loop, workers=3)  # type: ignore[arg-type]
     argv = supervisor(tmp_path, monkeypatch, options).worker_argv(1, "127.0.0.1:40001")
     assert argv[:4] == [sys.executable, "-m", "ext_authz", "serve"]
-    assert argv[argv.index("--event-loop") + 1] == event_loop
-    assert "--worker-index" not in argv
+    assert ServeOptions.from_argv(argv[4:]).event_loop == event_loop
+    assert not any(arg.startswith("--worker-index") for arg in argv)
 
 
 def test_a_worker_gets_the_supervisors_options_on_the_shared_port(
