@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -41,22 +42,31 @@ async def test_allow_with_identity(resolver: StaticKeys, mint: Mint) -> None:
     assert decision.rule == "rules[2]" and decision.provider == "idp"
 
 
-async def test_denials(resolver: StaticKeys, mint: Mint) -> None:
-    p = pipeline(resolver)
-    cases = [
-        (req(), 401, "missing_token"),
-        (req(token=mint(exp=int(NOW) - 3600)), 401, "token_expired"),
-        (req(token="garbage"), 401, "malformed_token"),
-        (req("/admin/x", "POST", token=mint()), 403, "insufficient_scope"),
-        (req(authorization="Bearer a, Bearer b"), 400, "multiple_tokens"),
-        (req(path=""), 403, "no_matching_rule"),
-    ]
-    for request, status, code in cases:
-        decision = await p.decide(request)
-        assert isinstance(decision, Deny), code
-        assert (decision.status, decision.code) == (status, code)
-        assert "garbage" not in decision.body and "Bearer" not in decision.body
-    assert isinstance(await p.decide(req("/admin/x", "POST", token=mint(scope="admin"))), Allow)
+@pytest.mark.parametrize(
+    ("request_of", "status", "code"),
+    [
+        (lambda mint: req(), 401, "missing_token"),
+        (lambda mint: req(token=mint(exp=int(NOW) - 3600)), 401, "token_expired"),
+        (lambda mint: req(token="garbage"), 401, "malformed_token"),
+        (lambda mint: req("/admin/x", "POST", token=mint()), 403, "insufficient_scope"),
+        (lambda mint: req(authorization="Bearer a, Bearer b"), 400, "multiple_tokens"),
+        (lambda mint: req(path=""), 403, "no_matching_rule"),
+    ],
+    ids=lambda value: value if isinstance(value, str) else None,
+)
+async def test_denials(
+    resolver: StaticKeys, mint: Mint, request_of: Callable[[Mint], Request], status: int, code: str
+) -> None:
+    decision = await pipeline(resolver).decide(request_of(mint))
+    assert isinstance(decision, Deny), code
+    assert (decision.status, decision.code) == (status, code)
+    assert "garbage" not in decision.body and "Bearer" not in decision.body
+
+
+async def test_the_scope_the_denial_named_allows(resolver: StaticKeys, mint: Mint) -> None:
+    assert isinstance(
+        await pipeline(resolver).decide(req("/admin/x", "POST", token=mint(scope="admin"))), Allow
+    )
 
 
 async def test_anonymous_route(resolver: StaticKeys, mint: Mint) -> None:
@@ -124,17 +134,19 @@ ERRORS_THAT_ALLOWED: list[tuple[str, dict[str, Any]]] = [
 ]
 
 
-async def test_an_error_under_not_denies(resolver: StaticKeys, mint: Mint) -> None:
+@pytest.mark.parametrize(("path", "token_claims"), ERRORS_THAT_ALLOWED)
+async def test_an_error_under_not_denies(
+    resolver: StaticKeys, mint: Mint, path: str, token_claims: dict[str, Any]
+) -> None:
     p = Pipeline(compile(make_settings(rules=ERROR_RULES)), resolver, clock=clock)
-    for path, token_claims in ERRORS_THAT_ALLOWED:
-        decision = await p.decide(req(path, token=mint(**token_claims)))
-        assert isinstance(decision, Deny), (path, token_claims)
-        assert (decision.status, decision.code) == (403, "requirement_not_met"), (path, token_claims)
+    decision = await p.decide(req(path, token=mint(**token_claims)))
+    assert isinstance(decision, Deny), (path, token_claims)
+    assert (decision.status, decision.code) == (403, "requirement_not_met"), (path, token_claims)
 
 
-async def test_defined_requirements_still_decide(resolver: StaticKeys, mint: Mint) -> None:
-    p = Pipeline(compile(make_settings(rules=ERROR_RULES)), resolver, clock=clock)
-    cases: list[tuple[str, dict[str, Any], bool]] = [
+@pytest.mark.parametrize(
+    ("path", "token_claims", "allowed"),
+    [
         ("/not", {"email": "bob@example.com"}, True),
         ("/not", {"email": "eve@contractor.example"}, False),
         ("/strikes", {"strikes": "1"}, True),
@@ -148,10 +160,14 @@ async def test_defined_requirements_still_decide(resolver: StaticKeys, mint: Min
         ("/not-claim", {"role": ["staff", "contractor"]}, False),
         ("/top", {"email": "bob@example.com"}, True),
         ("/top", {}, False),
-    ]
-    for path, token_claims, allowed in cases:
-        decision = await p.decide(req(path, token=mint(**token_claims)))
-        assert isinstance(decision, Allow) is allowed, (path, token_claims)
+    ],
+)
+async def test_defined_requirements_still_decide(
+    resolver: StaticKeys, mint: Mint, path: str, token_claims: dict[str, Any], allowed: bool
+) -> None:
+    p = Pipeline(compile(make_settings(rules=ERROR_RULES)), resolver, clock=clock)
+    decision = await p.decide(req(path, token=mint(**token_claims)))
+    assert isinstance(decision, Allow) is allowed, (path, token_claims)
 
 
 async def test_an_error_in_dry_run_is_a_recorded_denial(resolver: StaticKeys, mint: Mint) -> None:

@@ -588,42 +588,53 @@ def test_redis_url_password_is_used_and_never_shown(tmp_path: Path) -> None:
     assert "from-a-file" not in repr(cache)
 
 
-def test_redis_cache_secret_problems(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.fixture
+def secret_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     (tmp_path / "short").write_text("s" * 31 + "\n")
     (tmp_path / "empty").write_text("\n")
     (tmp_path / "secret").write_text(SECRET)
     (tmp_path / "password").write_text("pw")
     monkeypatch.setenv("EXT_AUTHZ_TEST_EMPTY", "")
     monkeypatch.delenv("EXT_AUTHZ_TEST_UNSET", raising=False)
-    cases: list[tuple[dict[str, Any], str, str]] = [
-        (redis_cache(), "jwks_cache.secret_file", "required for the redis backend"),
-        (redis_cache(secret_file="short"), "jwks_cache.secret_file", "at least 32 bytes"),
-        (redis_cache(secret_file="empty"), "jwks_cache.secret_file", "empty"),
-        (redis_cache(secret_file="missing"), "jwks_cache.secret_file", "cannot read"),
-        (redis_cache(secret_env="EXT_AUTHZ_TEST_UNSET"), "jwks_cache.secret_env", "not set or empty"),
-        (redis_cache(secret_env="EXT_AUTHZ_TEST_EMPTY"), "jwks_cache.secret_env", "not set or empty"),
-        (redis_cache(secret_file="secret", secret_env="X"), "jwks_cache.secret_env", "only one"),
-        (redis_cache(secret_file=["secret"]), "jwks_cache.secret_file", "string"),
-        (config(jwks_cache={"secret_file": "secret"}), "jwks_cache.secret_file", "only the redis backend"),
-        (config(jwks_cache={"password_env": "X"}), "jwks_cache.password_env", "only the redis backend"),
-        (
-            config(jwks_cache={"backend": "redis", "url": "redis://:pw@h/0", "secret_file": "secret",
-                               "password_file": "password"}),
-            "jwks_cache.password_file",
-            "already contains a password",
-        ),
-        (redis_cache(secret_file="secret", ca_file="ca.pem"), "jwks_cache.ca_file", "rediss://"),
-        (
-            config(jwks_cache={"backend": "redis", "url": "rediss://h/0", "secret_file": "secret",
-                               "ca_file": "missing.pem"}),
-            "jwks_cache.ca_file",
-            "cannot load",
-        ),
-    ]  # fmt: skip
-    for document, key_path, message in cases:
-        error = error_of(document, tmp_path)
-        assert (error.key_path, message in error.message) == (key_path, True), (document, error)
-    # A secret that is too short is still never echoed.
+    return tmp_path
+
+
+SECRET_PROBLEMS: list[tuple[dict[str, Any], str, str]] = [
+    (redis_cache(), "jwks_cache.secret_file", "required for the redis backend"),
+    (redis_cache(secret_file="short"), "jwks_cache.secret_file", "at least 32 bytes"),
+    (redis_cache(secret_file="empty"), "jwks_cache.secret_file", "empty"),
+    (redis_cache(secret_file="missing"), "jwks_cache.secret_file", "cannot read"),
+    (redis_cache(secret_env="EXT_AUTHZ_TEST_UNSET"), "jwks_cache.secret_env", "not set or empty"),
+    (redis_cache(secret_env="EXT_AUTHZ_TEST_EMPTY"), "jwks_cache.secret_env", "not set or empty"),
+    (redis_cache(secret_file="secret", secret_env="X"), "jwks_cache.secret_env", "only one"),
+    (redis_cache(secret_file=["secret"]), "jwks_cache.secret_file", "string"),
+    (config(jwks_cache={"secret_file": "secret"}), "jwks_cache.secret_file", "only the redis backend"),
+    (config(jwks_cache={"password_env": "X"}), "jwks_cache.password_env", "only the redis backend"),
+    (
+        config(jwks_cache={"backend": "redis", "url": "redis://:pw@h/0", "secret_file": "secret",
+                           "password_file": "password"}),
+        "jwks_cache.password_file",
+        "already contains a password",
+    ),
+    (redis_cache(secret_file="secret", ca_file="ca.pem"), "jwks_cache.ca_file", "rediss://"),
+    (
+        config(jwks_cache={"backend": "redis", "url": "rediss://h/0", "secret_file": "secret",
+                           "ca_file": "missing.pem"}),
+        "jwks_cache.ca_file",
+        "cannot load",
+    ),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("document", "key_path", "message"), SECRET_PROBLEMS)
+def test_redis_cache_secret_problems(
+    secret_files: Path, document: dict[str, Any], key_path: str, message: str
+) -> None:
+    error = error_of(document, secret_files)
+    assert (error.key_path, message in error.message) == (key_path, True), (document, error)
+
+
+def test_a_short_secret_is_never_echoed(tmp_path: Path) -> None:
     (tmp_path / "short").write_text("TOPSECRET" * 3)
     assert "TOPSECRET" not in str(error_of(redis_cache(secret_file="short"), tmp_path))
 
