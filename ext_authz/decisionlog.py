@@ -2,7 +2,8 @@
 
 Never a token, cookie or Authorization value: the line is built from the decision and a few
 request attributes named here, nothing else. The subject is logged plainly, hashed (the default)
-or not at all (``log.subject``).
+or not at all (``log.subject``). Lines go to the process's line writer (ext_authz.linewriter):
+the Check only queues its line; a thread writes them in batches.
 """
 
 from __future__ import annotations
@@ -11,12 +12,12 @@ import functools
 import hashlib
 import json
 import random
-import sys
 import time
 from collections.abc import Callable
 from typing import TextIO
 
 from ext_authz.config.model import LogSettings
+from ext_authz.linewriter import LineWriter, stdout_writer
 from ext_authz.model import Allow, Decision, Request, reason_of
 
 
@@ -26,17 +27,46 @@ def hash_subject(subject: str) -> str:
     return "sha256:" + hashlib.sha256(subject.encode("utf-8", "surrogatepass")).hexdigest()[:16]
 
 
+# json's own string escaping (C): the line is the same text json.dumps(entry, separators=(",", ":"))
+# gives, without building a dict and walking it for every Check.
+_quote: Callable[[str], str] = json.encoder.encode_basestring_ascii
+
+
+def _optional(value: str | None) -> str:
+    return "null" if value is None else _quote(value)
+
+
+class _Clock:
+    """``ts`` values (UTC, milliseconds); the part up to the second is formatted once a second."""
+
+    def __init__(self) -> None:
+        self._second = -1
+        self._prefix = ""
+
+    def timestamp(self) -> str:
+        now = time.time()
+        second = int(now)
+        if second != self._second:
+            self._second, self._prefix = second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        return f"{self._prefix}.{int(now % 1 * 1000):03d}Z"
+
+
 class DecisionLog:
     def __init__(
         self,
         settings: LogSettings,
         *,
         stream: TextIO | None = None,
+        writer: LineWriter | None = None,
         sample: Callable[[], float] = random.random,
     ) -> None:
+        """``stream``: write each line there at once (tests); else queue it on ``writer``
+        (default: the process's standard-output writer)."""
         self._settings = settings
         self._stream = stream
+        self._writer = writer if writer is not None or stream is not None else stdout_writer()
         self._sample = sample
+        self._clock = _Clock()
 
     def wants(self, decision: Decision) -> bool:
         mode = self._settings.decisions
@@ -52,20 +82,17 @@ class DecisionLog:
         subject = decision.subject
         if subject is not None and self._settings.subject != "plain":
             subject = hash_subject(subject) if self._settings.subject == "hash" else None
-        entry = {
-            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime()) + f".{int(time.time() % 1 * 1000):03d}Z",
-            "request_id": request_id,
-            "method": request.method,
-            "host": request.host,
-            "path": request.path,
-            "decision": "allow" if allowed else "deny",
-            "status": 200 if isinstance(decision, Allow) else decision.status,
-            "reason": reason_of(decision),
-            "provider": decision.provider,
-            "rule": decision.rule,
-            "subject": subject,
-            "latency_us": latency_us,
-        }
-        stream = self._stream or sys.stdout
-        stream.write(json.dumps(entry, separators=(",", ":")) + "\n")
-        stream.flush()
+        status = 200 if isinstance(decision, Allow) else decision.status
+        line = (
+            f'{{"ts":"{self._clock.timestamp()}","request_id":{_quote(request_id)}'
+            f',"method":{_quote(request.method)},"host":{_quote(request.host)}'
+            f',"path":{_quote(request.path)},"decision":"{"allow" if allowed else "deny"}"'
+            f',"status":{int(status)},"reason":{_quote(reason_of(decision))}'
+            f',"provider":{_optional(decision.provider)},"rule":{_optional(decision.rule)}'
+            f',"subject":{_optional(subject)},"latency_us":{int(latency_us)}}}\n'
+        )
+        if self._writer is not None:
+            self._writer.write(line)
+        elif self._stream is not None:
+            self._stream.write(line)
+            self._stream.flush()

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import grpc
 
-from ext_authz import signals
+from ext_authz import linewriter, signals
 from ext_authz.admin import AdminServer
 from ext_authz.compiled import compile
 from ext_authz.config.model import Settings
@@ -228,6 +228,8 @@ class Server:
         await asyncio.gather(*self._background, return_exceptions=True)
         await self.keys.stop()
         await self._close()
+        # Every Check has answered: its decision line is queued; it reaches stdout before exit.
+        await asyncio.to_thread(linewriter.flush_stdout)
         log.info("stopped")
 
     async def _close(self) -> None:

@@ -64,3 +64,46 @@ def test_metrics_after_known_decisions() -> None:
     assert "ext_authz_check_duration_seconds_count 3.0" in text
     assert 'ext_authz_build_info{version="' in text
     assert "alice" not in text and "/orders" not in text
+
+
+ODD = [
+    "", 'quote" back\\slash', "ünïcødé ✓ 😀", "\x00\x01\x1f\x7f ctl",
+    "\u2028\u2029 sep", "\ud800 lone", "</script>",
+]  # fmt: skip
+
+
+def test_line_is_exactly_what_json_dumps_gives() -> None:
+    """The line is built by hand for speed; it must be the text json.dumps gives, byte for byte."""
+    out = io.StringIO()
+    log = DecisionLog(LogSettings(subject="plain"), stream=out)
+    expected = []
+    for i, text in enumerate(ODD):
+        request = Request(text or "GET", "/p" + text, host=text, headers={})
+        for decision in (
+            Allow(rule=text, provider=text or None, subject=text or None),
+            Deny(status=403, grpc_code=7, code="rule_denied", headers=(), body="", rule=text),
+        ):
+            log.record(request, text + str(i), decision, i)
+            allowed = isinstance(decision, Allow)
+            entry = {
+                "request_id": text + str(i),
+                "method": request.method,
+                "host": request.host,
+                "path": request.path,
+                "decision": "allow" if allowed else "deny",
+                "status": 200 if allowed else 403,
+                "reason": "token" if allowed else "rule_denied",
+                "provider": decision.provider,
+                "rule": decision.rule,
+                "subject": decision.subject,
+                "latency_us": i,
+            }
+            expected.append(entry)
+    got = out.getvalue().splitlines()
+    assert len(got) == len(expected)
+    for line, entry in zip(got, expected, strict=True):
+        parsed = json.loads(line)
+        ts = parsed.pop("ts")
+        assert ts.endswith("Z")
+        assert line == json.dumps({"ts": ts} | entry, separators=(",", ":"))
+        assert parsed == entry

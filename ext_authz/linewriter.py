@@ -1,0 +1,95 @@
+"""Lines written by a thread of their own, in batches: a Check only queues its line.
+
+A Check that wrote and flushed its decision line itself paid a system call per request. Here the
+request thread appends the line to a queue (thread-safe, no lock held across I/O) and wakes the
+writer if it sleeps; the writer takes everything queued, writes it in one call and flushes. Under
+load lines accumulate while the writer writes, so batches grow with the rate; when idle a line
+reaches the stream at once (no timer). :meth:`flush` waits until every line queued before it has
+been written (the server calls it when it stops, and at exit); a crash loses only the lines still
+in the queue, which the writer empties as fast as the stream takes them.
+
+A stream that fails (a closed pipe, a full disk) costs the lines of that batch, never the Check:
+the failure is counted and the writer goes on.
+"""
+
+from __future__ import annotations
+
+import atexit
+import sys
+import threading
+from collections import deque
+from typing import TextIO
+
+
+class LineWriter:
+    def __init__(self, stream: TextIO | None = None, *, name: str = "line-writer") -> None:
+        self._stream = stream  # None: sys.stdout as it is when a batch is written
+        self._queue: deque[str | threading.Event] = deque()
+        self._wake = threading.Event()
+        self.failed_batches = 0
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def write(self, line: str) -> None:
+        """Queue ``line`` (ending in a newline) to be written; never blocks on the stream."""
+        self._queue.append(line)
+        if not self._wake.is_set():
+            self._wake.set()
+
+    def flush(self, timeout: float = 5.0) -> bool:
+        """Wait until every line queued so far is written and flushed. False on timeout."""
+        done = threading.Event()
+        self._queue.append(done)
+        self._wake.set()
+        return done.wait(timeout)
+
+    def _run(self) -> None:
+        queue, wake = self._queue, self._wake
+        while True:
+            wake.wait()
+            # Cleared before the queue is emptied: a line queued after this is seen either by
+            # the drain below or, since the flag is then clear, wakes the next round.
+            wake.clear()
+            while queue:
+                batch: list[str] = []
+                flushed: list[threading.Event] = []
+                while queue:
+                    item = queue.popleft()
+                    if isinstance(item, str):
+                        batch.append(item)
+                    else:
+                        flushed.append(item)
+                        break  # what was queued before the flush request goes out first
+                self._write("".join(batch))
+                for done in flushed:
+                    done.set()
+
+    def _write(self, text: str) -> None:
+        if not text:
+            return
+        stream = self._stream or sys.stdout
+        try:
+            stream.write(text)
+            stream.flush()
+        except (OSError, ValueError):  # ValueError: the stream was closed
+            self.failed_batches += 1
+
+
+_stdout: LineWriter | None = None
+_stdout_lock = threading.Lock()
+
+
+def stdout_writer() -> LineWriter:
+    """The process's writer to standard output (started on first use, flushed at exit)."""
+    global _stdout
+    with _stdout_lock:
+        if _stdout is None:
+            _stdout = LineWriter(name="stdout-writer")
+            atexit.register(_stdout.flush)
+        return _stdout
+
+
+def flush_stdout(timeout: float = 5.0) -> None:
+    """Flush the standard-output writer if one was started."""
+    if _stdout is not None:
+        _stdout.flush(timeout)
