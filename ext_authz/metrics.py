@@ -3,11 +3,13 @@ provider and rule names of the config; never a subject, a path or a token."""
 
 from __future__ import annotations
 
+import threading
 import time
+from bisect import bisect_left
 from collections.abc import Callable, Iterator, Mapping
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
 from ext_authz import __version__
@@ -91,6 +93,77 @@ class TlsCollector(Collector):
         yield renewals
 
 
+DURATION_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
+
+_LE = (*(repr(bound) for bound in DURATION_BUCKETS), "+Inf")  # bucket labels, as Prometheus writes them
+
+CheckLabels = tuple[str, str, str, str, str]  # decision, status, reason, provider, rule
+
+
+class _Counts:
+    """One thread's Check counts: written only by that thread, summed by the scrape."""
+
+    __slots__ = ("buckets", "checks", "seconds")
+
+    def __init__(self) -> None:
+        self.checks: dict[CheckLabels, int] = {}
+        self.buckets = [0] * (len(DURATION_BUCKETS) + 1)  # the last one: above every bound (+Inf)
+        self.seconds = 0.0
+
+
+class CheckCollector(Collector):
+    """``ext_authz_checks_total`` and ``ext_authz_check_duration_seconds``: plain counters per
+    thread on the Check path (no label lookup, no lock), aggregated at scrape time."""
+
+    def __init__(self) -> None:
+        self._local = threading.local()
+        self._lock = threading.Lock()
+        self._all: list[_Counts] = []
+
+    def record(self, labels: CheckLabels, seconds: float) -> None:
+        try:
+            counts: _Counts = self._local.counts
+        except AttributeError:
+            counts = self._local.counts = _Counts()
+            with self._lock:
+                self._all.append(counts)
+        checks = counts.checks
+        checks[labels] = checks.get(labels, 0) + 1
+        counts.buckets[bisect_left(DURATION_BUCKETS, seconds)] += 1
+        counts.seconds += seconds
+
+    def collect(self) -> Iterator[CounterMetricFamily | HistogramMetricFamily]:
+        with self._lock:
+            every = list(self._all)
+        checks: dict[CheckLabels, int] = {}
+        buckets = [0] * (len(DURATION_BUCKETS) + 1)
+        seconds = 0.0
+        for counts in every:
+            for labels, count in counts.checks.copy().items():  # copy(): one step under the GIL
+                checks[labels] = checks.get(labels, 0) + count
+            for i, count in enumerate(counts.buckets):
+                buckets[i] += count
+            seconds += counts.seconds
+        family = CounterMetricFamily(
+            "ext_authz_checks",
+            "Check calls by decision",
+            labels=["decision", "status", "reason", "provider", "rule"],
+        )
+        for labels, count in sorted(checks.items()):
+            family.add_metric(list(labels), count)
+        yield family
+        cumulative, total = [], 0
+        for bound, count in zip(_LE, buckets, strict=True):
+            total += count
+            cumulative.append((bound, total))
+        yield HistogramMetricFamily(
+            "ext_authz_check_duration_seconds",
+            "Time to decide one Check",
+            buckets=cumulative,
+            sum_value=seconds,
+        )
+
+
 class Metrics:
     def __init__(
         self,
@@ -99,18 +172,8 @@ class Metrics:
         token_cache: Callable[[], tuple[int, int, int]] = lambda: (0, 0, 0),
     ) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
-        self.checks = Counter(
-            "ext_authz_checks",
-            "Check calls by decision",
-            ["decision", "status", "reason", "provider", "rule"],
-            registry=self.registry,
-        )
-        self.duration = Histogram(
-            "ext_authz_check_duration_seconds",
-            "Time to decide one Check",
-            buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0),
-            registry=self.registry,
-        )
+        self._checks = CheckCollector()
+        self.registry.register(self._checks)
         self.reloads = Counter(
             "ext_authz_config_reloads",
             "Configuration reloads by outcome",
@@ -124,11 +187,10 @@ class Metrics:
 
     def record(self, decision: Decision, seconds: float) -> None:
         if isinstance(decision, Allow):
-            labels = ("allow", "200", decision.reason, decision.provider or "", decision.rule)
+            labels: CheckLabels = ("allow", "200", decision.reason, decision.provider or "", decision.rule)
         else:
             labels = ("deny", str(decision.status), decision.code, decision.provider or "", decision.rule)
-        self.checks.labels(*labels).inc()
-        self.duration.observe(seconds)
+        self._checks.record(labels, seconds)
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
