@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections import OrderedDict
 from collections.abc import Mapping
 
@@ -85,6 +86,94 @@ def _metadata(values: Mapping[str, object]) -> struct_pb2.Struct:
         else:
             metadata[key] = value  # type: ignore[assignment]  # JSON values only
     return metadata
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value > 0x7F:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def _field(tag: int, payload: bytes) -> bytes:
+    """One length-delimited protobuf field: tag byte (field number << 3 | 2), length, bytes."""
+    return bytes((tag,)) + _varint(len(payload)) + payload
+
+
+_REQUEST_ID_KEY = _field(0x0A, b"request_id")  # Struct.fields entry: key = 1
+
+
+def _request_id_suffix(request_id: str) -> bytes:
+    """``dynamic_metadata {fields {key: "request_id" value {string_value: ...}}}`` on the wire.
+
+    Protobuf merges a message field that appears twice (and a map entry's later value wins), so
+    appended to a serialized CheckResponse this adds the request id to its dynamic metadata: the
+    same message to_response(decision, request_id) builds (tested by parsing both)."""
+    value = _field(0x1A, request_id.encode("utf-8"))  # Value.string_value = 3
+    entry = _field(0x0A, _REQUEST_ID_KEY + _field(0x12, value))  # Struct.fields = 1; entry value = 2
+    return _field(0x22, entry)  # CheckResponse.dynamic_metadata = 4
+
+
+_RESPONSE_CACHE_ENTRIES = 4096
+
+
+class _Responses:
+    """Serialized answers by what they are made of; the request id is spliced in per request.
+
+    A cached token under one rule gets the same Allow contents every time (the same claims object,
+    headers and metadata), so its response is built and serialized once. The key holds the claims
+    object itself (by identity; the entry keeps it, so its id is not reused while cached); an
+    Allow whose metadata holds anything else that is not a plain value is not cached.
+    """
+
+    def __init__(self, max_entries: int = _RESPONSE_CACHE_ENTRIES) -> None:
+        self._max_entries = max_entries
+        self._entries: OrderedDict[object, tuple[object, bytes]] = OrderedDict()
+
+    @staticmethod
+    def _key(decision: Decision) -> tuple[object, object] | None:
+        if not isinstance(decision, Allow):
+            return decision, None
+        parts: list[object] = []
+        claims: object = None
+        for name, value in decision.metadata.items():
+            if name == "claims" and isinstance(value, Mapping):
+                parts.append((name, id(value)))
+                claims = value
+            elif value is None or isinstance(value, str | int | float | bool):
+                parts.append((name, type(value), value))
+            else:
+                return None
+        key = (decision.headers_to_set, decision.headers_to_remove, decision.query_params_to_remove, *parts)
+        return key, claims
+
+    def serialized(self, decision: Decision, request_id: str) -> bytes:
+        found = self._key(decision)
+        if found is None:
+            return to_response(decision, request_id).SerializeToString()
+        key, claims = found
+        entry = self._entries.get(key)
+        if entry is None or entry[0] is not claims:
+            entry = (claims, to_response(decision).SerializeToString())
+            self._entries[key] = entry
+            if len(self._entries) > self._max_entries:
+                with contextlib.suppress(KeyError):  # emptied meanwhile by another thread
+                    self._entries.popitem(last=False)
+        else:
+            with contextlib.suppress(KeyError):  # evicted meanwhile: the entry in hand is still right
+                self._entries.move_to_end(key)
+        return entry[1] + _request_id_suffix(request_id) if request_id else entry[1]
+
+
+_RESPONSES = _Responses()
+
+
+def serialized_response(decision: Decision, request_id: str = "") -> bytes:
+    """``to_response(decision, request_id).SerializeToString()``, parsed the same, built once per
+    distinct answer."""
+    return _RESPONSES.serialized(decision, request_id)
 
 
 def to_response(decision: Decision, request_id: str = "") -> external_auth_pb2.CheckResponse:

@@ -16,7 +16,7 @@ from ext_authz.errors import InternalError
 from ext_authz.model import Decision, Request
 from ext_authz.pipeline import Pipeline
 from ext_authz.tracing import Tracing
-from ext_authz.transport.adapter import to_request, to_response
+from ext_authz.transport.adapter import serialized_response, to_request, to_response
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +69,13 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):
     async def Check(
         self, request: external_auth_pb2.CheckRequest, context: grpc.aio.ServicerContext[object, object]
     ) -> external_auth_pb2.CheckResponse:
+        """The answer as a message (what the wire carries, parsed back): for callers in process."""
+        return external_auth_pb2.CheckResponse.FromString(await self.check_serialized(request, context))
+
+    async def check_serialized(
+        self, request: external_auth_pb2.CheckRequest, context: grpc.aio.ServicerContext[object, object]
+    ) -> bytes:
+        """What the server sends: the serialized CheckResponse (a repeated answer is built once)."""
         started = time.perf_counter()
         runtime = self.current()
         pipeline = runtime.pipeline
@@ -84,13 +91,13 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):
                 with self.tracing.check_span(adapted.headers) as span:
                     decision = await pipeline.decide(adapted)
                     span.record(decision)
-            response = to_response(decision, request_id)
+            response = serialized_response(decision, request_id)
         except Exception:
             # A bug, not a denial reason: fail closed with a clean 500 rather than a gRPC error
             # whose outcome would depend on Envoy's failure_mode_allow.
             log.exception("check failed")
             decision = pipeline.answers.deny(InternalError())
-            response = to_response(decision)
+            response = to_response(decision).SerializeToString()
         seconds = time.perf_counter() - started
         try:
             if self.observer is not None:
@@ -101,6 +108,19 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):
         return response
 
 
+SERVICE = "envoy.service.auth.v3.Authorization"
+
+
+def _already_serialized(response: bytes) -> bytes:
+    return response
+
+
 def register(server: grpc.aio.Server, servicer: AuthorizationServicer) -> None:
-    """Serve the Check service on ``server`` (the generated registration lives behind this seam)."""
-    external_auth_pb2_grpc.add_AuthorizationServicer_to_server(servicer, server)  # type: ignore[no-untyped-call]
+    """Serve the Check service on ``server``: requests parsed by the generated message class,
+    answers sent as check_serialized gives them (no second serialization)."""
+    check = grpc.unary_unary_rpc_method_handler(
+        servicer.check_serialized,
+        request_deserializer=external_auth_pb2.CheckRequest.FromString,
+        response_serializer=_already_serialized,
+    )
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, {"Check": check}),))

@@ -30,7 +30,7 @@ from ext_authz.keys.store import KeyStore
 from ext_authz.model import Credential, Request
 from ext_authz.pipeline import Pipeline
 from ext_authz.sources import HeaderToken
-from ext_authz.transport.adapter import to_request, to_response
+from ext_authz.transport.adapter import serialized_response, to_request
 from tests.bench import fixtures
 from tests.support.idp import SigningKey, b64url_decode, tamper_signature
 
@@ -168,7 +168,7 @@ async def _measure(keys: dict[str, SigningKey]) -> list[Row]:
     async def whole_check() -> bytes:
         check = external_auth_pb2.CheckRequest.FromString(wire)
         decision = await cached.decide(to_request(check))
-        return to_response(decision, "r1").SerializeToString()
+        return serialized_response(decision, "r1")
 
     cases = [
         Case("decision, cached token (RS256)", coro=lambda: cached.decide(request)),

@@ -7,7 +7,7 @@ from google.protobuf import json_format
 from ext_authz._proto.envoy.config.core.v3 import base_pb2
 from ext_authz._proto.envoy.service.auth.v3 import attribute_context_pb2, external_auth_pb2
 from ext_authz.model import Allow, Deny
-from ext_authz.transport.adapter import to_request, to_response
+from ext_authz.transport.adapter import serialized_response, to_request, to_response
 
 HttpRequest = attribute_context_pb2.AttributeContext.HttpRequest
 
@@ -115,3 +115,49 @@ def test_claims_struct_is_built_once_per_claims_object() -> None:
         "groups": ["a", "b"],
         "n": 1.0,
     }
+
+
+CLAIMS = {"sub": "alice", "aud": ["api", "web"], "n": 3, "nested": {"a": [1, "x", None]}}
+DECISIONS: list[Allow | Deny] = [
+    Allow(),
+    Allow(rule="r", provider="idp", subject="alice", metadata={"rule": "r"}),
+    Allow(
+        headers_to_set=(("x-user", "alice"), ("x-email", "ä@example.com")),
+        headers_to_remove=("authorization", "x-user-id"),
+        query_params_to_remove=("access_token",),
+        metadata={"rule": "r", "provider": "idp", "claims": CLAIMS},
+        rule="r",
+        provider="idp",
+    ),
+    Allow(metadata={"rule": "r", "n": 1, "f": 1.5, "b": True, "none": None}),
+    Allow(metadata={"rule": "r", "listed": ["a", "b"]}),  # not a plain value: built every time
+    Deny(
+        status=401,
+        grpc_code=16,
+        code="token_expired",
+        headers=(("www-authenticate", 'Bearer error="x"'),),
+        body="{}",
+    ),
+    Deny(status=403, grpc_code=7, code="rule_denied", headers=(), body="forbidden", rule="rules[2]"),
+]
+REQUEST_IDS = ["", "r1", "ü-ñ-✓", "x" * 300, "a" * 127, "b" * 128, "c" * 20_000]
+
+
+def test_serialized_response_parses_to_the_message_to_response_builds() -> None:
+    """Cached and spliced bytes parse to the same message as building it afresh, hit after hit."""
+    for _ in range(3):
+        for decision in DECISIONS:
+            for request_id in REQUEST_IDS:
+                wire = serialized_response(decision, request_id)
+                parsed = external_auth_pb2.CheckResponse.FromString(wire)
+                assert parsed == to_response(decision, request_id), (decision, request_id)
+
+
+def test_serialized_response_follows_the_claims_object() -> None:
+    """Same headers, other claims: another answer (the key is the claims object, not its headers)."""
+    first = Allow(metadata={"claims": {"sub": "alice"}})
+    other = Allow(metadata={"claims": {"sub": "bob"}})
+    assert serialized_response(first, "r") != serialized_response(other, "r")
+    parsed = external_auth_pb2.CheckResponse.FromString(serialized_response(other, "r"))
+    assert parsed.dynamic_metadata.fields["claims"].struct_value.fields["sub"].string_value == "bob"
+    assert parsed.dynamic_metadata["request_id"] == "r"
