@@ -40,15 +40,16 @@ class _Clock:
     """``ts`` values (UTC, milliseconds); the part up to the second is formatted once a second."""
 
     def __init__(self) -> None:
-        self._second = -1
-        self._prefix = ""
+        self._cached = (-1, "")  # (second, its text): one object, so threads never see half of it
 
     def timestamp(self) -> str:
         now = time.time()
-        second = int(now)
-        if second != self._second:
-            self._second, self._prefix = second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
-        return f"{self._prefix}.{int(now % 1 * 1000):03d}Z"
+        second, prefix = self._cached
+        if int(now) != second:
+            second = int(now)
+            prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+            self._cached = (second, prefix)
+        return f"{prefix}.{int(now % 1 * 1000):03d}Z"
 
 
 class DecisionLog:

@@ -8,8 +8,10 @@ reaches the stream at once (no timer). :meth:`flush` waits until every line queu
 been written (the server calls it when it stops, and at exit); a crash loses only the lines still
 in the queue, which the writer empties as fast as the stream takes them.
 
-A stream that fails (a closed pipe, a full disk) costs the lines of that batch, never the Check:
-the failure is counted and the writer goes on.
+A stream that fails (a closed pipe, a full disk, no standard output at all) costs the lines of
+that batch, never the Check: the failure is counted and the writer goes on. A stream that blocks
+(a log reader that stopped reading) holds at most ``max_lines`` queued lines; lines beyond that
+are dropped and counted, so memory stays bounded and Checks never wait for the log.
 """
 
 from __future__ import annotations
@@ -22,16 +24,23 @@ from typing import TextIO
 
 
 class LineWriter:
-    def __init__(self, stream: TextIO | None = None, *, name: str = "line-writer") -> None:
+    def __init__(
+        self, stream: TextIO | None = None, *, name: str = "line-writer", max_lines: int = 100_000
+    ) -> None:
         self._stream = stream  # None: sys.stdout as it is when a batch is written
         self._queue: deque[str | threading.Event] = deque()
         self._wake = threading.Event()
+        self._max_lines = max_lines
         self.failed_batches = 0
+        self.dropped_lines = 0
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
     def write(self, line: str) -> None:
         """Queue ``line`` (ending in a newline) to be written; never blocks on the stream."""
+        if len(self._queue) >= self._max_lines:
+            self.dropped_lines += 1  # the stream stopped taking lines: memory stays bounded
+            return
         self._queue.append(line)
         if not self._wake.is_set():
             self._wake.set()
@@ -44,6 +53,13 @@ class LineWriter:
         return done.wait(timeout)
 
     def _run(self) -> None:
+        while True:
+            try:
+                self._drain()
+            except Exception:  # never let the writer thread end
+                self.failed_batches += 1
+
+    def _drain(self) -> None:
         queue, wake = self._queue, self._wake
         while True:
             wake.wait()
@@ -67,11 +83,11 @@ class LineWriter:
     def _write(self, text: str) -> None:
         if not text:
             return
-        stream = self._stream or sys.stdout
         try:
+            stream = self._stream or sys.stdout  # None when the process has no standard output
             stream.write(text)
             stream.flush()
-        except (OSError, ValueError):  # ValueError: the stream was closed
+        except Exception:  # a closed pipe, a closed stream, no stream: lines lost, counted
             self.failed_batches += 1
 
 
@@ -87,6 +103,13 @@ def stdout_writer() -> LineWriter:
             _stdout = LineWriter(name="stdout-writer")
             atexit.register(_stdout.flush)
         return _stdout
+
+
+def stdout_stats() -> tuple[int, int]:
+    """(failed batches, dropped lines) of the standard-output writer; zeros if none started."""
+    if _stdout is None:
+        return 0, 0
+    return _stdout.failed_batches, _stdout.dropped_lines
 
 
 def flush_stdout(timeout: float = 5.0) -> None:

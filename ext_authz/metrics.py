@@ -12,7 +12,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
-from ext_authz import __version__
+from ext_authz import __version__, linewriter
 from ext_authz.keys.provider import KeyStats
 from ext_authz.model import Allow, Decision
 
@@ -164,12 +164,33 @@ class CheckCollector(Collector):
         )
 
 
+class DecisionLogCollector(Collector):
+    """What the decision log's writer could not write, read at scrape time (alert on any)."""
+
+    def __init__(self, state: Callable[[], tuple[int, int]]) -> None:
+        self._state = state
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        failed, dropped = self._state()
+        yield CounterMetricFamily(
+            "ext_authz_decision_log_write_failures",
+            "Batches of decision-log lines the stream refused (closed, full, absent): their lines are lost",
+            value=failed,
+        )
+        yield CounterMetricFamily(
+            "ext_authz_decision_log_dropped_lines",
+            "Decision-log lines dropped because the stream stopped taking them (queue full)",
+            value=dropped,
+        )
+
+
 class Metrics:
     def __init__(
         self,
         key_stats: Callable[[], Mapping[str, KeyStats]],
         clock: Callable[[], float] = time.time,
         token_cache: Callable[[], tuple[int, int, int]] = lambda: (0, 0, 0),
+        decision_log: Callable[[], tuple[int, int]] = linewriter.stdout_stats,
     ) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         self._checks = CheckCollector()
@@ -184,6 +205,7 @@ class Metrics:
         build.labels(__version__).set(1)
         self.registry.register(KeyCollector(key_stats, clock))
         self.registry.register(TokenCacheCollector(token_cache))
+        self.registry.register(DecisionLogCollector(decision_log))
 
     def record(self, decision: Decision, seconds: float) -> None:
         if isinstance(decision, Allow):

@@ -142,8 +142,10 @@ class _Responses:
             if name == "claims" and isinstance(value, Mapping):
                 parts.append((name, id(value)))
                 claims = value
-            elif value is None or isinstance(value, str | int | float | bool):
+            elif value is None or isinstance(value, str | int | bool):
                 parts.append((name, type(value), value))
+            elif isinstance(value, float):
+                parts.append((name, float, repr(value)))  # 0.0 == -0.0, yet they serialize apart
             else:
                 return None
         key = (decision.headers_to_set, decision.headers_to_remove, decision.query_params_to_remove, *parts)

@@ -91,3 +91,9 @@ def test_metrics_record_decisions() -> None:
     assert 'ext_authz_check_duration_seconds_bucket{le="1.0"} 1.0' in text
     assert 'ext_authz_check_duration_seconds_bucket{le="+Inf"} 2.0' in text
     assert "ext_authz_check_duration_seconds_sum 5.001" in text
+
+
+def test_decision_log_losses_are_exported() -> None:
+    text = Metrics(lambda: {}, decision_log=lambda: (2, 7)).exposition().decode()
+    assert "ext_authz_decision_log_write_failures_total 2.0" in text
+    assert "ext_authz_decision_log_dropped_lines_total 7.0" in text
