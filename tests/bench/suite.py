@@ -679,6 +679,10 @@ def render(options: Options, results: Results, elapsed: float) -> str:
     add(results.rules_table)
     add("")
     add(_profile_section(results))
+    steps = ROOT / "tests" / "bench" / "STEPS.md"
+    if steps.exists():
+        add(steps.read_text().rstrip())
+        add("")
     add("## Notes")
     add("")
     for note in results.notes:
