@@ -18,7 +18,6 @@ Security notes:
 
 from __future__ import annotations
 
-import base64
 import binascii
 import json
 import math
@@ -36,7 +35,7 @@ from ext_authz.keys.jwks import VerificationKey
 from ext_authz.model import Credential, Principal
 from ext_authz.tokencache import CachedToken, TokenCache
 
-_B64URL = re.compile(r"^[A-Za-z0-9_-]*$")
+_COMPACT = re.compile(r"[A-Za-z0-9_-]*\.[A-Za-z0-9_-]*\.[A-Za-z0-9_-]*")  # three base64url segments
 _ALGORITHMS: Mapping[str, Algorithm] = get_default_algorithms()
 
 
@@ -61,11 +60,18 @@ class ParsedToken:
     payload_segment: str
 
 
+_TO_STANDARD = bytes.maketrans(b"-_", b"+/")
+_PADDING = ("", "", "==", "=")  # by len % 4; a length of 1 mod 4 is refused before
+
+
 def _b64decode(segment: str) -> bytes:
-    if not _B64URL.match(segment) or len(segment) % 4 == 1:
+    """One base64url segment whose alphabet parse_token has checked."""
+    if len(segment) % 4 == 1:
         raise errors.MalformedToken()
     try:
-        return base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4))
+        return binascii.a2b_base64(
+            (segment + _PADDING[len(segment) % 4]).encode("ascii").translate(_TO_STANDARD)
+        )
     except (binascii.Error, ValueError):
         raise errors.MalformedToken() from None
 
@@ -105,13 +111,21 @@ _DECODER = json.JSONDecoder(
     parse_int=_parse_int,
     parse_float=_parse_float,
 )
+_SCAN: Callable[[str, int], tuple[object, int]] = _DECODER.scan_once  # type: ignore[attr-defined]
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89abcdefABCDEF]")
 
 
 def _json_object(data: bytes) -> dict[str, object]:
     try:
         text = data.decode("utf-8")
-        value = _DECODER.decode(text)
+        try:
+            # The scanner itself, without decode()'s white-space matching around it: a token's
+            # JSON has none. Anything else (white space, trailing data, an error) takes decode().
+            value, end = _SCAN(text, 0)
+        except StopIteration:
+            end = -1
+        if end != len(text):
+            value = _DECODER.decode(text)
         if _SURROGATE_ESCAPE.search(text):
             # "\ud800" is valid JSON syntax for an invalid string (a lone surrogate): no UTF-8
             # form, so nothing could carry it on. A well-formed pair passes this check.
@@ -133,6 +147,8 @@ def parse_token(token: str, max_bytes: int) -> ParsedToken:
             if len(parts) == 5
             else errors.MalformedToken.description
         )
+    if not _COMPACT.fullmatch(token):
+        raise errors.MalformedToken()
     header_segment, payload_segment, signature_segment = parts
     header = _json_object(_b64decode(header_segment))
     claims = _json_object(_b64decode(payload_segment))

@@ -281,3 +281,36 @@ async def test_token_location_must_be_accepted_by_the_issuer(resolver: StaticKey
         await v.verify(credential(mint(), ParamToken("access_token")))
     s = make_settings(provider={"from_params": ["access_token"]})
     await verifier(resolver, s).verify(credential(mint(), ParamToken("access_token")))
+
+
+@pytest.mark.parametrize(
+    ("header", "accepted"),
+    [
+        ('{"alg":"RS256"}', True),
+        (' \n{ "alg" : "RS256" }\t ', True),  # JSON white space around and inside: still one object
+        ('{"alg":"RS256"}x', False),  # trailing data
+        ('{"alg":"RS256"}{}', False),
+        ('["RS256"]', False),  # not an object
+        ('"RS256"', False),
+        ("", False),
+        ('{"alg":"RS256","alg":"none"}', False),  # a duplicate member
+        ('{"n":1e400}', False),  # not a finite number
+        ('{"n":' + "9" * 21 + "}", False),  # more digits than any JWT number needs
+        ('{"s":"\\ud800"}', False),  # a lone surrogate
+    ],
+)
+def test_segment_json_is_one_object(header: str, accepted: bool) -> None:
+    token = f"{b64url(header.encode())}.e30.AAAA"
+    if accepted:
+        assert parse_token(token, 4096).header == {"alg": "RS256"}
+    else:
+        with pytest.raises(errors.MalformedToken):
+            parse_token(token, 4096)
+
+
+@pytest.mark.parametrize(
+    "token", ["e30\n.e30.AAAA", "e30.e30.AAAA\n", "e30.e3 0.AAAA", "e3=.e30.AAAA", "e30.e30.AA+/"]
+)
+def test_segments_are_strictly_base64url(token: str) -> None:
+    with pytest.raises(errors.MalformedToken):
+        parse_token(token, 4096)
