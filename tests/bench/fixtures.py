@@ -157,10 +157,13 @@ def start_ext_authz(
     return ExtAuthz(process, address, admin)
 
 
-def start_noop(workdir: Path) -> tuple[BenchProcess, str]:
-    """E2's no-op authorizer; returns it and its address."""
+def start_noop(workdir: Path, sync_threads: int = 0) -> tuple[BenchProcess, str]:
+    """E2's no-op authorizer (E2s's with ``sync_threads``); returns it and its address."""
     argv = [sys.executable, "-m", "tests.bench.noop_server", "--listen", "127.0.0.1:0"]
-    process = BenchProcess("noop authorizer", argv, workdir / "noop.log")
+    if sync_threads:
+        argv += ["--sync", str(sync_threads)]
+    name = f"noop-sync{sync_threads}" if sync_threads else "noop"
+    process = BenchProcess("noop authorizer", argv, workdir / f"{name}.log")
     try:
         serving = process.wait_for(
             lambda records: events(records, "serving"), timeout=READY_TIMEOUT, what="serving"
