@@ -52,39 +52,9 @@ def _header(name: str, value: str) -> base_pb2.HeaderValueOption:
     )
 
 
-class _ClaimStructs:
-    """Struct forms of verified claims, by claims object: a cached token's claims are converted once.
-
-    An entry holds its claims object, so the id it is keyed by cannot be reused while it is here.
-    """
-
-    def __init__(self, max_entries: int = 10_000) -> None:
-        self._max_entries = max_entries
-        self._entries: OrderedDict[int, tuple[object, struct_pb2.Struct]] = OrderedDict()
-
-    def get(self, claims: Mapping[str, object]) -> struct_pb2.Struct:
-        entry = self._entries.get(id(claims))
-        if entry is not None and entry[0] is claims:
-            self._entries.move_to_end(id(claims))
-            return entry[1]
-        converted = struct_pb2.Struct()
-        converted.update(claims)  # type: ignore[arg-type]  # JSON values only
-        self._entries[id(claims)] = (claims, converted)
-        if len(self._entries) > self._max_entries:
-            self._entries.popitem(last=False)
-        return converted
-
-
-_CLAIM_STRUCTS = _ClaimStructs()
-
-
 def _metadata(values: Mapping[str, object]) -> struct_pb2.Struct:
     metadata = struct_pb2.Struct()
-    for key, value in values.items():
-        if key == "claims" and isinstance(value, Mapping):
-            metadata.fields[key].struct_value.CopyFrom(_CLAIM_STRUCTS.get(value))
-        else:
-            metadata[key] = value  # type: ignore[assignment]  # JSON values only
+    metadata.update(values)  # type: ignore[arg-type]  # JSON values only
     return metadata
 
 
