@@ -28,3 +28,9 @@ def budget(limit_seconds: float) -> float:
     if deadline is None:
         return limit_seconds
     return max(0.0, min(limit_seconds, deadline - time.monotonic() - ANSWER_MARGIN_SECONDS))
+
+
+def remaining() -> float | None:
+    """Seconds until the current Check's deadline (None: no deadline)."""
+    deadline = _deadline.get()
+    return None if deadline is None else deadline - time.monotonic()

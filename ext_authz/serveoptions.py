@@ -17,6 +17,8 @@ from ext_authz.config.values import ConfigError
 
 EventLoop = Literal["asyncio", "uvloop"]
 MAX_DRAIN_SECONDS = 600
+DEFAULT_THREADS = 4  # request threads per process; see make bench's thread-count rows
+MAX_THREADS = 64
 
 
 class OptionError(Exception):
@@ -42,6 +44,7 @@ class ServeOptions:
     drain_seconds: float | None = None
     event_loop: EventLoop = "uvloop"
     workers: int = 1
+    threads: int = DEFAULT_THREADS
     # Set by the supervisor for its workers.
     reuse_port: bool = False
     admin_listen: str | None = None
@@ -67,13 +70,20 @@ class ServeOptions:
             "--event-loop",
             choices=["asyncio", "uvloop"],
             default="uvloop",
-            help="the event loop (default uvloop: faster with grpc.aio here, see make bench)",
+            help="the event loop for I/O (key fetches, Redis, reloads, the admin listener)",
         )
         parser.add_argument(
             "--workers",
             default="1",
             metavar="N|auto",
             help="worker processes sharing the port (auto: one per available core); default 1",
+        )
+        parser.add_argument(
+            "--threads",
+            type=int,
+            default=DEFAULT_THREADS,
+            metavar="N",
+            help=f"request threads per process that decide Checks (default {DEFAULT_THREADS})",
         )
         parser.add_argument("--reuse-port", action="store_true", help=argparse.SUPPRESS)
         parser.add_argument("--admin-listen", help=argparse.SUPPRESS)
@@ -82,7 +92,7 @@ class ServeOptions:
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> ServeOptions:
-        """The parsed arguments, checked (in this order: listen, drain, workers). Raises OptionError."""
+        """The parsed arguments, checked (listen, drain, workers, threads, in order). Raises OptionError."""
         if args.listen is not None:
             try:
                 listen_address(args.listen, "--listen")
@@ -94,6 +104,8 @@ class ServeOptions:
             workers = worker_count(args.workers)
         except ValueError:
             raise OptionError("--workers: must be a number from 1 to 64, or auto") from None
+        if not 1 <= args.threads <= MAX_THREADS:
+            raise OptionError(f"--threads: must be a number from 1 to {MAX_THREADS}")
         # The argparse destinations are the field names (add_arguments above).
         values = {field.name: getattr(args, field.name) for field in fields(cls)}
         return cls(**{**values, "workers": workers})
@@ -118,6 +130,8 @@ class ServeOptions:
         argv += [f"--event-loop={self.event_loop}"]
         if self.workers != 1:
             argv += [f"--workers={self.workers}"]
+        if self.threads != DEFAULT_THREADS:
+            argv += [f"--threads={self.threads}"]
         if self.reuse_port:
             argv += ["--reuse-port"]
         if self.admin_listen is not None:

@@ -23,6 +23,7 @@ from ext_authz.admin import AdminServer
 from ext_authz.compiled import compile
 from ext_authz.config.model import Settings
 from ext_authz.decisionlog import DecisionLog
+from ext_authz.handoff import RequestThreads
 from ext_authz.keys.cache import SharedKeyCache
 from ext_authz.keys.fetch import HttpFetcher
 from ext_authz.keys.store import KeyStore
@@ -30,7 +31,7 @@ from ext_authz.metrics import Metrics, TlsCollector
 from ext_authz.model import Decision, Request
 from ext_authz.pipeline import Pipeline
 from ext_authz.reload import Current, Reloader, Runtime
-from ext_authz.serveoptions import ServeOptions
+from ext_authz.serveoptions import DEFAULT_THREADS, ServeOptions
 from ext_authz.tls import ServerTls
 from ext_authz.tlsfiles import TlsFileError
 from ext_authz.tokencache import CacheCounters
@@ -61,6 +62,7 @@ class Server:
         admin_listen: str | None = None,
         admin_address_file: str | None = None,
         admin_plaintext: bool = False,
+        threads: int = DEFAULT_THREADS,
     ) -> None:
         self._clock = clock
         self._address = listen or settings.listen
@@ -85,7 +87,11 @@ class Server:
         # gRPC enables SO_REUSEPORT by default: a second server on a busy port would bind silently
         # and take half the connections. One process owns its port, unless it is one of a
         # supervisor's workers (serve --workers), which share it on purpose.
-        self._grpc = grpc.aio.server(options=[("grpc.so_reuseport", 1 if reuse_port else 0)])
+        # Checks are decided in grpc's request threads; their rare I/O waits go to the loop that
+        # start() runs on (handoff.py). grpc's sync server calls only the executor's submit().
+        self._threads = RequestThreads(threads)
+        reuse = [("grpc.so_reuseport", 1 if reuse_port else 0)]
+        self._grpc = grpc.server(self._threads, options=reuse)  # type: ignore[arg-type]
         register(self._grpc, self.servicer)
         self.health.register(self._grpc)
         # The files were checked at config load; this reads them again (they may have been renewed).
@@ -166,14 +172,15 @@ class Server:
         except RuntimeError as exc:
             await self._close()
             raise ServeError(f"cannot listen on {self._address}: {exc}") from None
-        await self.health.set_serving(False)  # grpc's servicer starts as SERVING: not before keys are in
-        await self.health.set_alive()
-        await self._grpc.start()
+        self.health.set_serving(False)  # grpc's servicer starts as SERVING: not before keys are in
+        self.health.set_alive()
+        self.servicer.serve_from(asyncio.get_running_loop(), self._threads)
+        self._grpc.start()
         if self.admin is not None:
             try:
                 await self.admin.start()
             except OSError as exc:
-                await self._grpc.stop(0)
+                await self._stop_grpc(0)
                 await self._close()
                 raise ServeError(f"cannot listen on {self.settings.admin} (admin): {exc.strerror}") from None
         bound = f"{self._address.rpartition(':')[0]}:{port}"
@@ -198,7 +205,7 @@ class Server:
             return
         self._serving = ready
         log.info("ready" if ready else "not ready", extra={"fields": {"readiness": self.settings.readiness}})
-        self._spawn(self.health.set_serving(ready), "health")
+        self.health.set_serving(ready)
 
     def _spawn(self, coroutine: object, name: str) -> None:
         task: asyncio.Task[object] = asyncio.get_running_loop().create_task(coroutine, name=name)  # type: ignore[arg-type]
@@ -219,10 +226,10 @@ class Server:
         )
         self._draining = True
         self._serving = False
-        await self.health.set_serving(False)
+        self.health.set_serving(False)
         if drain_seconds > 0:
             await asyncio.sleep(drain_seconds)
-        await self._grpc.stop(grace_seconds)
+        await self._stop_grpc(grace_seconds)
         for task in list(self._background):
             task.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)
@@ -232,7 +239,13 @@ class Server:
         await asyncio.to_thread(linewriter.flush_stdout)
         log.info("stopped")
 
+    async def _stop_grpc(self, grace_seconds: float) -> None:
+        # The loop keeps running meanwhile: Checks in flight may be waiting on it for keys.
+        stopped = self._grpc.stop(grace_seconds)
+        await asyncio.to_thread(stopped.wait)
+
     async def _close(self) -> None:
+        self._threads.shutdown(wait=False)
         if self.admin is not None:
             await self.admin.stop()
         await self._fetcher.close()
@@ -263,6 +276,7 @@ async def serve(loaded: Settings, options: ServeOptions) -> None:
             admin_listen=options.admin_listen,
             admin_address_file=options.admin_address_file,
             admin_plaintext=options.admin_plaintext,
+            threads=options.threads,
         )
         await server.start()
         while not stop.is_set():

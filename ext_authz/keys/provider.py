@@ -20,6 +20,7 @@ from ext_authz import deadlines
 from ext_authz.config.model import ProviderSettings
 from ext_authz.config.urls import url_problem
 from ext_authz.errors import KeyPending, KeysUnavailable, UnknownKey
+from ext_authz.handoff import on_loop
 from ext_authz.keys.cache import CachedDocument, Rejected, SharedKeyCache, cache_key
 from ext_authz.keys.fetch import Fetcher, FetchError
 from ext_authz.keys.jwks import JWKSError, KeySet, VerificationKey, parse_jwks, select_key
@@ -136,15 +137,17 @@ class ProviderKeys:
         return keys
 
     async def key_for(self, kid: str | None, alg: str) -> VerificationKey:
+        """Runs in a request thread (see handoff.py): only what :func:`on_loop` wraps waits."""
         if self._keys is None and self._inflight is not None:
             # The first fetch is under way (start-up): worth a bounded wait rather than a 503.
-            await self._bounded(self.refresh(from_idp=self._inflight_from_idp))
+            await on_loop(self._first_fetch(), busy=KeysUnavailable(retry_after_seconds=1))
         current = self.current()
         candidates = current.candidates(kid, alg)
         if candidates or kid is None or self._static or any(k.kid == kid for k in current.keys):
             # A kid the set has for another algorithm is the wrong key type, not a new key: 401.
             return select_key(candidates, kid)
-        waited = await self._idp.wait_for(kid, alg, deadlines.budget(self.policy.fetch_timeout_seconds))
+        budget = deadlines.budget(self.policy.fetch_timeout_seconds)
+        waited = await on_loop(self._idp.wait_for(kid, alg, budget), busy=KeyPending(retry_after_seconds=1))
         candidates = self.current().candidates(kid, alg)
         if candidates:
             return select_key(candidates, kid)
@@ -154,6 +157,10 @@ class ProviderKeys:
 
     def _count_kid_fetch(self, outcome: str) -> None:
         self.stats.kid_refetches[outcome] += 1
+
+    async def _first_fetch(self) -> None:
+        if self._keys is None and self._inflight is not None:
+            await self._bounded(self.refresh(from_idp=self._inflight_from_idp))
 
     async def _bounded(self, refresh: asyncio.Future[Result]) -> Result:
         try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Callable
@@ -10,7 +11,7 @@ from typing import Protocol
 
 import grpc
 
-from ext_authz import deadlines
+from ext_authz import deadlines, handoff
 from ext_authz._proto.envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 from ext_authz.errors import InternalError
 from ext_authz.model import Decision, Request
@@ -65,6 +66,22 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):
             self.current = pipeline
         self.observer = observer
         self.tracing = tracing
+        self._served: tuple[asyncio.AbstractEventLoop, handoff.RequestThreads] | None = None
+
+    def serve_from(self, loop: asyncio.AbstractEventLoop, threads: handoff.RequestThreads) -> None:
+        """Answer in ``threads`` (grpc's sync server's), handing I/O waits to ``loop``."""
+        self._served = loop, threads
+
+    def check_blocking(self, request: external_auth_pb2.CheckRequest, context: grpc.ServicerContext) -> bytes:
+        """The sync server's handler: the Check decided in this request thread (see handoff.py)."""
+        served = self._served
+        try:
+            if served is None:
+                raise RuntimeError("serve_from() was not called")
+            return handoff.drive(self.check_serialized(request, context), *served)  # type: ignore[arg-type]
+        except Exception:  # check_serialized never raises; this is for the driver itself
+            log.exception("check failed")
+            return to_response(self.current().pipeline.answers.deny(InternalError())).SerializeToString()
 
     async def Check(
         self, request: external_auth_pb2.CheckRequest, context: grpc.aio.ServicerContext[object, object]
@@ -115,11 +132,12 @@ def _already_serialized(response: bytes) -> bytes:
     return response
 
 
-def register(server: grpc.aio.Server, servicer: AuthorizationServicer) -> None:
-    """Serve the Check service on ``server``: requests parsed by the generated message class,
-    answers sent as check_serialized gives them (no second serialization)."""
+def register(server: grpc.Server, servicer: AuthorizationServicer) -> None:
+    """Serve the Check service on ``server`` (grpc's sync server): requests parsed by the generated
+    message class, decided in the request thread, answers sent as check_serialized gives them (no
+    second serialization)."""
     check = grpc.unary_unary_rpc_method_handler(
-        servicer.check_serialized,
+        servicer.check_blocking,
         request_deserializer=external_auth_pb2.CheckRequest.FromString,
         response_serializer=_already_serialized,
     )

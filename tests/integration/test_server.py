@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -206,17 +207,17 @@ async def test_a_check_in_flight_during_a_reload_is_logged_under_its_own_config(
     client = Running(server, grpc.aio.insecure_channel(await server.start()))
     try:
         under_a = server.runtime
-        decide, entered, release = under_a.pipeline.decide, asyncio.Event(), asyncio.Event()
+        # The Check is decided in a request thread: it is held there with threading's events.
+        decide, entered, release = under_a.pipeline.decide, threading.Event(), threading.Event()
 
         async def held(request: Request) -> Decision:
             entered.set()
-            await release.wait()
+            release.wait(5)
             return await decide(request)
 
         monkeypatch.setattr(under_a.pipeline, "decide", held)
         in_flight = asyncio.ensure_future(client.check(issuer.mint()))
-        async with asyncio.timeout(5):
-            await entered.wait()
+        assert await asyncio.to_thread(entered.wait, 5)
         write({"decisions": "none"})  # config B: no decision lines
         assert await server.reload("test")
         assert server.runtime is not under_a
