@@ -110,6 +110,13 @@ class _Counts:
         self.buckets = [0] * (len(DURATION_BUCKETS) + 1)  # the last one: above every bound (+Inf)
         self.seconds = 0.0
 
+    def add(self, other: _Counts) -> None:
+        for labels, count in other.checks.copy().items():  # copy(): one step under the GIL
+            self.checks[labels] = self.checks.get(labels, 0) + count
+        for i, count in enumerate(other.buckets):
+            self.buckets[i] += count
+        self.seconds += other.seconds
+
 
 class CheckCollector(Collector):
     """``ext_authz_checks_total`` and ``ext_authz_check_duration_seconds``: plain counters per
@@ -118,7 +125,8 @@ class CheckCollector(Collector):
     def __init__(self) -> None:
         self._local = threading.local()
         self._lock = threading.Lock()
-        self._all: list[_Counts] = []
+        self._live: list[tuple[threading.Thread, _Counts]] = []
+        self._retired = _Counts()  # the counts of threads that have ended (request threads come and go)
 
     def record(self, labels: CheckLabels, seconds: float) -> None:
         try:
@@ -126,24 +134,27 @@ class CheckCollector(Collector):
         except AttributeError:
             counts = self._local.counts = _Counts()
             with self._lock:
-                self._all.append(counts)
+                self._live.append((threading.current_thread(), counts))
         checks = counts.checks
         checks[labels] = checks.get(labels, 0) + 1
         counts.buckets[bisect_left(DURATION_BUCKETS, seconds)] += 1
         counts.seconds += seconds
 
     def collect(self) -> Iterator[CounterMetricFamily | HistogramMetricFamily]:
+        summed = _Counts()
         with self._lock:
-            every = list(self._all)
-        checks: dict[CheckLabels, int] = {}
-        buckets = [0] * (len(DURATION_BUCKETS) + 1)
-        seconds = 0.0
-        for counts in every:
-            for labels, count in counts.checks.copy().items():  # copy(): one step under the GIL
-                checks[labels] = checks.get(labels, 0) + count
-            for i, count in enumerate(counts.buckets):
-                buckets[i] += count
-            seconds += counts.seconds
+            # A thread that has ended writes no more: its counts move to the retired sum for good.
+            live = []
+            for thread, counts in self._live:
+                if thread.is_alive():
+                    live.append((thread, counts))
+                else:
+                    self._retired.add(counts)
+            self._live = live
+            summed.add(self._retired)
+        for _, counts in live:
+            summed.add(counts)
+        checks, buckets, seconds = summed.checks, summed.buckets, summed.seconds
         family = CounterMetricFamily(
             "ext_authz_checks",
             "Check calls by decision",

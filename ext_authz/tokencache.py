@@ -9,6 +9,7 @@ first.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 from collections import OrderedDict
 from collections.abc import Mapping
@@ -44,16 +45,21 @@ class TokenCache:
     def digest(token: str) -> bytes:
         return hashlib.blake2b(token.encode("utf-8", "surrogatepass"), digest_size=16).digest()
 
+    # Request threads share one cache: each step below is one operation on the OrderedDict (atomic
+    # under the GIL), and a step that finds the entry gone meanwhile (another thread evicted or
+    # discarded it) changes nothing about the answer.
+
     def get(self, digest: bytes, now: float) -> CachedToken | None:
         entry = self._entries.get(digest)
         if entry is None:
             self.counters.misses += 1
             return None
         if now >= entry.expires:
-            del self._entries[digest]
+            self._entries.pop(digest, None)
             self.counters.misses += 1
             return None
-        self._entries.move_to_end(digest)
+        with contextlib.suppress(KeyError):
+            self._entries.move_to_end(digest)
         self.counters.hits += 1
         return entry
 
@@ -61,9 +67,13 @@ class TokenCache:
         if self.max_entries <= 0:
             return
         self._entries[digest] = entry
-        self._entries.move_to_end(digest)
+        with contextlib.suppress(KeyError):
+            self._entries.move_to_end(digest)
         while len(self._entries) > self.max_entries:
-            self._entries.popitem(last=False)
+            try:
+                self._entries.popitem(last=False)
+            except KeyError:  # emptied by another thread meanwhile
+                break
 
     def discard(self, digest: bytes) -> None:
         self._entries.pop(digest, None)
