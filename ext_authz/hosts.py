@@ -13,6 +13,7 @@ Imports nothing of the package: the config side (``config/rules.py``) and the re
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 
@@ -30,12 +31,23 @@ def _port_ok(port: str) -> bool:
     return len(port) == 5 and port.isascii() and port.isdigit() and int(port) <= 65535
 
 
+# Requests name few hosts: their answers are kept (a pure function), the long ones are not.
+_CACHED_HOSTS = 1024
+_CACHED_HOST_CHARS = 255
+
+
 def canonical_host(authority: str, *, port_allowed: bool = True) -> str | None:
     """The host of an authority in its one canonical spelling, None when it is malformed.
 
     Lower-case; one trailing dot removed; a port (0-65535, or empty) removed; an IPv6 literal in
     brackets in its compressed form (``[2001:db8::1]``).
     """
+    if len(authority) <= _CACHED_HOST_CHARS:
+        return _canonical_cached(authority, port_allowed)
+    return _canonical(authority, port_allowed)
+
+
+def _canonical(authority: str, port_allowed: bool) -> str | None:
     host = authority.lower()
     if host.startswith("["):
         end = host.find("]")
@@ -61,3 +73,6 @@ def canonical_host(authority: str, *, port_allowed: bool = True) -> str | None:
         except ValueError:
             return None
     return name
+
+
+_canonical_cached = functools.lru_cache(maxsize=_CACHED_HOSTS)(_canonical)

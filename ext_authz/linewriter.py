@@ -2,9 +2,10 @@
 
 A Check that wrote and flushed its decision line itself paid a system call per request. Here the
 request thread appends the line to a queue (thread-safe, no lock held across I/O) and wakes the
-writer if it sleeps; the writer takes everything queued, writes it in one call and flushes. Under
-load lines accumulate while the writer writes, so batches grow with the rate; when idle a line
-reaches the stream at once (no timer). :meth:`flush` waits until every line queued before it has
+writer if it sleeps; the writer takes everything queued, writes it in one call and flushes, then
+pauses ``PAUSE_SECONDS`` (5 ms) before it looks again, so under load a batch holds what a pause
+gathered and request threads do not wake it line by line; when idle a line reaches the stream at
+once. :meth:`flush` waits until every line queued before it has
 been written (the server calls it when it stops, and at exit); a crash loses only the lines still
 in the queue, which the writer empties as fast as the stream takes them.
 
@@ -19,18 +20,29 @@ from __future__ import annotations
 import atexit
 import sys
 import threading
+import time
 from collections import deque
 from typing import TextIO
+
+# After a batch, how long lines may gather before the next one: at most this long in the queue
+# under load (one write and one wake-up per pause instead of one per line).
+PAUSE_SECONDS = 0.005
 
 
 class LineWriter:
     def __init__(
-        self, stream: TextIO | None = None, *, name: str = "line-writer", max_lines: int = 100_000
+        self,
+        stream: TextIO | None = None,
+        *,
+        name: str = "line-writer",
+        max_lines: int = 100_000,
+        pause_seconds: float = PAUSE_SECONDS,
     ) -> None:
         self._stream = stream  # None: sys.stdout as it is when a batch is written
         self._queue: deque[str | threading.Event] = deque()
         self._wake = threading.Event()
         self._max_lines = max_lines
+        self._pause = pause_seconds
         self.failed_batches = 0
         self.dropped_lines = 0
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
@@ -66,19 +78,30 @@ class LineWriter:
             # Cleared before the queue is emptied: a line queued after this is seen either by
             # the drain below or, since the flag is then clear, wakes the next round.
             wake.clear()
+            if not queue:
+                continue
+            self._write_queued()
+            # Lines came: under load more follow. Let them gather for a moment (the flag stays set
+            # meanwhile, so request threads do not wake this thread line by line); then look
+            # again, and sleep on the flag once a look finds nothing.
+            wake.set()
+            time.sleep(self._pause)
+
+    def _write_queued(self) -> None:
+        queue = self._queue
+        while queue:
+            batch: list[str] = []
+            flushed: list[threading.Event] = []
             while queue:
-                batch: list[str] = []
-                flushed: list[threading.Event] = []
-                while queue:
-                    item = queue.popleft()
-                    if isinstance(item, str):
-                        batch.append(item)
-                    else:
-                        flushed.append(item)
-                        break  # what was queued before the flush request goes out first
-                self._write("".join(batch))
-                for done in flushed:
-                    done.set()
+                item = queue.popleft()
+                if isinstance(item, str):
+                    batch.append(item)
+                else:
+                    flushed.append(item)
+                    break  # what was queued before the flush request goes out first
+            self._write("".join(batch))
+            for done in flushed:
+                done.set()
 
     def _write(self, text: str) -> None:
         if not text:

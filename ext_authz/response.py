@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -75,11 +76,14 @@ def underscore_spellings(name: str) -> tuple[str, ...]:
     return tuple(dict.fromkeys((name, *spellings)))
 
 
+_CONTROL = re.compile("[\x00-\x1f\x7f]")
+
+
 def is_safe_header_value(value: str, max_bytes: int = 8192) -> bool:
     """Envoy fails the request on CR, LF or NUL; other controls are illegal too (RFC 9110 §5.5)."""
     if len(value.encode("utf-8", "surrogatepass")) > max_bytes:
         return False
-    return not any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in value) and value == value.strip(" \t")
+    return _CONTROL.search(value) is None and value == value.strip(" \t")
 
 
 @dataclass(frozen=True, slots=True)

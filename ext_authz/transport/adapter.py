@@ -42,7 +42,7 @@ def to_request(check: external_auth_pb2.CheckRequest) -> Request:
         query=query.partition("#")[0],
         host=http.host or headers.get(":authority", ""),
         headers=headers,
-        context=dict(attributes.context_extensions),
+        context=dict(extensions) if (extensions := attributes.context_extensions) else {},
     )
 
 
@@ -73,6 +73,7 @@ def _field(tag: int, payload: bytes) -> bytes:
 
 
 _REQUEST_ID_KEY = _field(0x0A, b"request_id")  # Struct.fields entry: key = 1
+_SHORT_ID_BYTES = 109  # the outermost length, n + 18, is at most 127
 
 
 def _request_id_suffix(request_id: str) -> bytes:
@@ -81,7 +82,11 @@ def _request_id_suffix(request_id: str) -> bytes:
     Protobuf merges a message field that appears twice (and a map entry's later value wins), so
     appended to a serialized CheckResponse this adds the request id to its dynamic metadata: the
     same message to_response(decision, request_id) builds (tested by parsing both)."""
-    value = _field(0x1A, request_id.encode("utf-8"))  # Value.string_value = 3
+    encoded = request_id.encode("utf-8")
+    n = len(encoded)
+    if n <= _SHORT_ID_BYTES:  # every length below fits one varint byte: the same bytes, built at once
+        return bytes((0x22, n + 18, 0x0A, n + 16)) + _REQUEST_ID_KEY + bytes((0x12, n + 2, 0x1A, n)) + encoded
+    value = _field(0x1A, encoded)  # Value.string_value = 3
     entry = _field(0x0A, _REQUEST_ID_KEY + _field(0x12, value))  # Struct.fields = 1; entry value = 2
     return _field(0x22, entry)  # CheckResponse.dynamic_metadata = 4
 
