@@ -17,9 +17,17 @@ ANSWER_MARGIN_SECONDS = 0.02
 _deadline: ContextVar[float | None] = ContextVar("ext_authz_check_deadline", default=None)
 
 
+# grpc's sync server reports "no deadline" as a remaining time of ~1.8e19 s: anything beyond this
+# is no deadline.
+NO_DEADLINE_BEYOND_SECONDS = 86_400.0
+
+
 def start(remaining_seconds: float | None) -> None:
     """Record the current Check's deadline (None: the caller set none)."""
-    _deadline.set(None if remaining_seconds is None else time.monotonic() + remaining_seconds)
+    if remaining_seconds is None or not remaining_seconds <= NO_DEADLINE_BEYOND_SECONDS:
+        _deadline.set(None)
+    else:
+        _deadline.set(time.monotonic() + remaining_seconds)
 
 
 def budget(limit_seconds: float) -> float:

@@ -133,24 +133,30 @@ class CheckCollector(Collector):
             counts: _Counts = self._local.counts
         except AttributeError:
             counts = self._local.counts = _Counts()
-            with self._lock:
+            with self._lock:  # a new thread (rare): the ended ones' counts are folded now
+                self._fold_ended()
                 self._live.append((threading.current_thread(), counts))
         checks = counts.checks
         checks[labels] = checks.get(labels, 0) + 1
         counts.buckets[bisect_left(DURATION_BUCKETS, seconds)] += 1
         counts.seconds += seconds
 
+    def _fold_ended(self) -> None:
+        """A thread that has ended writes no more: its counts move to the retired sum for good.
+        With the lock held."""
+        live = []
+        for thread, counts in self._live:
+            if thread.is_alive():
+                live.append((thread, counts))
+            else:
+                self._retired.add(counts)
+        self._live = live
+
     def collect(self) -> Iterator[CounterMetricFamily | HistogramMetricFamily]:
         summed = _Counts()
         with self._lock:
-            # A thread that has ended writes no more: its counts move to the retired sum for good.
-            live = []
-            for thread, counts in self._live:
-                if thread.is_alive():
-                    live.append((thread, counts))
-                else:
-                    self._retired.add(counts)
-            self._live = live
+            self._fold_ended()
+            live = list(self._live)
             summed.add(self._retired)
         for _, counts in live:
             summed.add(counts)

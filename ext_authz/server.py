@@ -42,6 +42,10 @@ from ext_authz.transport.servicer import AuthorizationServicer, register
 log = logging.getLogger(__name__)
 
 
+# How long stop() waits for request threads once grpc has stopped (Checks waiting for keys).
+THREADS_JOIN_SECONDS = 10.0
+
+
 class ServeError(Exception):
     """The server could not start (e.g. the address cannot be bound)."""
 
@@ -230,6 +234,15 @@ class Server:
         if drain_seconds > 0:
             await asyncio.sleep(drain_seconds)
         await self._stop_grpc(grace_seconds)
+        # grpc has cancelled what was still in flight: Checks still waiting on the loop (for a key
+        # fetch) stop waiting and end (as 500s nobody receives), their decision lines queued
+        # before the flush below.
+        self._threads.close()
+        self._threads.cancel_waits()
+        if not await asyncio.to_thread(self._threads.join, THREADS_JOIN_SECONDS):
+            log.warning(
+                "request threads still busy at exit", extra={"fields": {"threads": self._threads.alive}}
+            )
         for task in list(self._background):
             task.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)
@@ -245,7 +258,7 @@ class Server:
         await asyncio.to_thread(stopped.wait)
 
     async def _close(self) -> None:
-        self._threads.shutdown(wait=False)
+        self._threads.close()
         if self.admin is not None:
             await self.admin.stop()
         await self._fetcher.close()
