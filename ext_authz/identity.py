@@ -19,6 +19,7 @@ Security notes:
 from __future__ import annotations
 
 import binascii
+import functools
 import json
 import math
 import re
@@ -137,6 +138,17 @@ def _json_object(data: bytes) -> dict[str, object]:
     return value
 
 
+def _header_object(segment: str) -> dict[str, object]:
+    return _json_object(_b64decode(segment))
+
+
+# An issuer's tokens share a few header segments (alg, kid, typ): each is decoded once. The dict
+# is shared by every token with that header: read, never changed. A segment that fails to decode
+# raises again each time (lru_cache keeps only results).
+_CACHED_HEADER_CHARS = 512
+_cached_header = functools.lru_cache(maxsize=256)(_header_object)
+
+
 def parse_token(token: str, max_bytes: int) -> ParsedToken:
     if len(token) > max_bytes:
         raise errors.TokenTooLarge()
@@ -150,7 +162,10 @@ def parse_token(token: str, max_bytes: int) -> ParsedToken:
     if not _COMPACT.fullmatch(token):
         raise errors.MalformedToken()
     header_segment, payload_segment, signature_segment = parts
-    header = _json_object(_b64decode(header_segment))
+    if len(header_segment) <= _CACHED_HEADER_CHARS:
+        header = _cached_header(header_segment)
+    else:
+        header = _json_object(_b64decode(header_segment))
     claims = _json_object(_b64decode(payload_segment))
     signature = _b64decode(signature_segment)
     return ParsedToken(
@@ -210,7 +225,10 @@ class Verifier:
         if key.fingerprint != entry.key_fingerprint:
             cache.discard(digest)
             return await self._verify(credential, digest)
-        return Principal(entry.provider, entry.claims, entry.payload_segment, credential)
+        # The payload segment is the token's own (the cache keeps the claims, not ~0.5 KB of text).
+        token = credential.token
+        payload_segment = token[token.index(".") + 1 : token.rindex(".")]
+        return Principal(entry.provider, entry.claims, payload_segment, credential)
 
     async def _verify(self, credential: Credential, digest: bytes | None) -> Principal:
         token = parse_token(credential.token, self._max_token_bytes)
@@ -250,9 +268,7 @@ class Verifier:
             exp = claims["exp"]
             assert isinstance(exp, int | float)
             expires = exp + provider.clock_skew_seconds
-            entry = CachedToken(
-                provider.name, claims, token.payload_segment, expires, kid, alg, key.fingerprint
-            )
+            entry = CachedToken(provider.name, claims, expires, kid, alg, key.fingerprint)
             self.cache.put(digest, entry)
         return Principal(
             provider=provider.name,

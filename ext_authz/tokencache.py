@@ -20,7 +20,6 @@ from dataclasses import dataclass
 class CachedToken:
     provider: str
     claims: Mapping[str, object]
-    payload_segment: str
     expires: float  # exp + the provider's clock skew: unusable at or after this time
     kid: str | None
     alg: str

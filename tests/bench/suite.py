@@ -43,6 +43,7 @@ from typing import Any
 import yaml
 
 from ext_authz.dev.plan import envoy_binary
+from ext_authz.serveoptions import DEFAULT_THREADS
 from tests.bench import bench_rules, envoy_bench, fixtures, load, micro, profiling
 from tests.bench.envoy_bench import BenchEnvoy
 from tests.bench.fixtures import ExtAuthz
@@ -59,6 +60,7 @@ DEFAULT_CACHE_ENTRIES = 10_000  # ext-authz's default token_cache.max_entries
 POOL_SIZE = 12_000
 WORKERS = 2
 SYNC_THREADS = 4  # E2s: the thread pool issue 13 measured the sync floor with
+OTHER_THREADS = (2, 8)  # X1 with these request-thread counts too, beside the default
 # X4's max_concurrent_streams when envoy.yaml's ext_authz cluster sets none; otherwise X4b's, beside
 # X4 with envoy.yaml's value: with 16 connections of load, 2 streams a connection makes Envoy open
 # about 8 connections, which SO_REUSEPORT spreads over the workers.
@@ -277,13 +279,14 @@ def start_scenarios(
         stack.envoy(envoy_bench.ext_authz(x1.address), "x1"),
         {"ext-authz": x1.pid},
     )
-    x1a = stack.authz(config, "x1a", extra=["--event-loop", "asyncio"])
-    add(
-        "X1a",
-        "Envoy → ext-authz on asyncio's loop (default: uvloop), one cached token",
-        stack.envoy(envoy_bench.ext_authz(x1a.address), "x1a"),
-        {"ext-authz": x1a.pid},
-    )
+    for threads in OTHER_THREADS:
+        variant = stack.authz(config, f"x1t{threads}", extra=[f"--threads={threads}"])
+        add(
+            f"X1t{threads}",
+            f"Envoy → ext-authz --threads {threads} (default {DEFAULT_THREADS}), one cached token",
+            stack.envoy(envoy_bench.ext_authz(variant.address), f"x1t{threads}"),
+            {"ext-authz": variant.pid},
+        )
     x2 = stack.authz(config, "x2")
     add(
         "X2",
@@ -659,6 +662,14 @@ def render(options: Options, results: Results, elapsed: float) -> str:
         add(f"- {key}: {shown}")
     for label, mib in results.rss.items():
         add(f"- VmRSS {label}: {mib:.1f} MiB")
+    one, full = (
+        results.rss.get("X1: ext-authz, one token cached"),
+        results.rss.get("X2: ext-authz, token cache full"),
+    )
+    size = results.cache.get("X2 after filling", {}).get("size", 0)
+    if one is not None and full is not None and size > 1:
+        per_entry = (full - one) * 2**20 / (size - 1)
+        add(f"- per token-cache entry (X2 full - X1, over the entries between): {per_entry / 1024:.1f} KiB")
     add("")
     add("## In-process (no gRPC, no Envoy)")
     add("")
@@ -725,7 +736,7 @@ def _ratios(results: Results) -> str:
         ("E2s", "E2"),
         ("X1", "E2"),
         ("X1", "E2s"),
-        ("X1", "X1a"),
+        *(("X1", f"X1t{threads}") for threads in OTHER_THREADS),
         ("X2", "E2"),
         ("X2", "E2s"),
         ("X3", "E2"),

@@ -85,7 +85,7 @@ async def test_location_still_checked_on_a_hit(resolver: StaticKeys, mint: Mint)
 
 def test_least_recently_used_entries_go_first() -> None:
     cache = TokenCache(2)
-    entry = CachedToken("idp", {}, "", NOW + 100, "k", "RS256", b"f")
+    entry = CachedToken("idp", {}, NOW + 100, "k", "RS256", b"f")
     for name in (b"a", b"b"):
         cache.put(name, entry)
     assert cache.get(b"a", NOW) is entry  # "a" is now the most recently used
