@@ -20,6 +20,7 @@ from ext_authz.config.model import (
     Expression,
     Match,
     Not,
+    PathPattern,
     Providers,
     ProviderSettings,
     Regex,
@@ -110,6 +111,111 @@ def _mentions_host(requirement: Requirement) -> bool:
     return isinstance(requirement, Expression) and "host" in requirement.text
 
 
+# ---- the rule index ----
+
+_INDEX_FROM_RULES = 4  # fewer rules: a plain scan costs less than the index's key
+_INDEX_ENTRIES = 4096  # request shapes remembered; beyond that the candidates are worked out each time
+
+
+def _first_segment(path: str) -> str | None:
+    """``orders`` for ``/orders`` and ``/orders/42``; None for a path not starting with ``/``."""
+    return path[1:].partition("/")[0] if path.startswith("/") else None
+
+
+def _pattern_segment(pattern: PathPattern) -> str | None:
+    """The first segment every path this pattern matches has, None when it is not fixed."""
+    if pattern.exact is not None:
+        return _first_segment(pattern.exact)
+    head = pattern.prefix if pattern.prefix is not None else pattern.text.partition("{")[0]
+    # A path that starts with ``head`` has its first segment fixed only once ``head`` has a
+    # second "/": ``/orders/`` (yes), ``/ord`` or ``/`` (no).
+    segment, slash, _ = head[1:].partition("/")
+    return segment if slash else None
+
+
+@dataclass(frozen=True, slots=True)
+class _Needs:
+    """Conditions of one rule's match that depend only on the request's shape (see _RuleIndex):
+    each is necessary for match_params to hold, never sufficient."""
+
+    segments: frozenset[str] | None  # the path's first segment is one of these (None: any)
+    match: Match
+    present: tuple[str, ...]  # headers that must be there
+    absent: tuple[str, ...]  # headers that must not be
+    context: tuple[str, ...]  # context keys that must be there
+
+
+class _RuleIndex:
+    """Which rules can match a request of a given shape, worked out once per shape.
+
+    The shape: the path's first segment, the method, the host, and which of the headers and
+    context keys the rules name are present. A rule is a candidate unless its match cannot hold
+    for that shape (another first segment than all its paths fix, another method or host, a
+    header or context key it needs missing, a header it forbids present). Candidates keep the
+    config's order and then get the full match, so the first rule that matches is the same one a
+    scan of every rule finds.
+    """
+
+    def __init__(self, rules: tuple[RuleSettings, ...]) -> None:
+        self._rules = rules
+        self._needs: list[_Needs] = []
+        headers: dict[str, None] = {}
+        context: dict[str, None] = {}
+        for rule in rules:
+            m = rule.match
+            segments: frozenset[str] | None = None
+            if m.paths is not None:
+                fixed = [_pattern_segment(p) for p in m.paths]
+                if all(segment is not None for segment in fixed):
+                    segments = frozenset(segment for segment in fixed if segment is not None)
+            present = tuple(c.name for c in m.headers if c.kind != "absent")
+            absent = tuple(c.name for c in m.headers if c.kind == "absent")
+            keys = tuple(key for key, _ in m.context)
+            headers.update(dict.fromkeys((*present, *absent)))
+            context.update(dict.fromkeys(keys))
+            self._needs.append(_Needs(segments, m, present, absent, keys))
+        self._header_names = tuple(headers)
+        self._context_keys = tuple(context)
+        # The method and the host are part of the shape only when some rule reads them.
+        self._reads_method = any(rule.match.methods is not None for rule in rules)
+        self._reads_host = any(rule.match.hosts is not None or rule.match.host_suffixes for rule in rules)
+        self._by_shape: dict[tuple[object, ...], tuple[RuleSettings, ...]] = {}
+
+    def candidates(self, view: RequestView) -> tuple[RuleSettings, ...]:
+        headers, context = view.request.headers, view.request.context
+        shape = (
+            _first_segment(view.path),
+            view.method if self._reads_method else None,
+            view.host if self._reads_host else None,
+            tuple(name in headers for name in self._header_names),
+            tuple(key in context for key in self._context_keys),
+        )
+        found = self._by_shape.get(shape)
+        if found is None:
+            needs = zip(self._rules, self._needs, strict=True)
+            found = tuple(rule for rule, need in needs if self._may(need, view))
+            if len(self._by_shape) >= _INDEX_ENTRIES:
+                self._by_shape.clear()  # many shapes (hosts, say): start over rather than grow
+            self._by_shape[shape] = found
+        return found
+
+    @staticmethod
+    def _may(needs: _Needs, view: RequestView) -> bool:
+        m = needs.match
+        if needs.segments is not None and _first_segment(view.path) not in needs.segments:
+            return False
+        if m.methods is not None and view.method not in m.methods:
+            return False
+        if (m.hosts is not None or m.host_suffixes) and not _host_ok(m, view.host):
+            return False
+        headers, context = view.request.headers, view.request.context
+        if any(name not in headers for name in needs.present) or any(
+            name in headers for name in needs.absent
+        ):
+            return False
+        return all(key in context for key in needs.context)
+
+
 @dataclass(frozen=True, slots=True)
 class Matched:
     rule: RuleSettings
@@ -129,9 +235,12 @@ class Rules:
             for rule in rules
         )
 
+        self._index = _RuleIndex(rules) if len(rules) > _INDEX_FROM_RULES else None
+
     def match(self, view: RequestView) -> Matched | None:
         """The rule for ``view.path`` (one reading)."""
-        for rule in self.rules:
+        candidates = self.rules if self._index is None else self._index.candidates(view)
+        for rule in candidates:
             params = match_params(rule.match, view)
             if params is not None:
                 return Matched(rule, params)
