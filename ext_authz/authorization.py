@@ -115,6 +115,8 @@ def _mentions_host(requirement: Requirement) -> bool:
 
 _INDEX_FROM_RULES = 4  # fewer rules: a plain scan costs less than the index's key
 _INDEX_ENTRIES = 4096  # request shapes remembered; beyond that the candidates are worked out each time
+_INDEX_HOST_CHARS = 255  # a longer host (none is) is judged each time, never kept
+_OTHER = object()  # in a shape: a first segment or method no rule names
 
 
 def _first_segment(path: str) -> str | None:
@@ -176,17 +178,23 @@ class _RuleIndex:
             self._needs.append(_Needs(segments, m, present, absent, keys))
         self._header_names = tuple(headers)
         self._context_keys = tuple(context)
-        # The method and the host are part of the shape only when some rule reads them.
-        self._reads_method = any(rule.match.methods is not None for rule in rules)
+        # The shape holds only what the rules name (a first segment some rule fixes, a method some
+        # rule lists; anything else is _OTHER) and the host when a rule reads hosts: what a client
+        # sends beyond that never goes into a key.
+        self._segments = frozenset(s for n in self._needs if n.segments is not None for s in n.segments)
+        methods = [rule.match.methods for rule in rules if rule.match.methods is not None]
+        self._methods = frozenset(m for listed in methods for m in listed)
         self._reads_host = any(rule.match.hosts is not None or rule.match.host_suffixes for rule in rules)
         self._by_shape: dict[tuple[object, ...], tuple[RuleSettings, ...]] = {}
 
     def candidates(self, view: RequestView) -> tuple[RuleSettings, ...]:
         headers, context = view.request.headers, view.request.context
+        segment = _first_segment(view.path)
+        host = view.host if self._reads_host else ""
         shape = (
-            _first_segment(view.path),
-            view.method if self._reads_method else None,
-            view.host if self._reads_host else None,
+            segment if segment in self._segments else _OTHER,
+            view.method if view.method in self._methods else _OTHER,
+            host,
             tuple(name in headers for name in self._header_names),
             tuple(key in context for key in self._context_keys),
         )
@@ -194,9 +202,10 @@ class _RuleIndex:
         if found is None:
             needs = zip(self._rules, self._needs, strict=True)
             found = tuple(rule for rule, need in needs if self._may(need, view))
-            if len(self._by_shape) >= _INDEX_ENTRIES:
-                self._by_shape.clear()  # many shapes (hosts, say): start over rather than grow
-            self._by_shape[shape] = found
+            if len(host) <= _INDEX_HOST_CHARS:
+                if len(self._by_shape) >= _INDEX_ENTRIES:
+                    self._by_shape.clear()  # many shapes (hosts, say): start over rather than grow
+                self._by_shape[shape] = found
         return found
 
     @staticmethod

@@ -48,6 +48,11 @@ def canonical_host(authority: str, *, port_allowed: bool = True) -> str | None:
 
 
 def _canonical(authority: str, port_allowed: bool) -> str | None:
+    if not authority.isascii():
+        # str.lower() folds some non-ASCII letters into ASCII ones (the Kelvin sign U+212A to "k"):
+        # "\u212aube.example.com" would be judged as kube.example.com. A host on the wire is ASCII
+        # (internationalised names travel as xn-- punycode).
+        return None
     host = authority.lower()
     if host.startswith("["):
         end = host.find("]")

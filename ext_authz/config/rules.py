@@ -47,13 +47,13 @@ _RE2_OPTIONS = re2.Options()
 _RE2_OPTIONS.log_errors = False  # a bad pattern is our ConfigError, not a line on stderr
 
 
-_REMEMBERED_CHARS = 256
-_REMEMBERED_VALUES = 1024
+_REMEMBERED_CHARS = 64  # at most ~256 bytes of text a value
+_REMEMBERED_VALUES = 256  # so well under 100 KB a condition, whatever clients send
 
 
 class _Remembered:
-    """An RE2 pattern that keeps its answers for short values: requests repeat their header
-    values, and a call into RE2 costs ~2 µs. Bounded: emptied when full. An error (a lone
+    """An RE2 pattern that keeps its answers for short values (64 characters, 256 of them):
+    requests repeat their header values, and a call into RE2 costs ~2 µs. Emptied when full. An error (a lone
     surrogate) is raised each time, never kept."""
 
     __slots__ = ("_seen", "pattern")
