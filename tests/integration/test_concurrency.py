@@ -26,13 +26,13 @@ import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from ext_authz._proto.envoy.service.auth.v3 import (
-    attribute_context_pb2,
     external_auth_pb2,
     external_auth_pb2_grpc,
 )
 from ext_authz.config.parse import load
 from ext_authz.server import Server
 from tests.support.idp import TestIssuer, tamper_signature
+from tests.support.inprocess import check_request
 
 CLIENTS = 8
 SECONDS = 5.0
@@ -60,20 +60,6 @@ def write_config(path: Path, issuer: TestIssuer, audiences: list[str]) -> None:
         "log": {"decisions": "none"},
     }
     path.write_text(yaml.safe_dump(document))
-
-
-def check_request(path: str, token: str | None) -> external_auth_pb2.CheckRequest:
-    headers = {":method": "GET", ":path": path, ":authority": "api.test"}
-    if token is not None:
-        headers["authorization"] = f"Bearer {token}"
-    http = attribute_context_pb2.AttributeContext.HttpRequest(
-        method="GET", path=path, host="api.test", headers=headers
-    )
-    return external_auth_pb2.CheckRequest(
-        attributes=attribute_context_pb2.AttributeContext(
-            request=attribute_context_pb2.AttributeContext.Request(http=http)
-        )
-    )
 
 
 @dataclass
@@ -128,7 +114,7 @@ def client(address: str, tokens: Tokens, stop: threading.Event, seed: int, resul
             kind, path = chance.choice(cases)
             token = tokens.pick(kind) if kind is not None else None
             try:
-                response = stub.Check(check_request(path, token), timeout=5)
+                response = stub.Check(check_request(path, token, host="api.test"), timeout=5)
                 results.append((kind, path, http_status(response), response.status.message))
             except grpc.RpcError as error:
                 results.append((kind, path, -1, str(error.code())))

@@ -27,11 +27,11 @@ import yaml
 
 from ext_authz import cli
 from ext_authz._proto.envoy.service.auth.v3 import (
-    attribute_context_pb2,
     external_auth_pb2,
     external_auth_pb2_grpc,
 )
 from ext_authz.jws import b64url
+from tests.support.inprocess import check_request
 from tests.support.processes import ManagedProcess, start_ext_authz
 
 OK, PERMISSION_DENIED, UNAUTHENTICATED = 0, 7, 16
@@ -176,15 +176,7 @@ def test_rotate_adds_a_key_that_signs_from_then_on(
 
 
 def _check(address: str, token: str | None, path: str) -> external_auth_pb2.CheckResponse:
-    headers = {":method": "GET", ":path": path, ":authority": "api.example.com"}
-    if token is not None:
-        headers["authorization"] = f"Bearer {token}"
-    http = attribute_context_pb2.AttributeContext.HttpRequest(method="GET", path=path, headers=headers)
-    request = external_auth_pb2.CheckRequest(
-        attributes=attribute_context_pb2.AttributeContext(
-            request=attribute_context_pb2.AttributeContext.Request(http=http)
-        )
-    )
+    request = check_request(path, token, host="api.example.com")
     with grpc.insecure_channel(address) as channel:
         stub = external_auth_pb2_grpc.AuthorizationStub(channel)  # type: ignore[no-untyped-call]
         response: external_auth_pb2.CheckResponse = stub.Check(request, timeout=10)

@@ -17,10 +17,9 @@ import h2.settings
 import pytest
 from grpc_health.v1 import health_pb2
 
-from ext_authz._proto.envoy.service.auth.v3 import attribute_context_pb2, external_auth_pb2
 from ext_authz.server import Server
 from tests.support.idp import JWKS_PATH, TestIssuer
-from tests.support.inprocess import Running, config
+from tests.support.inprocess import Running, check_request, config
 
 CHECK = "/envoy.service.auth.v3.Authorization/Check"
 WATCH = "/grpc.health.v1.Health/Watch"
@@ -176,13 +175,7 @@ async def test_check_without_deadline_on_new_kid(running: Running, issuer: TestI
     kid = issuer.rotate()
     token = issuer.mint(kid=kid)
 
-    headers = {":method": "GET", ":path": "/orders", "authorization": f"Bearer {token}"}
-    http = attribute_context_pb2.AttributeContext.HttpRequest(method="GET", path="/orders", headers=headers)
-    request = external_auth_pb2.CheckRequest(
-        attributes=attribute_context_pb2.AttributeContext(
-            request=attribute_context_pb2.AttributeContext.Request(http=http)
-        )
-    )
+    request = check_request("/orders", token)
     started = time.monotonic()
     response = await asyncio.wait_for(running.stub.Check(request), 10)  # no timeout=: no deadline
     assert response.status.code == 0, (response.denied_response.status.code, response.denied_response.body)

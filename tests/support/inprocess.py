@@ -35,6 +35,23 @@ def config(issuer: TestIssuer, **provider: Any) -> Settings:
     )
 
 
+def check_request(path: str, token: str | None, *, host: str = "") -> external_auth_pb2.CheckRequest:
+    """A GET of ``path`` as Envoy sends it, with ``token`` as a bearer token (None: no token)."""
+    headers = {":method": "GET", ":path": path}
+    if host:
+        headers[":authority"] = host
+    if token is not None:
+        headers["authorization"] = f"Bearer {token}"
+    http = attribute_context_pb2.AttributeContext.HttpRequest(
+        method="GET", path=path, host=host, headers=headers
+    )
+    return external_auth_pb2.CheckRequest(
+        attributes=attribute_context_pb2.AttributeContext(
+            request=attribute_context_pb2.AttributeContext.Request(http=http)
+        )
+    )
+
+
 class Running:
     def __init__(self, server: Server, channel: grpc.aio.Channel) -> None:
         self.server = server
@@ -42,15 +59,7 @@ class Running:
         self.health = health_pb2_grpc.HealthStub(channel)
 
     async def check(self, token: str | None = None, path: str = "/orders") -> external_auth_pb2.CheckResponse:
-        headers = {":method": "GET", ":path": path}
-        if token is not None:
-            headers["authorization"] = f"Bearer {token}"
-        http = attribute_context_pb2.AttributeContext.HttpRequest(method="GET", path=path, headers=headers)
-        request = external_auth_pb2.CheckRequest(
-            attributes=attribute_context_pb2.AttributeContext(
-                request=attribute_context_pb2.AttributeContext.Request(http=http)
-            )
-        )
+        request = check_request(path, token)
         response: external_auth_pb2.CheckResponse = await self.stub.Check(request, timeout=5)
         return response
 

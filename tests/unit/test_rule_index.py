@@ -14,11 +14,11 @@ from typing import Any
 import pytest
 
 from ext_authz import errors
-from ext_authz.authorization import Matched, Rules, match_params
 from ext_authz.compiled import compile
 from ext_authz.config.parse import parse
 from ext_authz.model import Request
 from ext_authz.paths import RequestView
+from tests.support.ruleindex import outcome
 
 PATHS = [
     "/orders/*", "/orders/{id}", "/orders", "/ord*", "/", "/*", "/{a}/x", "/users/{id}/*",
@@ -65,27 +65,6 @@ def random_request(chance: random.Random) -> Request:
         headers=headers,
         context=context,
     )
-
-
-def scan(rules: Rules, view: RequestView) -> Matched | None:
-    for rule in rules.rules:
-        params = match_params(rule.match, view)
-        if params is not None:
-            return Matched(rule, params)
-    return None
-
-
-def outcome(rules: Rules, view: RequestView, *, indexed: bool) -> object:
-    if not indexed:
-        rules.match = lambda view: scan(rules, view)  # type: ignore[method-assign]
-    try:
-        matched = rules.choose(view)
-    except errors.AuthError as error:
-        return type(error).__name__
-    finally:
-        if not indexed:
-            del rules.match
-    return None if matched is None else (matched.rule.name, dict(matched.params))
 
 
 @pytest.mark.parametrize("seed", range(40))

@@ -10,12 +10,13 @@ from typing import Any
 import pytest
 
 from ext_authz import errors
-from ext_authz.authorization import Matched, Rules, match_params
+from ext_authz.authorization import Rules
 from ext_authz.compiled import compile
 from ext_authz.config.model import Settings
 from ext_authz.config.parse import parse
 from ext_authz.model import Request
 from ext_authz.paths import RequestView
+from tests.support.ruleindex import outcome
 
 PROVIDER = {
     "name": "idp",
@@ -28,27 +29,6 @@ PROVIDER = {
 def _rules(rules: list[dict[str, Any]]) -> tuple[Settings, Rules]:
     settings = parse({"listen": "127.0.0.1:0", "providers": [PROVIDER], "rules": rules})
     return settings, compile(settings).rules
-
-
-def _scan(rules: Rules, view: RequestView) -> Matched | None:
-    for rule in rules.rules:
-        params = match_params(rule.match, view)
-        if params is not None:
-            return Matched(rule, params)
-    return None
-
-
-def _outcome(rules: Rules, view: RequestView, indexed: bool) -> object:
-    if not indexed:
-        rules.match = lambda view: _scan(rules, view)  # type: ignore[method-assign]
-    try:
-        m = rules.choose(view)
-    except errors.AuthError as error:
-        return type(error).__name__
-    finally:
-        if not indexed:
-            del rules.match
-    return None if m is None else (m.rule.name, dict(m.params))
 
 
 # ---- 1. the rule index: memory held per request shape ----
@@ -127,7 +107,7 @@ def test_rule_index_differential_wider_shapes() -> None:
                 view = RequestView.of(request, settings.path_readings)
             except errors.AuthError:
                 continue
-            assert _outcome(compiled, view, True) == _outcome(compiled, view, False), request
+            assert outcome(compiled, view, indexed=True) == outcome(compiled, view, indexed=False), request
 
 
 # ---- 2. remembered header regexes ----
