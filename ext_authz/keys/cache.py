@@ -1,4 +1,5 @@
-"""The JWKS cache shared by worker processes and replicas (aiocache: in-process memory or Redis).
+"""The JWKS cache shared by worker processes and replicas (in-process memory, or Redis through
+aiocache, imported only then).
 
 What is shared is the JWKS document an IdP served, with the time it was fetched and its
 Cache-Control max-age, plus two short-lived markers: a fetch lock (one process fetches while the
@@ -31,10 +32,8 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, TypeGuard
 from urllib.parse import unquote, urlsplit
 
-from aiocache import RedisCache, SimpleMemoryCache
-from aiocache.serializers import StringSerializer
-
 from ext_authz.config.model import JwksCacheSettings
+from ext_authz.keys.memorystore import MemoryStore
 
 log = logging.getLogger(__name__)
 
@@ -171,6 +170,9 @@ class SharedKeyCache:
             self._cache = storage
         elif settings.backend == "redis":
             assert settings.url is not None
+            from aiocache import RedisCache
+            from aiocache.serializers import StringSerializer
+
             self._cache = RedisCache(
                 namespace=NAMESPACE,
                 serializer=StringSerializer(),
@@ -179,7 +181,7 @@ class SharedKeyCache:
                 **redis_options(settings),
             )
         else:
-            self._cache = SimpleMemoryCache(namespace=NAMESPACE, serializer=StringSerializer())
+            self._cache = MemoryStore()
         self._broken_until = 0.0
         self.timeout_seconds = settings.timeout_seconds
 
