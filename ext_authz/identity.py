@@ -23,6 +23,7 @@ import functools
 import json
 import math
 import re
+import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Protocol
@@ -78,7 +79,9 @@ def _b64decode(segment: str) -> bytes:
 
 
 def _no_duplicates(pairs: list[tuple[str, object]]) -> dict[str, object]:
-    result = dict(pairs)
+    # Member names interned: every token of an issuer names the same claims, and a cached
+    # token's claims would otherwise keep its own copy of each name (~0.4 KB an entry).
+    result = {sys.intern(name): value for name, value in pairs}
     if len(result) != len(pairs):
         # Two parsers may pick different duplicates; RFC 7515 §5.2 lets us reject.
         raise errors.MalformedToken()
