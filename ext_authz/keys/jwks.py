@@ -13,7 +13,7 @@ import hashlib
 import logging
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
@@ -69,10 +69,19 @@ class VerificationKey:
 @dataclass(frozen=True, slots=True)
 class KeySet:
     keys: tuple[VerificationKey, ...]
+    # (kid, alg) -> candidates, for the pairs this set has keys for (a kid it lacks is not kept).
+    _found: dict[tuple[str | None, str], tuple[VerificationKey, ...]] = field(
+        default_factory=dict, compare=False, repr=False
+    )
 
     def candidates(self, kid: str | None, alg: str) -> tuple[VerificationKey, ...]:
         """Keys that may verify a token with this ``kid`` (None: no kid) and ``alg``."""
-        return tuple(k for k in self.keys if alg in k.algorithms and (kid is None or k.kid == kid))
+        found = self._found.get((kid, alg))
+        if found is None:
+            found = tuple(k for k in self.keys if alg in k.algorithms and (kid is None or k.kid == kid))
+            if found:
+                self._found[(kid, alg)] = found
+        return found
 
     def __len__(self) -> int:
         return len(self.keys)

@@ -136,6 +136,15 @@ class ProviderKeys:
             raise KeysUnavailable(retry_after_seconds=self._retry_after())
         return keys
 
+    def key_now(self, kid: str | None, alg: str) -> VerificationKey | None:
+        """The key, when the keys in use give exactly one at once; None: ask :meth:`key_for`,
+        which gives the same key, or the wait or the error, in every other case."""
+        keys = self._keys
+        if keys is None or self._stale(self._clock()):
+            return None
+        candidates = keys.candidates(kid, alg)
+        return candidates[0] if len(candidates) == 1 else None
+
     async def key_for(self, kid: str | None, alg: str) -> VerificationKey:
         """Runs in a request thread (see handoff.py): only what :func:`on_loop` wraps waits."""
         if self._keys is None and self._inflight is not None:

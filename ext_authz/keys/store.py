@@ -66,6 +66,9 @@ class KeyStore:
     def _changed(self) -> None:
         self._on_change()
 
+    def key_now(self, provider: str, kid: str | None, alg: str) -> VerificationKey | None:
+        return self._providers[provider].key_now(kid, alg)
+
     async def key_for(self, provider: str, kid: str | None, alg: str) -> VerificationKey:
         return await self._providers[provider].key_for(kid, alg)
 

@@ -265,3 +265,25 @@ async def test_the_providers_http_policy_reaches_every_fetch(keys: Keys, allow_i
     fetcher = ScriptedFetcher(jwks(keys.rsa))
     await started(ProviderKeys(p, fetcher, None, clock=Clock(), on_change=lambda: None))
     assert fetcher.allow_insecure_http == [allow_insecure_http, allow_insecure_http]  # discovery, JWKS
+
+
+async def test_key_now_gives_key_fors_key_or_leaves_the_case_to_it(keys: Keys) -> None:
+    """The request path's shortcut: a key only where key_for gives that very key at once; None
+    before the first fetch, for an unknown kid, a wrong algorithm, and past max_stale."""
+    clock = Clock()
+    fetcher = ScriptedFetcher(jwks(keys.rsa, keys.ec))
+    store = make(fetcher, clock, max_stale_seconds=100)
+    assert store.key_now("rsa-1", "RS256") is None  # no keys yet
+    await started(store)
+    for kid, alg in (("rsa-1", "RS256"), ("ec-1", "ES256")):
+        now = store.key_now(kid, alg)
+        assert now is not None and now is await store.key_for(kid, alg)
+    assert store.key_now("ec-1", "RS256") is None  # the wrong type: key_for refuses it
+    with pytest.raises(errors.UnknownKey):
+        await store.key_for("ec-1", "RS256")
+    assert store.key_now("new-kid", "RS256") is None  # unknown: key_for decides (refetch)
+    assert store.key_now(None, "RS256") is not None  # one RSA key fits
+    clock.now += 101
+    assert store.key_now("rsa-1", "RS256") is None  # past max_stale: key_for's 503
+    with pytest.raises(errors.KeysUnavailable):
+        await store.key_for("rsa-1", "RS256")
