@@ -84,9 +84,7 @@ def _b64decode(segment: str) -> bytes:
 
 
 def _no_duplicates(pairs: list[tuple[str, object]]) -> dict[str, object]:
-    # Member names interned: every token of an issuer names the same claims, and a cached
-    # token's claims would otherwise keep its own copy of each name (~0.4 KB an entry).
-    result = {sys.intern(name): value for name, value in pairs}
+    result = dict(pairs)
     if len(result) != len(pairs):
         # Two parsers may pick different duplicates; RFC 7515 §5.2 lets us reject.
         raise errors.MalformedToken()
@@ -278,7 +276,11 @@ class Verifier:
             exp = claims["exp"]
             assert isinstance(exp, int | float)
             expires = exp + provider.clock_skew_seconds
-            entry = CachedToken(provider.name, claims, expires, kid, alg, key.fingerprint)
+            # The claim names interned: every token of an issuer names the same claims, and each
+            # cached entry would otherwise keep its own copy of them (~0.4 KB). Only verified
+            # tokens get here: names a client makes up are never interned.
+            kept = {sys.intern(name): value for name, value in claims.items()}
+            entry = CachedToken(provider.name, kept, expires, kid, alg, key.fingerprint)
             self.cache.put(digest, entry)
         return Principal(
             provider=provider.name,
