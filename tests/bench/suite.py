@@ -60,7 +60,7 @@ DEFAULT_CACHE_ENTRIES = 10_000  # ext-authz's default token_cache.max_entries
 POOL_SIZE = 12_000
 WORKERS = 2
 SYNC_THREADS = 4  # E2s: the thread pool issue 13 measured the sync floor with
-OTHER_THREADS = (2, 8)  # X1 with these request-thread counts too, beside the default
+OTHER_THREADS = (4, 8)  # X1 with these request-thread counts too, beside the default (2)
 # X4's max_concurrent_streams when envoy.yaml's ext_authz cluster sets none; otherwise X4b's, beside
 # X4 with envoy.yaml's value: with 16 connections of load, 2 streams a connection makes Envoy open
 # about 8 connections, which SO_REUSEPORT spreads over the workers.

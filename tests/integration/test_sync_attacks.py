@@ -17,6 +17,7 @@ import h2.settings
 import pytest
 from grpc_health.v1 import health_pb2
 
+from ext_authz.serveoptions import DEFAULT_THREADS
 from ext_authz.server import Server
 from tests.support.idp import JWKS_PATH, TestIssuer
 from tests.support.inprocess import Running, check_request, config
@@ -118,13 +119,14 @@ class RawH2:
 
 
 async def test_headers_only_check_streams_starve_every_check(running: Running, issuer: TestIssuer) -> None:
-    """Four Check streams that send HEADERS but never the request message hold all four request
-    threads (grpc's sync server reads the unary request inside the request thread): every other
-    Check, from anyone, then waits until those streams go away."""
+    """Check streams that send HEADERS but never the request message, more than there are request
+    threads: each holds its thread (grpc's sync server reads the unary request inside the request
+    thread); without the stuck-thread replacement every other Check, from anyone, would wait until
+    those streams went away."""
     address = running.address  # type: ignore[attr-defined]
     raw = RawH2(address)
     try:
-        for _ in range(4):  # = --threads (default 4)
+        for _ in range(2 * DEFAULT_THREADS):
             raw.open(CHECK, None)  # no grpc-timeout, no DATA
         await asyncio.sleep(0.5)
         token = issuer.mint()
