@@ -208,3 +208,51 @@ def join(name: str, cookies: Mapping[str, str]) -> str | None:
             return None
         parts.append(part)
     return "".join(parts)
+
+
+# ---- Set-Cookie ----
+
+# Always: a browser sends these cookies back to this host only, over TLS (or to a local
+# development host, which browsers treat as secure), never to scripts, and on top-level
+# navigations from elsewhere but not on cross-site subrequests.
+_ATTRIBUTES = "Path=/; Secure; HttpOnly; SameSite=Lax"
+_LOCAL_HOSTS = frozenset({"localhost", "127.0.0.1", "[::1]"})
+_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # RFC 9110 token
+_COOKIE_OCTETS = re.compile(r"[\x21\x23-\x2B\x2D-\x3A\x3C-\x5B\x5D-\x7E]*")
+
+
+def set_cookie(name: str, value: str, *, max_age_seconds: int) -> str:
+    """A ``Set-Cookie`` value (the header's, without the name ``Set-Cookie``). Raises ValueError
+    for a name that is not an RFC 6265 token or a value with other than cookie-octets."""
+    if not _TOKEN.fullmatch(name) or not _COOKIE_OCTETS.fullmatch(value):
+        raise ValueError("not a cookie name and value (RFC 6265 §4.1.1)")
+    return f"{name}={value}; Max-Age={max(0, int(max_age_seconds))}; {_ATTRIBUTES}"
+
+
+def expire_cookie(name: str) -> str:
+    if not _TOKEN.fullmatch(name):
+        raise ValueError("not a cookie name (RFC 6265 §4.1.1)")
+    return f"{name}=; Max-Age=0; {_ATTRIBUTES}"
+
+
+def set_cookies(name: str, sealed: str, *, max_age_seconds: int, present: Mapping[str, str]) -> list[str]:
+    """The ``Set-Cookie`` values that carry ``sealed`` under ``name`` and expire the parts of an
+    earlier, longer value that the request still ``present``s."""
+    carried = split(name, sealed)
+    names = {n for n, _ in carried}
+    values = [set_cookie(n, v, max_age_seconds=max_age_seconds) for n, v in carried]
+    return values + [expire_cookie(n) for n in chunk_names(name) if n not in names and n in present]
+
+
+def expire_cookies(name: str, present: Mapping[str, str]) -> list[str]:
+    """The ``Set-Cookie`` values that end every part of ``name`` the request presents (logout)."""
+    return [expire_cookie(n) for n in chunk_names(name) if n in present]
+
+
+def secure_context(scheme: str, host: str) -> bool:
+    """Whether a browser keeps a ``Secure`` cookie for this origin: https, or a local development
+    host over http (``localhost``, ``*.localhost``, ``127.0.0.1``, ``[::1]``). ``host`` is the
+    canonical host (hosts.canonical_host: lower-case, no port)."""
+    if scheme.lower() == "https":
+        return True
+    return scheme.lower() == "http" and (host in _LOCAL_HOSTS or host.endswith(".localhost"))

@@ -138,3 +138,46 @@ def test_none_cannot_be_sealed() -> None:
     # open() answers None for "no value": a sealed None would be indistinguishable from a refusal.
     with pytest.raises(ValueError, match="None"):
         Sealer([A]).seal("session", NAME, None, now=NOW, lifetime_seconds=60)
+
+
+def test_set_cookie_attributes_and_leftover_parts() -> None:
+    from ext_authz.sessions.cookies import expire_cookies, set_cookie, set_cookies
+
+    assert set_cookie(NAME, "v1.abc", max_age_seconds=3600) == (
+        f"{NAME}=v1.abc; Max-Age=3600; Path=/; Secure; HttpOnly; SameSite=Lax"
+    )
+    sealer = Sealer([A])
+    small = sealed(sealer)
+    earlier = dict(split(NAME, sealed(sealer, {"blob": "x" * 9000})))  # 4 parts in the browser
+    values = set_cookies(NAME, small, max_age_seconds=60, present=earlier)
+    assert values[0].startswith(f"{NAME}={small}; Max-Age=60;")
+    assert sorted(v.split("=")[0] for v in values[1:]) == [f"{NAME}.1", f"{NAME}.2", f"{NAME}.3"]
+    assert all("Max-Age=0;" in v for v in values[1:])
+    assert set_cookies(NAME, small, max_age_seconds=60, present={}) == values[:1]
+    assert [v.split("=")[0] for v in expire_cookies(NAME, earlier)] == [
+        NAME,
+        f"{NAME}.1",
+        f"{NAME}.2",
+        f"{NAME}.3",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("scheme", "host", "secure"),
+    [
+        ("https", "app.example.com", True),
+        ("HTTPS", "app.example.com", True),
+        ("http", "localhost", True),
+        ("http", "app.localhost", True),
+        ("http", "127.0.0.1", True),
+        ("http", "[::1]", True),
+        ("http", "app.example.com", False),
+        ("http", "127.0.0.2", False),
+        ("http", "localhost.example.com", False),
+        ("ftp", "localhost", False),
+    ],
+)
+def test_secure_context(scheme: str, host: str, secure: bool) -> None:
+    from ext_authz.sessions.cookies import secure_context
+
+    assert secure_context(scheme, host) is secure

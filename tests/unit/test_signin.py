@@ -48,7 +48,7 @@ def test_only_a_browser_navigation_is_sent_to_sign_in(
         ("/app\\..\\x", "", "/"),
         ("/caf\u00e9", "", "/"),
         ("/app", "next=//evil.example", "/app?next=//evil.example"),  # a query is the app's own business
-        ("/a" * 2000, "", "/"),
+        ("/a" * 300, "", "/"),  # over 512 characters: the cookie stays small
     ],
 )
 def test_the_return_path_is_only_ever_a_path_on_this_host(path: str, query: str, expected: str) -> None:
@@ -85,3 +85,84 @@ def test_the_authorization_url_keeps_the_endpoints_own_parameters() -> None:
     assert q["scope"] == ["openid profile email"] and q["nonce"] == [t.nonce]
     assert q["code_challenge"] == [t.challenge] and "code_verifier" not in q
     assert q["redirect_uri"] == ["https://app.example.com/oauth2/callback"]
+
+
+ISSUER = "https://idp.example.com/"
+
+
+def callback(query: str, transaction: object, *, iss_required: bool = False) -> object:
+    from ext_authz.sessions.signin import Transaction, read_callback
+
+    assert transaction is None or isinstance(transaction, Transaction)
+    return read_callback(query, transaction, issuer=ISSUER, iss_required=iss_required)
+
+
+def test_a_callback_with_its_state_and_one_code_goes_on() -> None:
+    from ext_authz.sessions.signin import CallbackCode
+
+    t = new_transaction("/app")
+    answer = callback(f"code=abc&state={t.state}&iss={ISSUER}", t)
+    assert answer == CallbackCode("abc", t)
+    assert callback(f"code=abc&state={t.state}", t) == CallbackCode("abc", t)  # no iss, none promised
+
+
+@pytest.mark.parametrize(
+    ("query", "status", "code"),
+    [
+        ("code=abc&state=forged", 400, "invalid_state"),
+        ("code=abc", 400, "invalid_state"),
+        ("code=abc&state={s}&state={s}", 400, "invalid_state"),
+        ("state={s}&error=access_denied&error_description=no", 403, "sign_in_refused"),
+        ("code=abc&state={s}&iss=https://evil.example/", 400, "wrong_issuer"),
+        ("code=abc&state={s}&iss={i}&iss={i}", 400, "wrong_issuer"),
+        ("state={s}", 400, "invalid_request"),
+        ("code=&state={s}", 400, "invalid_request"),
+        ("code=a&code=b&state={s}", 400, "invalid_request"),
+        ("code=" + "x" * 5000 + "&state={s}", 400, "invalid_request"),
+    ],
+)
+def test_every_other_callback_is_refused_with_a_page(query: str, status: int, code: str) -> None:
+    from ext_authz.sessions.signin import CallbackRefused
+
+    t = new_transaction("/app")
+    answer = callback(query.format(s=t.state, i=ISSUER), t)
+    assert isinstance(answer, CallbackRefused) and (answer.status, answer.code) == (status, code)
+
+
+def test_no_transaction_cookie_and_a_required_iss() -> None:
+    from ext_authz.sessions.signin import CallbackRefused
+
+    t = new_transaction("/app")
+    assert isinstance(callback(f"code=abc&state={t.state}", None), CallbackRefused)  # replayed, cookie gone
+    refused = callback(f"code=abc&state={t.state}", t, iss_required=True)
+    assert isinstance(refused, CallbackRefused) and refused.code == "wrong_issuer"
+
+
+def test_the_idps_error_text_is_shown_only_when_plain() -> None:
+    from ext_authz.sessions.signin import CallbackRefused
+
+    t = new_transaction("/app")
+    shown = callback(f"state={t.state}&error=access_denied", t)
+    assert isinstance(shown, CallbackRefused) and "(access_denied)" in shown.description
+    odd = callback(f"state={t.state}&error=%3Cscript%3E", t)
+    assert isinstance(odd, CallbackRefused) and "<script>" not in odd.description
+
+
+def test_transaction_cookies_round_trip_and_are_named_per_state() -> None:
+    from ext_authz.sessions.signin import from_data, to_data, transaction_cookie
+
+    a, b = new_transaction("/app"), new_transaction("/other")
+    assert transaction_cookie("__Host-ext-authz", a.state) != transaction_cookie("__Host-ext-authz", b.state)
+    assert transaction_cookie("__Host-ext-authz", a.state).startswith("__Host-ext-authz-signin-")
+    assert from_data(to_data(a)) == a
+    assert from_data({**to_data(a), "r": "//evil.example"}).return_to == "/"  # type: ignore[union-attr]
+    junk: list[object] = [
+        None,
+        [],
+        {"s": "x"},
+        {**to_data(a), "extra": "1"},
+        {**to_data(a), "n": 5},
+        {**to_data(a), "v": ""},
+    ]
+    for data in junk:
+        assert from_data(data) is None
