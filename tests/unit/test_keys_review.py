@@ -39,6 +39,21 @@ def _setup(fetcher: ScriptedFetcher, clock: Clock, **policy: object) -> tuple[Ke
     return store, v, cache
 
 
+async def _cached_then_installed(
+    keys: Keys, mint: Mint, document: object
+) -> tuple[Verifier, TokenCache, str]:
+    """A token verified (and cached) under the RSA key, then ``document`` installed in its place."""
+    fetcher = ScriptedFetcher(jwks(keys.rsa))
+    store, v, cache = _setup(fetcher, Clock())
+    await store.provider("idp").refresh(from_idp=True)
+    token = mint()
+    await v.verify(Credential(token, (AUTH,)))
+    assert len(cache) == 1
+    fetcher.document = document
+    assert await store.provider("idp").refresh(from_idp=True) == "installed"
+    return v, cache, token
+
+
 def test_claim_names_of_an_unverified_token_are_not_interned() -> None:
     """LATENT (low): _no_duplicates interns every member name of every token it parses, before
     the issuer or the signature is looked at. Where interned strings are immortal (CPython
@@ -52,15 +67,9 @@ def test_claim_names_of_an_unverified_token_are_not_interned() -> None:
 
 
 async def test_rotated_out_kid_refused_on_a_cache_hit(keys: Keys, mint: Mint) -> None:
-    clock = Clock()
-    fetcher = ScriptedFetcher(jwks(keys.rsa))
-    store, v, cache = _setup(fetcher, clock)
-    await store.provider("idp").refresh(from_idp=True)
-    token = mint()
-    await v.verify(Credential(token, (AUTH,)))
-    assert len(cache) == 1
-    fetcher.document = jwks(SigningKey("rsa-2", "RS256", generate_key("RS256")))
-    assert await store.provider("idp").refresh(from_idp=True) == "installed"
+    v, cache, token = await _cached_then_installed(
+        keys, mint, jwks(SigningKey("rsa-2", "RS256", generate_key("RS256")))
+    )
     with pytest.raises(errors.UnknownKey):
         await v.verify(Credential(token, (AUTH,)))
     assert len(cache) == 0
@@ -68,14 +77,7 @@ async def test_rotated_out_kid_refused_on_a_cache_hit(keys: Keys, mint: Mint) ->
 
 async def test_same_kid_new_material_refused_on_a_cache_hit(keys: Keys, mint: Mint) -> None:
     """A memoized candidate must not survive a key set change: same kid, new key material."""
-    clock = Clock()
-    fetcher = ScriptedFetcher(jwks(keys.rsa))
-    store, v, _ = _setup(fetcher, clock)
-    await store.provider("idp").refresh(from_idp=True)
-    token = mint()
-    await v.verify(Credential(token, (AUTH,)))
-    fetcher.document = jwks(keys.other_rsa)  # kid rsa-1, another key
-    assert await store.provider("idp").refresh(from_idp=True) == "installed"
+    v, _, token = await _cached_then_installed(keys, mint, jwks(keys.other_rsa))  # kid rsa-1, another key
     with pytest.raises(errors.BadSignature):
         await v.verify(Credential(token, (AUTH,)))
 
