@@ -12,6 +12,7 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[test]'
+	rm -rf ext_authz.egg-info  # setuptools' build leftover; the installed metadata is in the venv
 	touch $(STAMP)
 
 test: $(STAMP) tools lint typecheck imports unit
