@@ -63,7 +63,7 @@ run: $(STAMP)
 	$(PY) -m ext_authz.dev stack --envoy-config envoy.yaml --config deploy/local/ext-authz.yaml
 
 clean:
-	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) ext_authz.egg-info  # caches live in $(VENV)/cache
 
 # Coverage-guided fuzzing with atheris (never part of `make test`): token parsing and verification,
 # then serialized CheckRequests through the adapter and the pipeline, FUZZ_SECONDS each. Installs
