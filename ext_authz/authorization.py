@@ -201,7 +201,7 @@ class _RuleIndex:
         found = self._by_shape.get(shape)
         if found is None:
             needs = zip(self._rules, self._needs, strict=True)
-            found = tuple(rule for rule, need in needs if self._may(need, view))
+            found = tuple(rule for rule, need in needs if self._may(need, view, segment))
             if len(host) <= _INDEX_HOST_CHARS:
                 if len(self._by_shape) >= _INDEX_ENTRIES:
                     self._by_shape.clear()  # many shapes (hosts, say): start over rather than grow
@@ -209,9 +209,9 @@ class _RuleIndex:
         return found
 
     @staticmethod
-    def _may(needs: _Needs, view: RequestView) -> bool:
+    def _may(needs: _Needs, view: RequestView, segment: str | None) -> bool:
         m = needs.match
-        if needs.segments is not None and _first_segment(view.path) not in needs.segments:
+        if needs.segments is not None and segment not in needs.segments:
             return False
         if m.methods is not None and view.method not in m.methods:
             return False

@@ -278,16 +278,6 @@ class RequestThreads(concurrent.futures.Executor):
         return len(self._threads)
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
-        self.close(cancel_futures=cancel_futures)
-        if wait:
-            self.join(None)
-
-    def close(self, *, cancel_futures: bool = False) -> None:
-        """Take no more work; every thread ends once the work before it is done."""
-        with self._lock:
-            self._closed = True
-            threads = list(self._threads)
-        self._stopping.set()
         if cancel_futures:
             while True:
                 try:
@@ -296,6 +286,19 @@ class RequestThreads(concurrent.futures.Executor):
                     break
                 if work is not None:
                     work[0].cancel()
+        self.close()
+        if wait:
+            self.join(None)
+
+    def close(self) -> None:
+        """Take no more work; every thread ends once the work before it is done. Once is enough:
+        later calls change nothing."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            threads = list(self._threads)
+        self._stopping.set()
         for _ in threads:
             self._work.put(None)
 
