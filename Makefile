@@ -17,13 +17,15 @@ $(STAMP): pyproject.toml
 
 test: $(STAMP) tools lint typecheck imports unit
 
-# System tools the tests run (Debian packages; CI and the developers' machines run as root):
-# faketime moves the machine's clock for tests/unit/test_fixed_clock.py.
-TOOLS := faketime
+# System tools the tests run (Debian packages; CI and the developers' machines run as root), as
+# command:package pairs; only the packages of missing commands are installed. faketime moves the
+# machine's clock for tests/unit/test_fixed_clock.py; chromium and chromedriver drive a headless
+# browser (tests/support/browser.py).
+TOOLS := faketime:faketime chromium:chromium chromedriver:chromium-driver
 tools:
-	@missing=""; for t in $(TOOLS); do command -v $$t >/dev/null || missing="$$missing $$t"; done; \
+	@missing=""; for t in $(TOOLS); do command -v $${t%%:*} >/dev/null || missing="$$missing $${t#*:}"; done; \
 	if [ -n "$$missing" ]; then \
-		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive DEBCONF_NOWARNINGS=yes apt-get install -y -qq $$missing >/dev/null; \
 	fi
 
 lint: $(STAMP)
