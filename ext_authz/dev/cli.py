@@ -50,6 +50,29 @@ def add_issuer_commands(commands: Any) -> None:
     serve.add_argument(
         "--allow-non-loopback", action="store_true", help="allow a --host beyond loopback (containers)"
     )
+    serve.add_argument(
+        "--client-secret", metavar="SECRET", help="sign-in: token requests must authenticate with it"
+    )
+    serve.add_argument(
+        "--client-secret-file", type=Path, metavar="PATH", help="the client secret from a file (not in ps)"
+    )
+    serve.add_argument(
+        "--token-lifetime", type=int, default=300, metavar="SECONDS", help="access/ID tokens (default 300)"
+    )
+    serve.add_argument(
+        "--refresh-lifetime",
+        type=int,
+        default=86400,
+        metavar="SECONDS",
+        help="refresh tokens (default 86400)",
+    )
+    serve.add_argument(
+        "--backchannel-logout-uri",
+        action="append",
+        default=[],
+        metavar="URL",
+        help="POST a back-channel logout_token here when a session ends (repeatable)",
+    )
     rotate = commands.add_parser("rotate", help="add a signing key; older keys stay published")
     _add_key_dir(rotate)
     rotate.add_argument("--alg", choices=ALGORITHMS, default=DEFAULT_ALG, help=f"default {DEFAULT_ALG}")

@@ -58,9 +58,9 @@ def bound_port(sock: socket.socket) -> int:
 
 
 async def start_site(app: web.Application, sock: socket.socket) -> web.AppRunner:
-    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=1.0)
     await runner.setup()
-    await web.SockSite(runner, sock, shutdown_timeout=1.0).start()
+    await web.SockSite(runner, sock).start()
     return runner
 
 
