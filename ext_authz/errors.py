@@ -256,3 +256,11 @@ class InternalError(AuthError):
     code = "internal_error"
     body_code = "server_error"
     description = "the authorization service failed"
+
+
+class LoginUnavailable(KeysUnavailable):
+    """A session's tokens need the identity provider (a refresh, a sign-in) and it cannot be
+    reached: 503 with Retry-After, never a sign-in loop."""
+
+    code = "login_unavailable"
+    description = "the identity provider is temporarily unavailable"

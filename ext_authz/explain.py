@@ -172,6 +172,13 @@ _NOT_JUDGED = {
     "anonymous": "none: the rule allows anonymous requests (a token is used when valid, ignored when not)",
     "not_verified": "not evaluated: the token was not verified",
     "no_token": "not evaluated: no token",
+    "session_endpoint": "none: ext-authz answers its sign-in callback and logout paths itself",
+    "no_session": "not evaluated: no token and no session",
+    "session_invalid": "not evaluated: the session cookie is tampered, truncated, expired or foreign",
+    "session_expired": "not evaluated: the session is past its max_age or its tokens expired",
+    "session_other_provider": "not evaluated: the session is another provider's",
+    "refresh_refused": "not evaluated: the identity provider refused to refresh the session",
+    "login_unavailable": "not evaluated: the session needs the identity provider, which is unavailable",
 }
 
 

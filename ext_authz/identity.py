@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import binascii
 import functools
+import hmac
 import json
 import math
 import re
@@ -249,27 +250,9 @@ class Verifier:
         if not _location_accepted(provider, credential):
             raise errors.TokenLocationNotAccepted()
 
-        alg = header.get("alg")
-        if not isinstance(alg, str) or alg not in provider.algorithms:
-            raise errors.UnsupportedAlgorithm()
-        if "b64" in header:
-            # Before crit: `crit: ["b64"]` gets the precise answer, and so does b64 alone.
-            raise errors.UnsupportedB64Header()
-        if "crit" in header:
-            raise errors.UnsupportedCritical()
+        self._check_header(provider, header)
         self._check_type(provider, header.get("typ"))
-        kid = header.get("kid")
-        if kid is not None and not isinstance(kid, str):
-            raise errors.MalformedToken()
-
-        key = self._keys.key_now(provider.name, kid, alg) or await self._keys.key_for(provider.name, kid, alg)
-        algorithm = _ALGORITHMS[alg]
-        try:
-            valid = algorithm.verify(token.signing_input, key.key, token.signature)
-        except Exception:  # malformed signatures may raise inside cryptography: still just invalid
-            valid = False
-        if not valid:
-            raise errors.BadSignature()
+        key, kid, alg = await self._check_signature(provider, token)
 
         self._check_claims(provider, claims)
         if digest is not None and self.cache is not None:
@@ -290,6 +273,68 @@ class Verifier:
         )
 
     @staticmethod
+    def _check_header(provider: ProviderSettings, header: Mapping[str, object]) -> None:
+        alg = header.get("alg")
+        if not isinstance(alg, str) or alg not in provider.algorithms:
+            raise errors.UnsupportedAlgorithm()
+        if "b64" in header:
+            # Before crit: `crit: ["b64"]` gets the precise answer, and so does b64 alone.
+            raise errors.UnsupportedB64Header()
+        if "crit" in header:
+            raise errors.UnsupportedCritical()
+
+    async def _check_signature(
+        self, provider: ProviderSettings, token: ParsedToken
+    ) -> tuple[VerificationKey, str | None, str]:
+        """The key that verifies the token's signature (its header checked before), with the kid
+        and alg it was chosen by. Raises BadSignature, UnknownKey, KeysUnavailable."""
+        alg, kid = token.header["alg"], token.header.get("kid")
+        assert isinstance(alg, str)
+        if kid is not None and not isinstance(kid, str):
+            raise errors.MalformedToken()
+        key = self._keys.key_now(provider.name, kid, alg) or await self._keys.key_for(provider.name, kid, alg)
+        algorithm = _ALGORITHMS[alg]
+        try:
+            valid = algorithm.verify(token.signing_input, key.key, token.signature)
+        except Exception:  # malformed signatures may raise inside cryptography: still just invalid
+            valid = False
+        if not valid:
+            raise errors.BadSignature()
+        return key, kid, alg
+
+    async def verify_id_token(
+        self, token: str, provider_name: str, *, client_id: str, nonce: str | None
+    ) -> Mapping[str, object]:
+        """The verified claims of an ID token the provider's token endpoint returned to us (OIDC
+        Core §3.1.3.7): signed by the provider's keys, ``iss`` exactly its issuer (a token from
+        another provider, a mix-up, is refused), ``aud`` naming our client id (with ``azp`` equal
+        to it when there are several audiences or an ``azp``), unexpired, and ``nonce`` equal to
+        the sign-in's (``nonce=None``: a refresh, §12.2). Raises an AuthError subclass."""
+        provider = self._by_name[provider_name]
+        parsed = parse_token(token, self._max_token_bytes)
+        claims = parsed.claims
+        if claims.get("iss") != provider.issuer:
+            raise errors.IssuerNotAccepted()
+        self._check_header(provider, parsed.header)
+        await self._check_signature(provider, parsed)
+        self._check_times(provider, claims)
+        aud, azp = claims.get("aud"), claims.get("azp")
+        audiences = [aud] if isinstance(aud, str) else aud if isinstance(aud, list) else []
+        if client_id not in audiences or not all(isinstance(a, str) for a in audiences):
+            raise errors.AudienceMismatch("the ID token is not for this client")
+        if (len(audiences) > 1 or azp is not None) and azp != client_id:
+            raise errors.AudienceMismatch("the ID token was issued to another party (azp)")
+        if nonce is not None:
+            got = claims.get("nonce")
+            if not isinstance(got, str) or not hmac.compare_digest(
+                got.encode("utf-8", "surrogatepass"), nonce.encode("utf-8", "surrogatepass")
+            ):
+                raise errors.InvalidClaim("the ID token's nonce is not this sign-in's")
+        if not isinstance(claims.get("sub"), str) or not claims["sub"]:
+            raise errors.InvalidClaim("the ID token has no subject")
+        return claims
+
+    @staticmethod
     def _check_type(provider: ProviderSettings, typ: object) -> None:
         if typ is None:
             if provider.require_typ:
@@ -299,6 +344,10 @@ class Verifier:
             raise errors.TokenTypeNotAccepted()
 
     def _check_claims(self, provider: ProviderSettings, claims: Mapping[str, object]) -> None:
+        self._check_times(provider, claims)
+        self._check_audience(provider, claim_value(claims, provider.claims.audience))
+
+    def _check_times(self, provider: ProviderSettings, claims: Mapping[str, object]) -> None:
         now = self._clock()
         skew = provider.clock_skew_seconds
         exp = claims.get("exp")
@@ -318,7 +367,6 @@ class Verifier:
             assert isinstance(value, int | float)
             if value > now + skew:
                 raise error()
-        self._check_audience(provider, claim_value(claims, provider.claims.audience))
 
     @staticmethod
     def _check_audience(provider: ProviderSettings, aud: object) -> None:

@@ -24,6 +24,7 @@ class Request:
     host: str = ""
     headers: Mapping[str, str] = field(default_factory=dict)
     context: Mapping[str, str] = field(default_factory=dict)
+    scheme: str = ""  # the scheme the client used, as Envoy saw it ("http", "https")
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,10 +70,12 @@ class Allow:
     rule: str = ""
     provider: str | None = None
     subject: str | None = None
-    # Why the request is allowed, for logs and metrics: "token", "anonymous" or "dry_run".
+    # Why the request is allowed, for logs and metrics: "token", "session", "anonymous" or "dry_run".
     reason: str = "token"
     # Set in dry-run mode (reason "dry_run"): the denial the request would have had.
     would_deny: WouldDeny | None = None
+    # Headers added to the response the client gets (a renewed session's Set-Cookie lines).
+    response_headers: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

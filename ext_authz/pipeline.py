@@ -14,12 +14,14 @@ from dataclasses import replace
 
 from ext_authz import errors
 from ext_authz.authorization import Matched
+from ext_authz.browser import Browsers
 from ext_authz.compiled import Compiled
 from ext_authz.config.model import DEFAULT_RULE, ProviderSettings, Settings
 from ext_authz.credentials import CredentialFinder
 from ext_authz.identity import KeyResolver, Verifier, parse_token
-from ext_authz.model import Credential, Decision, Deny, Principal, Request, WouldDeny
+from ext_authz.model import Allow, Credential, Decision, Deny, Principal, Request, WouldDeny
 from ext_authz.paths import RequestView
+from ext_authz.sessions.oidc import LoginClient, NoLogin
 from ext_authz.tokencache import CacheCounters, TokenCache
 from ext_authz.trace import TokenSeen, Trace
 
@@ -34,6 +36,7 @@ class Pipeline:
         *,
         clock: Callable[[], float] = time.time,
         cache_counters: CacheCounters | None = None,
+        login_client: LoginClient | None = None,
     ) -> None:
         settings = self.settings = config.settings
         self.config = config
@@ -46,6 +49,12 @@ class Pipeline:
         )
         self.answers = config.answers
         self._all_dry_run = config.all_dry_run
+        # Browser sign-in (`sessions:`): without a network client every provider is unreachable.
+        self.browsers = (
+            Browsers(settings, self.verifier, login_client or NoLogin(), clock=clock)
+            if settings.sessions is not None
+            else None
+        )
 
     async def identify(
         self, request: Request, trace: Trace | None = None
@@ -71,8 +80,21 @@ class Pipeline:
         return trace.decision
 
     async def _decide(self, request: Request, trace: Trace | None) -> Decision:
+        decision = await self._decide_rules(request, trace)
+        browsers = self.browsers
+        if browsers is not None and isinstance(decision, Allow) and browsers.carries_session(request):
+            # The session cookie never reaches a backend (a session route's or any other).
+            return browsers.strip(request, decision)
+        return decision
+
+    async def _decide_rules(self, request: Request, trace: Trace | None) -> Decision:
         try:
             view = RequestView.of(request, self.settings.path_readings)
+            browsers = self.browsers
+            if browsers is not None and browsers.answers_path(view.path):
+                if trace is not None:
+                    trace.skip("session_endpoint")
+                return await browsers.answer(request)
             if trace is not None:
                 self.rules.trace_match(view, trace)
             matched = self.rules.choose(view)
@@ -90,6 +112,8 @@ class Pipeline:
         identity = await self.identify(request, trace)
         principal, error = identity
         rule = matched.rule
+        if rule.login is not None and principal is None and error is None and self.browsers is not None:
+            return await self._session_decision(request, matched, view, trace)
         if rule.anonymous:
             # An anonymous route ignores a bad token: the request goes on without identity.
             if trace is not None:
@@ -110,6 +134,37 @@ class Pipeline:
             trace.skip("not_verified" if error is not None else "no_token")
         if isinstance(decision, Deny) and rule.dry_run:
             return self._dry_run(decision, request, identity, matched)
+        return decision
+
+    async def _session_decision(
+        self, request: Request, matched: Matched, view: RequestView, trace: Trace | None
+    ) -> Decision:
+        """A login rule's request without a bearer token: its session, else a sign-in."""
+        browsers = self.browsers
+        assert browsers is not None
+        rule = matched.rule
+        found = await browsers.session(request, rule)
+        principal = found.principal
+        if trace is not None and found.reason != "session":
+            trace.skip(found.reason)
+        decision: Decision
+        if principal is None:
+            if found.unavailable is not None:
+                decision = self.answers.deny(found.unavailable, rule)
+            else:
+                decision = browsers.sign_in(request, rule, found) or self.answers.deny(
+                    errors.MissingToken(), rule
+                )
+                if found.set_cookies and decision.status == 401:
+                    cookies = tuple(("set-cookie", c) for c in found.set_cookies)
+                    decision = replace(decision, headers=(*decision.headers, *cookies))
+        else:
+            failed = self.rules.check_every_reading(matched, principal, view, trace)
+            if failed is None:
+                return browsers.finish(request, self.answers.allow(request, principal, rule), found)
+            decision = self.answers.deny(failed, rule, principal)
+        if rule.dry_run:
+            return self._dry_run(decision, request, (principal, None), matched)
         return decision
 
     async def _unruled(self, denial: Deny, request: Request, dry_run: bool, trace: Trace | None) -> Decision:

@@ -32,6 +32,7 @@ from ext_authz.model import Decision, Request
 from ext_authz.pipeline import Pipeline
 from ext_authz.reload import Current, Reloader, Runtime
 from ext_authz.serveoptions import DEFAULT_THREADS, ServeOptions
+from ext_authz.sessions.client import HttpLoginClient
 from ext_authz.tls import ServerTls
 from ext_authz.tlsfiles import TlsFileError
 from ext_authz.tokencache import CacheCounters
@@ -72,6 +73,7 @@ class Server:
         self._address = listen or settings.listen
         self._drain_override = drain_seconds
         self._fetcher = HttpFetcher()
+        self._login = HttpLoginClient(self._fetcher)
         self._cache = SharedKeyCache(settings.jwks_cache)
         self._token_counters = CacheCounters()
         self.current = Current(self._build(settings, None))
@@ -81,7 +83,7 @@ class Server:
             self.current,
             build=self._build,
             metrics=self.metrics,
-            reloaded=self._keys_changed,
+            reloaded=self._reloaded,
         )
         self.health = Health()
         tracing = (
@@ -127,6 +129,7 @@ class Server:
         self._serving: bool | None = None
         self._draining = False
         self._background: set[asyncio.Task[object]] = set()
+        self._warming: asyncio.Task[None] | None = None
 
     @property
     def runtime(self) -> Runtime:
@@ -156,7 +159,10 @@ class Server:
             on_change=self._keys_changed,
             reuse=reuse,
         )
-        pipeline = Pipeline(compile(new), keys, clock=self._clock, cache_counters=self._token_counters)
+        counters, login = self._token_counters, self._login
+        pipeline = Pipeline(
+            compile(new), keys, clock=self._clock, cache_counters=counters, login_client=login
+        )
         return Runtime(new, keys, pipeline, DecisionLog(new.log))
 
     def _token_cache_state(self) -> tuple[int, int, int]:
@@ -194,13 +200,14 @@ class Server:
         if self.tls is not None:
             self._spawn(self.tls.watch(), "tls-watch")
         self.keys.start()
+        self._warm_logins()
         self._keys_changed()  # providers with inline keys may be ready already
         if self._reloader.path is not None:
             self._spawn(self._reloader.watch(), "config-watch")
         return bound
 
     def ready(self) -> bool:
-        return not self._draining and self.keys.ready()
+        return not self._draining and self.keys.ready() and self._login.ready(self.settings.providers)
 
     def _keys_changed(self) -> None:
         """Keys arrived, failed or went stale: bring gRPC health in line with the readiness policy."""
@@ -210,6 +217,22 @@ class Server:
         self._serving = ready
         log.info("ready" if ready else "not ready", extra={"fields": {"readiness": self.settings.readiness}})
         self.health.set_serving(ready)
+
+    def _warm_logins(self) -> None:
+        """Fetch the login endpoints of the providers that sign browsers in (readiness waits);
+        a reload's fetch replaces the one before it, which may still be retrying an outage."""
+        if self._warming is not None:
+            self._warming.cancel()
+            self._warming = None
+        if any(p.login is not None for p in self.settings.providers):
+            warm = self._login.warm(self.settings.providers, self._keys_changed)
+            self._warming = asyncio.get_running_loop().create_task(warm, name="login-endpoints")
+            self._background.add(self._warming)
+            self._warming.add_done_callback(self._background.discard)
+
+    def _reloaded(self) -> None:
+        self._warm_logins()
+        self._keys_changed()
 
     def _spawn(self, coroutine: object, name: str) -> None:
         task: asyncio.Task[object] = asyncio.get_running_loop().create_task(coroutine, name=name)  # type: ignore[arg-type]

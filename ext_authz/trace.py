@@ -23,7 +23,10 @@ from ext_authz.sources import TokenSource
 
 # Why the requirements were not judged: the request was refused before a rule was chosen, no rule
 # matches, the rule is anonymous, the token failed verification, or there is no token.
-NotJudged = Literal["refused", "no_rule", "anonymous", "not_verified", "no_token"]
+NotJudged = Literal[
+    "refused", "no_rule", "anonymous", "not_verified", "no_token", "session_endpoint", "no_session",
+    "session_invalid", "session_expired", "session_other_provider", "refresh_refused", "login_unavailable",
+]  # fmt: skip
 
 
 @dataclass(frozen=True, slots=True)

@@ -23,6 +23,9 @@ DEFAULT_TOKEN_TYPES = ("JWT", "at+jwt")
 DEFAULT_LISTEN = "127.0.0.1:9001"
 DEFAULT_REALM = "ext-authz"
 DEFAULT_MAX_TOKEN_BYTES = 16 * 1024
+# The header a session's access token goes to the backend in (`forward_access_token`): set on
+# the requests of such sessions, removed from every other.
+FORWARDED_ACCESS_TOKEN = "x-forwarded-access-token"  # noqa: S105 - a header name
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,6 +102,36 @@ class ClaimHeader:
 
 
 @dataclass(frozen=True, slots=True)
+class LoginSettings:
+    """``providers[].login``: this provider signs browsers in (OIDC authorization code with PKCE)."""
+
+    client_id: str
+    # From `client_secret_file` / `client_secret_env`; None: a public client (PKCE only).
+    client_secret: str | None = field(repr=False)
+    token_endpoint_auth: Literal["client_secret_basic", "client_secret_post", "none"]
+    scopes: tuple[str, ...] = ("openid", "profile", "email")
+    forward_access_token: Literal["none", "authorization", "x-forwarded-access-token"] = "none"  # noqa: S105
+
+
+@dataclass(frozen=True, slots=True)
+class SessionSettings:
+    """``sessions:``: the browser sessions of providers with ``login`` (README: Browser sign-in)."""
+
+    # One key per line of `secret_file`: the first seals, every one opens (rotation). Never shown.
+    secrets: tuple[bytes, ...] = field(repr=False)
+    cookie: str = "__Host-ext-authz"
+    store: Literal["cookie", "redis"] = "cookie"
+    redis_url: str | None = field(default=None, repr=False)
+    callback_path: str = "/oauth2/callback"
+    logout_path: str = "/oauth2/logout"
+    backchannel_logout_path: str | None = None
+    post_logout_redirect: str = "/"
+    idle_timeout_seconds: float = 3600
+    max_age_seconds: float = 86400
+    refresh_before_seconds: float = 60
+
+
+@dataclass(frozen=True, slots=True)
 class ProviderSettings:
     name: str
     issuer: str
@@ -119,6 +152,7 @@ class ProviderSettings:
     allow_insecure_http: bool
     keys: KeyPolicy
     claims: ClaimLocations
+    login: LoginSettings | None = None
 
     def accepts(self, source: TokenSource) -> bool:
         """Whether this provider reads tokens at ``source`` (a token found elsewhere is refused)."""
@@ -182,6 +216,7 @@ class Settings:
     # "all": a path that backends could read differently (";", "%2F", "%5C", "\\", "%25", "//",
     # "%00") must pick the same rule under every reading; "rfc3986": only the RFC 3986 reading is judged.
     path_readings: Literal["all", "rfc3986"] = "all"
+    sessions: SessionSettings | None = None  # required when a provider has `login`
 
 
 # ---- rules ----
@@ -323,6 +358,8 @@ class RuleSettings:
     claim_to_headers: tuple[ClaimHeader, ...] = ()
     deny: DenySettings | None = None
     dry_run: bool = False
+    # `login: PROVIDER`: a browser without a session is sent to sign in there.
+    login: str | None = None
 
     @property
     def scopes(self) -> tuple[str, ...]:
@@ -333,6 +370,11 @@ class RuleSettings:
 DEFAULT_RULE = RuleSettings("default", Match(), anonymous=False, require=AllOf(()))
 
 
+def forwards_access_token_header(provider: ProviderSettings) -> bool:
+    login = provider.login
+    return login is not None and login.forward_access_token == FORWARDED_ACCESS_TOKEN
+
+
 def identity_header_owners(
     providers: tuple[ProviderSettings, ...], rules: tuple[RuleSettings, ...]
 ) -> list[tuple[str, list[str]]]:
@@ -340,7 +382,9 @@ def identity_header_owners(
     owners = [
         (
             f"providers[{i}].claim_to_headers",
-            [c.header for c in p.claim_to_headers] + ([p.payload_header] if p.payload_header else []),
+            [c.header for c in p.claim_to_headers]
+            + ([p.payload_header] if p.payload_header else [])
+            + ([FORWARDED_ACCESS_TOKEN] if forwards_access_token_header(p) else []),
         )
         for i, p in enumerate(providers)
     ]

@@ -24,6 +24,7 @@ from ext_authz.config.model import (
 from ext_authz.config.providers import check_identity_headers, check_providers_together, provider
 from ext_authz.config.rules import parse_rules
 from ext_authz.config.secrets import jwks_cache, tls
+from ext_authz.config.sessions import check_logins, sessions
 from ext_authz.config.values import boolean, fail, listof, load_yaml_file, mapping, number, string
 
 
@@ -40,7 +41,7 @@ def listen_address(value: object, path: str) -> str:
 _TOP_KEYS = (
     "listen", "realm", "providers", "rules", "max_token_bytes", "max_header_value_bytes", "readiness",
     "jwks_cache", "mode", "admin", "log", "shutdown", "tracing", "token_cache", "tls",
-    "path_readings",
+    "path_readings", "sessions",
 )  # fmt: skip
 
 
@@ -67,6 +68,8 @@ def parse(document: object, *, base_dir: Path = Path("."), source: str = "<confi
         # No rules: every request needs a valid token from any provider.
         rules = (replace(DEFAULT_RULE, dry_run=mode == "dry_run"),)
     check_identity_headers(providers, rules)
+    session_settings = sessions(top["sessions"], base_dir) if top.get("sessions") is not None else None
+    check_logins(providers, rules, session_settings)
     max_token_bytes = int(
         number(top.get("max_token_bytes", DEFAULT_MAX_TOKEN_BYTES), "max_token_bytes", 256, 1 << 20)
     )
@@ -96,6 +99,7 @@ def parse(document: object, *, base_dir: Path = Path("."), source: str = "<confi
         source=source,
         tls=tls(top["tls"], base_dir, admin) if top.get("tls") is not None else None,
         path_readings=_path_readings(top.get("path_readings", "all")),
+        sessions=session_settings,
     )
 
 

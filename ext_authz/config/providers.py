@@ -19,6 +19,7 @@ from ext_authz.config.model import (
     identity_header_owners,
     normalise_token_type,
 )
+from ext_authz.config.sessions import login
 from ext_authz.config.urls import url_problem
 from ext_authz.config.values import (
     RESERVED_HEADERS,
@@ -65,7 +66,7 @@ _PROVIDER_KEYS = (
     "forward_token", "payload_header", "allow_insecure_http", "refresh_interval_seconds",
     "refetch_min_interval_seconds", "fetch_timeout_seconds", "max_stale_seconds",
     "cache_control_min_seconds", "cache_control_max_seconds", "ca_file", "preset", "scopes_claim",
-    "roles_claim", "groups_claim", "audience_claim",
+    "roles_claim", "groups_claim", "audience_claim", "login",
 )  # fmt: skip
 
 
@@ -152,6 +153,7 @@ def provider(raw: object, path: str, base_dir: Path) -> ProviderSettings:
         allow_insecure_http=insecure,
         keys=_key_policy(p, path, base_dir),
         claims=_claim_locations(p, path),
+        login=login(p["login"], f"{path}.login", base_dir) if p.get("login") is not None else None,
     )
 
 

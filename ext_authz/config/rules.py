@@ -310,7 +310,7 @@ def _claim(claim: str, expected: object, path: str) -> Claim:
     return Claim(claim, segments, "equals", (_claim_value(expected, path),))
 
 
-_RULE_KEYS = ("name", "match", "allow", "require", "claim_to_headers", "deny", "mode")
+_RULE_KEYS = ("name", "match", "allow", "require", "claim_to_headers", "deny", "mode", "login")
 
 
 def parse_rule(raw: object, path: str, provider_names: frozenset[str], *, dry_run: bool) -> RuleSettings:
@@ -343,9 +343,16 @@ def parse_rule(raw: object, path: str, provider_names: frozenset[str], *, dry_ru
             read.fail(f"{path}.allow", "the only value is 'anonymous' (use 'require' for token rules)")
         if deny is not None:
             read.fail(f"{path}.deny", "an anonymous rule denies nothing")
+        if "login" in r:
+            read.fail(f"{path}.login", "an anonymous rule needs no sign-in")
         return RuleSettings(name, match, True, AllOf(()), claim_headers, None, rule_dry_run)
     require = _require(r["require"], f"{path}.require", provider_names)
-    return RuleSettings(name, match, False, require, claim_headers, deny, rule_dry_run)
+    login = None
+    if r.get("login") is not None:
+        login = read.string(r["login"], f"{path}.login")
+        if login not in provider_names:
+            read.fail(f"{path}.login", f"unknown provider {login!r}")
+    return RuleSettings(name, match, False, require, claim_headers, deny, rule_dry_run, login)
 
 
 def parse_rules(raw: object, provider_names: frozenset[str], *, dry_run: bool) -> tuple[RuleSettings, ...]:

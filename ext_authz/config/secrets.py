@@ -50,7 +50,7 @@ def _jwks_cache_credentials(
     c: Mapping[str, object], cache: JwksCacheSettings, base_dir: Path
 ) -> JwksCacheSettings:
     """The redis backend's HMAC secret (required), Redis password and CA file (optional)."""
-    secret = _secret_value(c, "secret", base_dir)
+    secret = secret_value(c, "secret", base_dir)
     if secret is None:
         fail(
             "jwks_cache.secret_file",
@@ -59,7 +59,7 @@ def _jwks_cache_credentials(
         )
     if len(secret.value) < MIN_SECRET_BYTES:
         fail(secret.path, f"the secret must be at least {MIN_SECRET_BYTES} bytes long")
-    password_bytes = _secret_value(c, "password", base_dir)
+    password_bytes = secret_value(c, "password", base_dir)
     password = None
     if password_bytes is not None:
         if urlsplit(cache.url or "").password is not None:
@@ -85,20 +85,23 @@ def _jwks_cache_credentials(
 
 
 @dataclass(frozen=True, slots=True)
-class _Secret:
+class Secret:
     path: str  # the key path it came from, for error messages
     value: bytes = field(repr=False)
 
 
-def _secret_value(c: Mapping[str, object], name: str, base_dir: Path) -> _Secret | None:
-    """`NAME_file` (relative to the config file) or `NAME_env`: the bytes, one trailing newline
-    dropped. Error messages name the file or variable, never the content."""
+def secret_value(
+    c: Mapping[str, object], name: str, base_dir: Path, section: str = "jwks_cache"
+) -> Secret | None:
+    """`NAME_file` (relative to the config file) or `NAME_env` of the mapping at key path
+    ``section``: the bytes, one trailing newline dropped. Error messages name the file or
+    variable, never the content."""
     given = [k for k in (f"{name}_file", f"{name}_env") if k in c]
     if not given:
         return None
     if len(given) > 1:
-        fail(f"jwks_cache.{given[1]}", f"give only one of {name}_file, {name}_env")
-    path = f"jwks_cache.{given[0]}"
+        fail(f"{section}.{given[1]}", f"give only one of {name}_file, {name}_env")
+    path = f"{section}.{given[0]}"
     if given[0].endswith("_file"):
         file = base_dir / string(c[given[0]], path)
         try:
@@ -114,7 +117,7 @@ def _secret_value(c: Mapping[str, object], name: str, base_dir: Path) -> _Secret
     value = value.removesuffix(b"\n").removesuffix(b"\r")
     if not value:
         fail(path, "is empty")
-    return _Secret(path, value)
+    return Secret(path, value)
 
 
 def tls(raw: object, base_dir: Path, admin_address: str | None) -> TlsSettings:

@@ -6,6 +6,7 @@ import asyncio
 import json
 import logging
 import ssl
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Protocol
 from urllib.parse import urldefrag, urljoin
@@ -153,6 +154,47 @@ class HttpFetcher:
             # A body shorter than its Content-Length, or cut off, is a ClientPayloadError here.
             raise FetchError("network_error", type(exc).__name__) from None
         except ValueError:  # yarl: a URL it cannot represent (port out of range, ...)
+            raise FetchError("invalid", "malformed URL") from None
+
+    async def post_form(
+        self,
+        url: str,
+        form: Mapping[str, str],
+        *,
+        headers: Mapping[str, str],
+        ssl_context: ssl.SSLContext,
+        allow_insecure_http: bool,
+    ) -> tuple[int, object]:
+        """POST an application/x-www-form-urlencoded body (a token request, RFC 6749 §4.1.3): the
+        status and the decoded JSON answer (None when the body is not JSON). Redirects are not
+        followed (a token endpoint has no business redirecting a client's secret elsewhere). The
+        caller bounds the time."""
+        try:
+            problem = url_problem(url, allow_insecure_http=allow_insecure_http)
+        except ValueError:
+            problem = "must be an absolute http(s) URL"
+        if problem:
+            raise FetchError("invalid", f"URL {problem}")
+        try:
+            async with self._session.post(
+                url, data=dict(form), headers=dict(headers), allow_redirects=False, ssl=ssl_context
+            ) as response:
+                declared = response.content_length
+                if declared is not None and declared > MAX_DOCUMENT_BYTES:
+                    raise FetchError("invalid", f"answer larger than {MAX_DOCUMENT_BYTES} bytes")
+                body = await _read_body(response.content)
+                try:
+                    decoded = decode_json(body)
+                except FetchError:
+                    decoded = None
+                return response.status, decoded
+        except FetchError:
+            raise
+        except aiohttp.InvalidURL:
+            raise FetchError("invalid", "malformed URL") from None
+        except (aiohttp.ClientError, OSError, asyncio.IncompleteReadError) as exc:
+            raise FetchError("network_error", type(exc).__name__) from None
+        except ValueError:
             raise FetchError("invalid", "malformed URL") from None
 
     async def discover_jwks_uri(

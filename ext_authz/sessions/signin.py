@@ -62,6 +62,8 @@ class Transaction:
     nonce: str
     verifier: str  # the PKCE code_verifier (secret until the token request)
     return_to: str
+    provider: str = ""  # the provider signing in (a rule's `login`)
+    redirect_uri: str = ""  # as sent to the authorization endpoint: the token request repeats it
 
     @property
     def challenge(self) -> str:
@@ -69,12 +71,14 @@ class Transaction:
         return _b64(hashlib.sha256(self.verifier.encode("ascii")).digest())
 
 
-def new_transaction(return_to: str) -> Transaction:
+def new_transaction(return_to: str, *, provider: str = "", redirect_uri: str = "") -> Transaction:
     return Transaction(
         state=_b64(secrets.token_bytes(STATE_BYTES)),
         nonce=_b64(secrets.token_bytes(NONCE_BYTES)),
         verifier=_b64(secrets.token_bytes(VERIFIER_BYTES)),
         return_to=return_path(return_to),
+        provider=provider,
+        redirect_uri=redirect_uri,
     )
 
 
@@ -137,16 +141,27 @@ def to_data(transaction: Transaction) -> dict[str, str]:
         "n": transaction.nonce,
         "v": transaction.verifier,
         "r": transaction.return_to,
+        "p": transaction.provider,
+        "u": transaction.redirect_uri,
     }
 
 
 def from_data(data: object) -> Transaction | None:
     """The transaction a sealed cookie held, None if it is not one."""
-    if not isinstance(data, dict) or set(data) != {"s", "n", "v", "r"}:
+    if not isinstance(data, dict) or set(data) != {"s", "n", "v", "r", "p", "u"}:
         return None
-    if not all(isinstance(data[k], str) and data[k] for k in "snvr"):
+    if not all(isinstance(data[k], str) and data[k] for k in "snvr") or not all(
+        isinstance(data[k], str) for k in "pu"
+    ):
         return None
-    return Transaction(state=data["s"], nonce=data["n"], verifier=data["v"], return_to=return_path(data["r"]))
+    return Transaction(
+        state=data["s"],
+        nonce=data["n"],
+        verifier=data["v"],
+        return_to=return_path(data["r"]),
+        provider=data["p"],
+        redirect_uri=data["u"],
+    )
 
 
 # ---- the callback ----

@@ -43,12 +43,19 @@ def to_request(check: external_auth_pb2.CheckRequest) -> Request:
         host=http.host or headers.get(":authority", ""),
         headers=headers,
         context=dict(extensions) if (extensions := attributes.context_extensions) else {},
+        scheme=http.scheme or headers.get(":scheme", ""),
     )
 
 
+_APPEND = base_pb2.HeaderValueOption.APPEND_IF_EXISTS_OR_ADD
+
+
 def _header(name: str, value: str) -> base_pb2.HeaderValueOption:
+    # Several Set-Cookie lines to the client: each its own line, appended (RFC 6265 §3 forbids
+    # folding them into one); every other header replaces what is there.
+    action = _APPEND if name == "set-cookie" else _OVERWRITE
     return base_pb2.HeaderValueOption(
-        header=base_pb2.HeaderValue(key=name, value=value), append_action=_OVERWRITE
+        header=base_pb2.HeaderValue(key=name, value=value), append_action=action
     )
 
 
@@ -92,6 +99,7 @@ def _request_id_suffix(request_id: str) -> bytes:
 
 
 _RESPONSE_CACHE_ENTRIES = 4096
+_ONE_OFF = frozenset({"set-cookie", "location"})
 
 
 class _Responses:
@@ -110,7 +118,8 @@ class _Responses:
     @staticmethod
     def _key(decision: Decision) -> tuple[object, object] | None:
         if not isinstance(decision, Allow):
-            return decision, None
+            # A sign-in's redirect and cookies are made for one browser: built each time, never kept.
+            return None if any(name in _ONE_OFF for name, _ in decision.headers) else (decision, None)
         parts: list[object] = []
         claims: object = None
         for name, value in decision.metadata.items():
@@ -123,6 +132,8 @@ class _Responses:
                 parts.append((name, float, repr(value)))  # 0.0 == -0.0, yet they serialize apart
             else:
                 return None
+        if decision.response_headers:
+            return None  # a session's renewed cookie: sent once
         key = (decision.headers_to_set, decision.headers_to_remove, decision.query_params_to_remove, *parts)
         return key, claims
 
@@ -162,6 +173,7 @@ def to_response(decision: Decision, request_id: str = "") -> external_auth_pb2.C
                 headers=[_header(n, v) for n, v in decision.headers_to_set],
                 headers_to_remove=decision.headers_to_remove,
                 query_parameters_to_remove=decision.query_params_to_remove,
+                response_headers_to_add=[_header(n, v) for n, v in decision.response_headers],
             ),
         )
         if decision.metadata or request_id:

@@ -1,0 +1,624 @@
+"""Browser sign-in in the Check: sessions, the sign-in redirect, the callback, refresh and logout.
+
+A rule with ``login: PROVIDER`` accepts, besides bearer tokens, the session cookie of a browser
+that signed in at that provider. What answers what (README: Browser sign-in):
+
+- ``callback_path`` and ``logout_path`` are answered here, before any rule: a 302 (with the
+  cookies it sets or ends) or a small HTML page (400/403/503). Never a rule's decision.
+- a request on a login rule without a bearer token or a usable session: a browser navigation gets
+  a 302 to the provider's authorization endpoint (with a sealed transaction cookie); anything else
+  the 401 it gets without sessions.
+- a session stands for a verified principal: the ID token's claims (it was verified when it was
+  stored, and the cookie is sealed) plus the granted ``scope``. Its tokens are refreshed when they
+  expire within ``refresh_before_seconds`` (single-flight per session in this process; the
+  renewed cookie rides on the allowed response, ``OkHttpResponse.response_headers_to_add``).
+- the session cookie never reaches a backend: it is taken out of every allowed request's Cookie
+  header, on login rules or not.
+
+Network waits (endpoints, token requests) go to the loop with ``handoff.on_loop``; the network
+itself is behind :class:`LoginClient` (``sessions.client``), so this module does no I/O.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import html
+import logging
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
+from typing import Literal
+from urllib.parse import urlencode, urlsplit
+
+from ext_authz import errors
+from ext_authz.config.model import FORWARDED_ACCESS_TOKEN, ProviderSettings, RuleSettings, Settings
+from ext_authz.handoff import on_loop
+from ext_authz.hosts import canonical_host
+from ext_authz.identity import Verifier, parse_token
+from ext_authz.model import Allow, Credential, Decision, Deny, Principal, Request
+from ext_authz.sessions import cookies, signin
+from ext_authz.sessions.oidc import Endpoints, LoginClient, LoginUnavailable, TokenRefused, Tokens
+from ext_authz.sessions.session import PURPOSE, Session, from_data, to_data
+from ext_authz.sources import CookieToken, Reading, cookie_header_without
+from ext_authz.trace import NotJudged
+
+log = logging.getLogger(__name__)
+
+SIGNIN_PURPOSE = "signin"
+# A refresh's result is kept this long for requests that still carry the cookie it replaced
+# (a page's parallel requests): they get the same new tokens, never a second refresh with a
+# refresh token the IdP has rotated away (which IdPs treat as theft and answer by ending it all).
+REFRESH_RESULT_SECONDS = 60.0
+MAX_REFRESH_RESULTS = 10_000
+MAX_REMEMBERED_SESSIONS = 4096  # opened cookies, by value: a page's requests open it once
+RETRY_AFTER_SECONDS = 5
+_FORWARDING = frozenset({"authorization", FORWARDED_ACCESS_TOKEN})
+
+
+@dataclass(frozen=True, slots=True)
+class Found:
+    """What a request's session cookie gave."""
+
+    principal: Principal | None = None
+    session: Session | None = None
+    set_cookies: tuple[str, ...] = ()  # Set-Cookie values for the answer (renewed, or ended)
+    unavailable: errors.AuthError | None = None  # the IdP is needed and down: 503
+    reason: NotJudged | Literal["session"] = "no_session"  # why there is no principal (traces)
+
+
+@dataclass(frozen=True, slots=True)
+class _Refreshed:
+    session: Session | None  # None: the IdP refused (the session is over)
+    at: float
+
+
+class Browsers:
+    """The sessions of one config; built with the pipeline, called per request."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        verifier: Verifier,
+        client: LoginClient,
+        *,
+        clock: Callable[[], float],
+    ) -> None:
+        assert settings.sessions is not None
+        self.settings = settings.sessions
+        self._sealer = cookies.Sealer(self.settings.secrets)
+        self._providers = {p.name: p for p in settings.providers if p.login is not None}
+        self._verifier = verifier
+        self._client = client
+        self._clock = clock
+        self._max_token_bytes = settings.max_token_bytes
+        self._cookie = self.settings.cookie
+        self._chunk_names = frozenset(cookies.chunk_names(self._cookie))
+        self._source = CookieToken(self._cookie)
+        self._opened: dict[str, tuple[Session, Principal]] = {}
+        self._refreshes: dict[bytes, asyncio.Future[_Refreshed]] = {}
+        self._paths = frozenset({self.settings.callback_path, self.settings.logout_path})
+
+    # ---- what the pipeline asks ----
+
+    def answers_path(self, path: str) -> bool:
+        return path in self._paths
+
+    async def answer(self, request: Request) -> Decision:
+        """``callback_path`` or ``logout_path``."""
+        if request.path == self.settings.callback_path:
+            return await self._callback(request)
+        return await self._logout(request)
+
+    def carries_session(self, request: Request) -> bool:
+        header = request.headers.get("cookie")
+        return header is not None and self._cookie in header
+
+    def strip(self, request: Request, allow: Allow) -> Allow:
+        """``allow`` with the session cookie (every chunk) out of the Cookie header the backend gets."""
+        header = request.headers.get("cookie", "")
+        remaining = cookie_header_without(header, self._present_chunks(request))
+        if remaining == header.strip():
+            return allow
+        to_set = tuple((n, v) for n, v in allow.headers_to_set if n != "cookie")
+        to_remove = tuple(n for n in allow.headers_to_remove if n != "cookie")
+        if remaining:
+            return replace(
+                allow, headers_to_set=(*to_set, ("cookie", remaining)), headers_to_remove=to_remove
+            )
+        return replace(allow, headers_to_set=to_set, headers_to_remove=(*to_remove, "cookie"))
+
+    async def session(self, request: Request, rule: RuleSettings) -> Found:
+        """The principal of the request's session for ``rule``'s provider, renewed when due."""
+        jar = self._jar(request)
+        value = cookies.join(self._cookie, jar)
+        if value is None:
+            if any(name in self._chunk_names for name in jar):
+                return Found(set_cookies=self._expire_session(jar), reason="session_invalid")
+            return Found()
+        now = self._clock()
+        remembered = self._opened.get(value)
+        if remembered is None:
+            session = from_data(self._sealer.open(PURPOSE, self._cookie, value, now=now))
+            if session is None or session.provider not in self._providers:
+                log.info("session cookie refused: tampered, foreign key, expired or truncated")
+                return Found(set_cookies=self._expire_session(jar), reason="session_invalid")
+            principal = self._principal(session)
+            if principal is None:
+                return Found(set_cookies=self._expire_session(jar), reason="session_invalid")
+        else:
+            session, principal = remembered
+        if session.provider != rule.login:
+            return Found(reason="session_other_provider")  # kept: it serves that provider's rules
+        if now >= session.started_at + self.settings.max_age_seconds:
+            self._opened.pop(value, None)
+            return Found(set_cookies=self._expire_session(jar), reason="session_expired")
+        provider = self._providers[session.provider]
+        if session.tokens_expire_at - now <= self.settings.refresh_before_seconds:
+            return await self._renew(session, provider, jar, value, now)
+        if remembered is None:
+            self._remember(value, session, principal)
+        set_cookies: tuple[str, ...] = ()
+        if now - session.sealed_at >= self.settings.idle_timeout_seconds / 4:
+            # Activity extends the idle timeout: re-sealed now and then, not on every request.
+            set_cookies = self._session_cookies(replace(session, sealed_at=int(now)), jar, now)
+        return Found(principal, session, set_cookies, reason="session")
+
+    def sign_in(self, request: Request, rule: RuleSettings, found: Found) -> Deny | None:
+        """A navigation's redirect to sign in at ``rule``'s provider; None for other requests."""
+        if not signin.is_navigation(request.method, request.headers):
+            return None
+        provider = self._providers[rule.login or ""]
+        scheme, host = request.scheme.lower(), request.host
+        if not cookies.secure_context(scheme, canonical_host(host) or ""):
+            return _page(
+                400,
+                "insecure_origin",
+                "Sign-in needs HTTPS",
+                "This site signs you in only over https (or on localhost): a session cookie is never "
+                "sent in clear.",
+                set_cookies=found.set_cookies,
+            )
+        endpoints = self._client.endpoints_now(provider.name)
+        if endpoints is None:
+            return _unavailable(found.set_cookies)
+        assert provider.login is not None
+        redirect_uri = f"{scheme}://{host}{self.settings.callback_path}"
+        transaction = signin.new_transaction(
+            signin.return_path(request.path, request.query), provider=provider.name, redirect_uri=redirect_uri
+        )
+        jar = self._jar(request)
+        name = signin.transaction_cookie(self._cookie, transaction.state)
+        now = self._clock()
+        sealed = self._sealer.seal(
+            SIGNIN_PURPOSE,
+            name,
+            signin.to_data(transaction),
+            now=now,
+            lifetime_seconds=signin.TRANSACTION_SECONDS,
+        )
+        set_cookies = [
+            *found.set_cookies,
+            *(cookies.expire_cookie(old) for old in signin.transactions_to_expire(self._cookie, jar)),
+            cookies.set_cookie(name, sealed, max_age_seconds=signin.TRANSACTION_SECONDS),
+        ]
+        location = signin.authorization_url(
+            endpoints.authorization,
+            client_id=provider.login.client_id,
+            redirect_uri=redirect_uri,
+            scopes=provider.login.scopes,
+            transaction=transaction,
+        )
+        return _redirect(location, set_cookies, "sign_in_started", rule.name)
+
+    def finish(self, request: Request, allow: Allow, found: Found) -> Allow:
+        """An allowed session request: the session's cookies out, its access token in (when the
+        provider forwards it), a renewed cookie on the response."""
+        allow = self.strip(request, allow)
+        session = found.session
+        assert session is not None
+        login = self._providers[session.provider].login
+        assert login is not None
+        if login.forward_access_token in _FORWARDING and session.access_token is not None:
+            if login.forward_access_token == "authorization":  # noqa: S105 - a header name
+                name, value = "authorization", f"Bearer {session.access_token}"
+            else:
+                name, value = FORWARDED_ACCESS_TOKEN, session.access_token
+            allow = replace(
+                allow,
+                headers_to_set=(*(h for h in allow.headers_to_set if h[0] != name), (name, value)),
+                headers_to_remove=tuple(n for n in allow.headers_to_remove if n != name),
+            )
+        if found.set_cookies:
+            allow = replace(allow, response_headers=tuple(("set-cookie", c) for c in found.set_cookies))
+        return replace(allow, reason="session")
+
+    # ---- sessions ----
+
+    def _jar(self, request: Request) -> Mapping[str, str]:
+        """The request's cookies, the first value of each name (the most specific path first)."""
+        return {name: values[0] for name, values in Reading(request).cookies().items() if values}
+
+    def _present_chunks(self, request: Request) -> frozenset[str]:
+        return frozenset(name for name in self._jar(request) if name in self._chunk_names)
+
+    def _principal(self, session: Session) -> Principal | None:
+        try:
+            parsed = parse_token(session.id_token, self._max_token_bytes)
+        except errors.AuthError:
+            return None
+        claims = {**parsed.claims, "scope": session.scope}
+        credential = Credential(session.id_token, (self._source,))
+        return Principal(session.provider, claims, parsed.payload_segment, credential)
+
+    def _remember(self, value: str, session: Session, principal: Principal) -> None:
+        if len(self._opened) >= MAX_REMEMBERED_SESSIONS:
+            with contextlib.suppress(KeyError, StopIteration, RuntimeError):  # another thread got there first
+                del self._opened[next(iter(self._opened))]
+        self._opened[value] = (session, principal)
+
+    def _lifetime(self, session: Session, now: float) -> float:
+        return min(
+            self.settings.idle_timeout_seconds, session.started_at + self.settings.max_age_seconds - now
+        )
+
+    def _session_cookies(self, session: Session, jar: Mapping[str, str], now: float) -> tuple[str, ...]:
+        lifetime = self._lifetime(session, now)
+        sealed = self._sealer.seal(
+            PURPOSE, self._cookie, to_data(session), now=now, lifetime_seconds=lifetime
+        )
+        return tuple(
+            cookies.set_cookies(
+                self._cookie, sealed, max_age_seconds=max(1, math.floor(lifetime)), present=jar
+            )
+        )
+
+    def _expire_session(self, jar: Mapping[str, str]) -> tuple[str, ...]:
+        return tuple(cookies.expire_cookies(self._cookie, jar))
+
+    async def _renew(
+        self, session: Session, provider: ProviderSettings, jar: Mapping[str, str], value: str, now: float
+    ) -> Found:
+        """A session whose tokens expire soon: refreshed, or kept while the IdP is down and the
+        tokens still hold, or over (refused, or expired without a refresh token)."""
+        self._opened.pop(value, None)
+        if session.refresh_token is None:
+            if now < session.tokens_expire_at:
+                return Found(self._principal(session), session, reason="session")
+            return Found(set_cookies=self._expire_session(jar), reason="session_expired")
+        try:
+            refreshed = await on_loop(
+                self._refresh_once(session, provider),
+                busy=errors.LoginUnavailable(retry_after_seconds=RETRY_AFTER_SECONDS),
+            )
+        except (LoginUnavailable, errors.KeysUnavailable) as exc:
+            if now < session.tokens_expire_at:
+                return Found(self._principal(session), session, reason="session")
+            log.warning(
+                "session refresh impossible: the identity provider is unavailable",
+                extra={"fields": {"provider": provider.name, "outcome": getattr(exc, "outcome", "keys")}},
+            )
+            return Found(unavailable=errors.LoginUnavailable(RETRY_AFTER_SECONDS), reason="login_unavailable")
+        if refreshed.session is None:
+            return Found(set_cookies=self._expire_session(jar), reason="refresh_refused")
+        new = refreshed.session
+        principal = self._principal(new)
+        if principal is None:
+            return Found(set_cookies=self._expire_session(jar), reason="session_invalid")
+        return Found(principal, new, self._session_cookies(new, jar, self._clock()), reason="session")
+
+    async def _refresh_once(self, session: Session, provider: ProviderSettings) -> _Refreshed:
+        """On the loop: one refresh per refresh token, its result shared for a while."""
+        assert session.refresh_token is not None
+        key = hashlib.sha256(session.refresh_token.encode("utf-8", "surrogatepass")).digest()
+        now = self._clock()
+        future = self._refreshes.get(key)
+        if (
+            future is not None
+            and future.done()
+            and (future.exception() is not None or now - future.result().at > REFRESH_RESULT_SECONDS)
+        ):
+            del self._refreshes[key]
+            future = None
+        if future is None:
+            self._forget_old_refreshes(now)
+            future = asyncio.get_running_loop().create_task(self._refresh(session, provider))
+            self._refreshes[key] = future
+        return await asyncio.shield(future)
+
+    def _forget_old_refreshes(self, now: float) -> None:
+        if len(self._refreshes) < MAX_REFRESH_RESULTS:
+            return
+        for key, future in list(self._refreshes.items()):
+            if future.done() and (future.exception() is not None or now - future.result().at > 0):
+                del self._refreshes[key]
+
+    async def _refresh(self, session: Session, provider: ProviderSettings) -> _Refreshed:
+        assert provider.login is not None and session.refresh_token is not None
+        endpoints = await self._client.endpoints(provider)
+        answer = await self._client.token_request(
+            provider,
+            endpoints,
+            {"grant_type": "refresh_token", "refresh_token": session.refresh_token},
+        )
+        now = self._clock()
+        if isinstance(answer, TokenRefused):
+            log.info(
+                "session refresh refused: the session is over",
+                extra={"fields": {"provider": provider.name, "error": answer.error}},
+            )
+            return _Refreshed(None, now)
+        id_token = session.id_token
+        if answer.id_token is not None:
+            try:
+                claims = await self._verifier.verify_id_token(
+                    answer.id_token, provider.name, client_id=provider.login.client_id, nonce=None
+                )
+            except errors.KeysUnavailable:
+                raise
+            except errors.AuthError as error:
+                log.warning(
+                    "refreshed ID token refused",
+                    extra={"fields": {"provider": provider.name, "reason": error.code}},
+                )
+                return _Refreshed(None, now)
+            old = parse_token(session.id_token, self._max_token_bytes).claims
+            if claims.get("sub") != old.get("sub"):  # OIDC Core §12.2: the same End-User
+                log.warning(
+                    "refreshed ID token names another subject", extra={"fields": {"provider": provider.name}}
+                )
+                return _Refreshed(None, now)
+            id_token = answer.id_token
+        renewed = self._session_from(
+            answer, provider, id_token=id_token, started_at=session.started_at, now=now, scope=session.scope
+        )
+        if answer.refresh_token is None:
+            renewed = replace(
+                renewed, refresh_token=session.refresh_token
+            )  # RFC 6749 §6: kept when not rotated
+        return _Refreshed(renewed, now)
+
+    def _session_from(
+        self,
+        tokens: Tokens,
+        provider: ProviderSettings,
+        *,
+        id_token: str,
+        started_at: int,
+        now: float,
+        scope: str,
+    ) -> Session:
+        assert provider.login is not None
+        if tokens.expires_in is not None:
+            expires = int(now + tokens.expires_in)
+        else:
+            exp = parse_token(id_token, self._max_token_bytes).claims.get("exp")
+            expires = int(exp) if isinstance(exp, int | float) and not isinstance(exp, bool) else int(now)
+        forward = provider.login.forward_access_token in _FORWARDING
+        return Session(
+            provider=provider.name,
+            id_token=id_token,
+            refresh_token=tokens.refresh_token,
+            access_token=tokens.access_token if forward else None,
+            tokens_expire_at=expires,
+            scope=tokens.scope if tokens.scope is not None else scope,
+            started_at=started_at,
+            sealed_at=int(now),
+        )
+
+    # ---- the callback ----
+
+    async def _callback(self, request: Request) -> Decision:
+        if request.method.upper() != "GET":
+            return _page(405, "method_not_allowed", "Not allowed", "The sign-in callback takes GET only.")
+        jar = self._jar(request)
+        state = signin.callback_state(request.query)
+        name = signin.transaction_cookie(self._cookie, state) if state is not None else None
+        transaction = None
+        now = self._clock()
+        if name is not None and name in jar:
+            transaction = signin.from_data(self._sealer.open(SIGNIN_PURPOSE, name, jar[name], now=now))
+        provider = self._providers.get(transaction.provider) if transaction is not None else None
+        endpoints = self._client.endpoints_now(provider.name) if provider is not None else None
+        if transaction is not None and (provider is None or endpoints is None):
+            # The transaction names a provider this config no longer signs in with, or whose
+            # endpoints are unknown: start again (after a reload) or wait (an outage).
+            if provider is None:
+                transaction = None
+            else:
+                return _unavailable(())
+        outcome = signin.read_callback(
+            request.query,
+            transaction,
+            issuer=provider.issuer if provider is not None else "",
+            iss_required=endpoints.iss_parameter if endpoints is not None else False,
+        )
+        ended = (cookies.expire_cookie(name),) if name is not None and name in jar else ()
+        if isinstance(outcome, signin.CallbackRefused):
+            log.info("sign-in callback refused", extra={"fields": {"reason": outcome.code}})
+            return _page(
+                outcome.status, outcome.code, "Sign-in failed", outcome.description, set_cookies=ended
+            )
+        assert provider is not None and endpoints is not None
+        return await self._complete(outcome, provider, endpoints, jar, ended)
+
+    async def _complete(
+        self,
+        callback: signin.CallbackCode,
+        provider: ProviderSettings,
+        endpoints: Endpoints,
+        jar: Mapping[str, str],
+        ended: tuple[str, ...],
+    ) -> Decision:
+        transaction = callback.transaction
+        assert provider.login is not None
+        form = {
+            "grant_type": "authorization_code",
+            "code": callback.code,
+            "redirect_uri": transaction.redirect_uri,
+            "code_verifier": transaction.verifier,
+        }
+        try:
+            answer = await on_loop(
+                self._client.token_request(provider, endpoints, form),
+                busy=errors.LoginUnavailable(retry_after_seconds=RETRY_AFTER_SECONDS),
+            )
+        except (LoginUnavailable, errors.KeysUnavailable) as exc:
+            log.warning(
+                "sign-in: the token endpoint is unavailable",
+                extra={"fields": {"provider": provider.name, "outcome": getattr(exc, "outcome", "busy")}},
+            )
+            return _unavailable(ended)
+        if isinstance(answer, TokenRefused):
+            log.info(
+                "sign-in: code refused", extra={"fields": {"provider": provider.name, "error": answer.error}}
+            )
+            return _page(
+                403,
+                "sign_in_failed",
+                "Sign-in failed",
+                "The sign-in could not be completed: start again.",
+                set_cookies=ended,
+            )
+        if answer.id_token is None:
+            log.warning(
+                "sign-in: no ID token in the token response", extra={"fields": {"provider": provider.name}}
+            )
+            return _page(
+                403,
+                "sign_in_failed",
+                "Sign-in failed",
+                "The identity provider sent no ID token.",
+                set_cookies=ended,
+            )
+        try:
+            await self._verifier.verify_id_token(
+                answer.id_token, provider.name, client_id=provider.login.client_id, nonce=transaction.nonce
+            )
+        except errors.KeysUnavailable:
+            return _unavailable(ended)
+        except errors.AuthError as error:
+            log.warning(
+                "sign-in: ID token refused",
+                extra={"fields": {"provider": provider.name, "reason": error.code}},
+            )
+            return _page(
+                403,
+                "sign_in_failed",
+                "Sign-in failed",
+                "The identity provider's answer was refused.",
+                set_cookies=ended,
+            )
+        now = self._clock()
+        session = self._session_from(
+            answer,
+            provider,
+            id_token=answer.id_token,
+            started_at=int(now),
+            now=now,
+            scope=" ".join(provider.login.scopes),
+        )
+        set_cookies = [*ended, *self._session_cookies(session, jar, now)]
+        return _redirect(transaction.return_to, set_cookies, "sign_in_completed", "")
+
+    # ---- logout ----
+
+    async def _logout(self, request: Request) -> Decision:
+        method = request.method.upper()
+        if method not in ("GET", "POST"):
+            return _page(405, "method_not_allowed", "Not allowed", "Log out with POST.")
+        if not _same_origin(request, post=method == "POST"):
+            return _logout_form(self.settings.logout_path)
+        jar = self._jar(request)
+        value = cookies.join(self._cookie, jar)
+        now = self._clock()
+        session = from_data(self._sealer.open(PURPOSE, self._cookie, value, now=now)) if value else None
+        if value is not None:
+            self._opened.pop(value, None)
+        ended = self._expire_session(jar)
+        target = self._post_logout_url(request)
+        provider = self._providers.get(session.provider) if session is not None else None
+        endpoints = self._client.endpoints_now(provider.name) if provider is not None else None
+        if session is not None and provider is not None and endpoints is not None and endpoints.end_session:
+            assert provider.login is not None
+            params = {
+                "id_token_hint": session.id_token,
+                "post_logout_redirect_uri": target,
+                "client_id": provider.login.client_id,
+            }
+            parts = urlsplit(endpoints.end_session)
+            query = f"{parts.query}&{urlencode(params)}" if parts.query else urlencode(params)
+            return _redirect(parts._replace(query=query).geturl(), ended, "logged_out", "")
+        return _redirect(target, ended, "logged_out", "")
+
+    def _post_logout_url(self, request: Request) -> str:
+        target = self.settings.post_logout_redirect
+        if target.startswith("/"):
+            return f"{request.scheme.lower() or 'https'}://{request.host}{target}"
+        return target
+
+
+def _same_origin(request: Request, *, post: bool) -> bool:
+    """CSRF defence for logout: a POST's ``Origin`` is this origin (or, without one, the browser
+    says same-origin); a GET only when the browser says it is same-origin or typed by the user."""
+    site = request.headers.get("sec-fetch-site", "").strip().lower()
+    origin = request.headers.get("origin")
+    if post:
+        if origin is not None:
+            return origin.strip().lower() == f"{request.scheme.lower()}://{request.host.lower()}"
+        return site == "same-origin"
+    return site in ("same-origin", "none") and origin in (None, f"{request.scheme}://{request.host}")
+
+
+_NO_STORE = ("cache-control", "no-store")
+_PAGE_CSP = ("content-security-policy", "default-src 'none'; style-src 'unsafe-inline'; form-action 'self'")
+
+
+def _redirect(location: str, set_cookies: list[str] | tuple[str, ...], code: str, rule: str) -> Deny:
+    headers: list[tuple[str, str]] = [
+        ("location", location),
+        _NO_STORE,
+        *(("set-cookie", c) for c in set_cookies),
+    ]
+    return Deny(302, errors.GRPC_UNAUTHENTICATED, code, tuple(headers), "", rule=rule)
+
+
+def _page(
+    status: int, code: str, title: str, message: str, *, set_cookies: tuple[str, ...] | list[str] = ()
+) -> Deny:
+    body = (
+        f"<!doctype html><html><head><meta charset=utf-8><title>{html.escape(title)}</title></head>"
+        f"<body><h1>{html.escape(title)}</h1><p>{html.escape(message)}</p></body></html>\n"
+    )
+    headers: list[tuple[str, str]] = [
+        ("content-type", "text/html; charset=utf-8"),
+        _NO_STORE,
+        _PAGE_CSP,
+        *(("set-cookie", c) for c in set_cookies),
+    ]
+    grpc = errors.GRPC_UNAVAILABLE if status >= 500 else errors.GRPC_PERMISSION_DENIED
+    return Deny(status, grpc, code, tuple(headers), body)
+
+
+def _unavailable(set_cookies: tuple[str, ...]) -> Deny:
+    page = _page(
+        503,
+        errors.LoginUnavailable.code,
+        "Sign-in unavailable",
+        "The identity provider cannot be reached right now: try again in a moment.",
+        set_cookies=set_cookies,
+    )
+    return replace(page, headers=(*page.headers, ("retry-after", str(RETRY_AFTER_SECONDS))))
+
+
+def _logout_form(logout_path: str) -> Deny:
+    """A cross-site or unlabelled logout GET: a page whose button logs out (a same-origin POST)."""
+    action = html.escape(logout_path, quote=True)
+    body = (
+        "<!doctype html><html><head><meta charset=utf-8><title>Log out</title></head><body>"
+        f'<form method="post" action="{action}"><button id="logout" type="submit">Log out</button></form>'
+        "</body></html>\n"
+    )
+    headers = (("content-type", "text/html; charset=utf-8"), _NO_STORE, _PAGE_CSP)
+    return Deny(403, errors.GRPC_PERMISSION_DENIED, "logout_confirm", headers, body)

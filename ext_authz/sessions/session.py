@@ -1,0 +1,67 @@
+"""A browser session as the sealed session cookie carries it (``store: cookie``). Pure values.
+
+The cookie is sealed (AES-256-GCM under the session secret, ``cookies.Sealer``): what opens is
+what ext-authz wrote, so the ID token inside was verified when it was stored and its claims are
+read again without a signature check. Times are whole seconds of the server clock.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+PURPOSE = "session"
+
+
+@dataclass(frozen=True, slots=True)
+class Session:
+    provider: str
+    id_token: str = field(repr=False)
+    refresh_token: str | None = field(repr=False)
+    # Only kept when the provider forwards it to the backend (`forward_access_token`).
+    access_token: str | None = field(repr=False)
+    tokens_expire_at: int  # the access token's expires_in, else the ID token's exp
+    scope: str
+    started_at: int  # the sign-in: max_age_seconds counts from here
+    sealed_at: int  # the cookie's own age: re-sealed (idle timeout) once it is old enough
+
+
+def to_data(session: Session) -> dict[str, object]:
+    data: dict[str, object] = {
+        "p": session.provider,
+        "i": session.id_token,
+        "e": session.tokens_expire_at,
+        "s": session.scope,
+        "t": session.started_at,
+        "w": session.sealed_at,
+    }
+    if session.refresh_token is not None:
+        data["r"] = session.refresh_token
+    if session.access_token is not None:
+        data["a"] = session.access_token
+    return data
+
+
+_REQUIRED = {"p": str, "i": str, "e": int, "s": str, "t": int, "w": int}
+_OPTIONAL = {"r": str, "a": str}
+
+
+def from_data(data: object) -> Session | None:
+    """The session a sealed cookie held; None for anything else (another version's shape)."""
+    if not isinstance(data, dict) or not set(_REQUIRED) <= set(data) <= set(_REQUIRED) | set(_OPTIONAL):
+        return None
+    for name, kind in (*_REQUIRED.items(), *_OPTIONAL.items()):
+        value = data.get(name)
+        if name in data and (not isinstance(value, kind) or isinstance(value, bool)):
+            return None
+    if not data["p"] or not data["i"]:
+        return None
+    return Session(
+        provider=data["p"],
+        id_token=data["i"],
+        refresh_token=data.get("r"),
+        access_token=data.get("a"),
+        tokens_expire_at=data["e"],
+        scope=data["s"],
+        started_at=data["t"],
+        sealed_at=data["w"],
+    )

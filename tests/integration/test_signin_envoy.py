@@ -1,0 +1,206 @@
+"""Browser sign-in end to end: a client -> real Envoy -> real ext-authz (sessions: cookie store)
+-> echo backend, with the dev issuer's authorization, token and end-session endpoints."""
+
+from __future__ import annotations
+
+import time
+import urllib.parse
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from ext_authz.dev.login import LoginSettings
+from tests.support.envoy import send
+from tests.support.signin import COOKIE, SigninStack, signin_stack
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SigninStack]:
+    with signin_stack(tmp_path_factory.mktemp("signin"), LoginSettings(token_lifetime=300)) as running:
+        yield running
+
+
+def test_navigation_is_sent_to_sign_in_and_returns_to_the_page(stack: SigninStack) -> None:
+    browser = stack.browser()
+    start = browser.get("/app/orders?page=2")
+    assert start.response.status == 302, start.describe()
+    assert start.backend is None
+    location = start.response.header("location")
+    assert location is not None and location.startswith(f"{stack.issuer.url}/authorize?")
+    query = urllib.parse.parse_qs(urllib.parse.urlsplit(location).query)
+    assert query["response_type"] == ["code"]
+    assert query["client_id"] == ["web-app"]
+    assert query["redirect_uri"] == [f"{stack.envoy.base_url}/oauth2/callback"]
+    assert query["code_challenge_method"] == ["S256"]
+    assert set(query) >= {"state", "nonce", "code_challenge", "scope"}
+    transaction = [c for c in start.response.header_values("set-cookie") if c.startswith(f"{COOKIE}-signin-")]
+    assert len(transaction) == 1
+    assert "HttpOnly" in transaction[0] and "Secure" in transaction[0] and "SameSite=Lax" in transaction[0]
+
+    callback = browser.sign_in_at_issuer(location)
+    back = browser.get(urllib.parse.urlsplit(callback).path + "?" + urllib.parse.urlsplit(callback).query)
+    assert back.response.status == 302, back.describe()
+    assert back.response.header("location") == "/app/orders?page=2"
+    set_cookies = back.response.header_values("set-cookie")
+    assert any(c.startswith(f"{COOKIE}=") for c in set_cookies), back.describe()
+    assert any(c.startswith(f"{COOKIE}-signin-") and "Max-Age=0" in c for c in set_cookies), back.describe()
+
+    page = browser.get("/app/orders?page=2")
+    assert page.response.status == 200, page.describe()
+    assert page.backend is not None
+    assert page.backend.header_values("x-user-id") == ["alice"]
+    assert page.backend.header_values("x-user-groups") == ["staff"]
+    assert "offline_access" in page.backend.header_values("x-user-scope")[0]
+    assert len(page.backend.header_values("x-forwarded-access-token")) == 1
+    # The session cookie never reaches the backend.
+    assert not any(COOKIE in v for v in page.backend.header_values("cookie")), page.describe()
+
+
+def test_other_cookies_reach_the_backend_without_the_session(stack: SigninStack) -> None:
+    browser = stack.browser()
+    assert browser.sign_in().response.status == 200
+    browser.jar["theme"] = "dark"
+    page = browser.get("/app/")
+    assert page.backend is not None, page.describe()
+    assert page.backend.header_values("cookie") == ["theme=dark"]
+
+
+def test_api_requests_get_401_not_a_redirect(stack: SigninStack) -> None:
+    browser = stack.browser()
+    for headers in ((("Accept", "application/json"),), (("Sec-Fetch-Mode", "cors"), ("Accept", "text/html"))):
+        answer = browser.get("/app/", headers)
+        assert answer.response.status == 401, answer.describe()
+        assert answer.response.header("location") is None
+    post = browser.request("POST", "/app/", (("Accept", "text/html"),), body=b"")
+    assert post.response.status == 401, post.describe()
+
+
+def test_requirements_apply_to_sessions(stack: SigninStack) -> None:
+    browser = stack.browser()
+    assert browser.sign_in().response.status == 200
+    denied = browser.get("/app/admin/users")
+    assert denied.response.status == 403, denied.describe()
+    assert denied.backend is None
+
+
+def test_a_session_cookie_is_no_token_on_a_route_without_login(stack: SigninStack) -> None:
+    browser = stack.browser()
+    assert browser.sign_in().response.status == 200
+    api = browser.get("/api/orders")
+    assert api.response.status == 401, api.describe()
+    health = browser.get("/healthz")
+    assert health.response.status == 200, health.describe()
+    assert health.backend is not None
+    assert not any(COOKIE in v for v in health.backend.header_values("cookie"))
+
+
+def test_two_tabs_sign_in_at_once(stack: SigninStack) -> None:
+    browser = stack.browser()
+    first = browser.get("/app/one")
+    second = browser.get("/app/two")
+    callbacks = [browser.sign_in_at_issuer(a.response.header("location") or "") for a in (first, second)]
+    for callback, path in zip(reversed(callbacks), ("/app/two", "/app/one"), strict=True):
+        parts = urllib.parse.urlsplit(callback)
+        back = browser.get(f"{parts.path}?{parts.query}")
+        assert back.response.status == 302, back.describe()
+        assert back.response.header("location") == path
+
+
+def test_forged_or_replayed_state_is_400(stack: SigninStack) -> None:
+    browser = stack.browser()
+    start = browser.get("/app/")
+    callback = browser.sign_in_at_issuer(start.response.header("location") or "")
+    parts = urllib.parse.urlsplit(callback)
+    query = urllib.parse.parse_qs(parts.query)
+    forged = dict(query, state=["forged"])
+    answer = browser.get(f"{parts.path}?{urllib.parse.urlencode(forged, doseq=True)}")
+    assert answer.response.status == 400, answer.describe()
+    ok = browser.get(f"{parts.path}?{parts.query}")
+    assert ok.response.status == 302, ok.describe()
+    replayed = browser.get(f"{parts.path}?{parts.query}")  # the transaction cookie is gone
+    assert replayed.response.status == 400, replayed.describe()
+
+
+def test_access_denied_at_the_idp_is_a_403_page(stack: SigninStack) -> None:
+    browser = stack.browser()
+    start = browser.get("/app/")
+    location = start.response.header("location") or ""
+    state = urllib.parse.parse_qs(urllib.parse.urlsplit(location).query)["state"][0]
+    query = urllib.parse.urlencode({"error": "access_denied", "state": state, "iss": stack.issuer.url})
+    answer = browser.get(f"/oauth2/callback?{query}")
+    assert answer.response.status == 403, answer.describe()
+    assert answer.response.header("location") is None
+    assert (answer.response.header("content-type") or "").startswith("text/html")
+
+
+def test_open_redirect_return_paths_come_back_to_root(stack: SigninStack) -> None:
+    for evil in ("//evil.example/x", "/\\evil.example"):
+        browser = stack.browser()
+        answer = browser.request("GET", "/app/x", browser_headers())
+        assert answer.response.status == 302
+        # The request path itself is what Envoy normalised; a crafted path cannot leave the host.
+        result = browser.sign_in(evil if evil.startswith("/app") else "/app/")
+        assert result.response.status == 200, result.describe()
+
+
+def browser_headers() -> tuple[tuple[str, str], ...]:
+    return (("Accept", "text/html"),)
+
+
+def test_tampered_and_foreign_cookies_count_as_no_session(stack: SigninStack) -> None:
+    browser = stack.browser()
+    assert browser.sign_in().response.status == 200
+    good = browser.jar[COOKIE]
+    for bad in (good[:-4] + "AAAA", good[: len(good) // 2], "v1." + "A" * 80, "garbage"):
+        browser.jar = {COOKIE: bad}
+        answer = browser.get("/app/", (("Accept", "application/json"),))
+        assert answer.response.status == 401, answer.describe()
+        assert any(
+            c.startswith(f"{COOKIE}=") and "Max-Age=0" in c
+            for c in answer.response.header_values("set-cookie")
+        )
+
+
+def test_logout_ends_the_session_at_the_idp(stack: SigninStack) -> None:
+    browser = stack.browser()
+    assert browser.sign_in().response.status == 200
+    cross_site = browser.request("POST", "/oauth2/logout", (("Origin", "https://evil.example"),), body=b"")
+    assert cross_site.response.status == 403, cross_site.describe()
+    assert browser.get("/app/").response.status == 200  # CSRF did not log out
+    out = browser.request("POST", "/oauth2/logout", (("Origin", stack.envoy.base_url),), body=b"")
+    assert out.response.status == 302, out.describe()
+    location = out.response.header("location") or ""
+    assert location.startswith(f"{stack.issuer.url}/logout?"), out.describe()
+    assert "id_token_hint=" in location
+    assert COOKIE not in browser.jar
+    assert browser.get("/app/", (("Accept", "application/json"),)).response.status == 401
+    idp = send(stack.issuer.url, "GET", location[len(stack.issuer.url) :])
+    assert idp.status == 302, idp.describe()
+    assert idp.header("location") == f"{stack.envoy.base_url}/"
+
+
+def test_refresh_renews_the_session_cookie(tmp_path: Path) -> None:
+    with signin_stack(tmp_path, LoginSettings(token_lifetime=7)) as short:
+        browser = short.browser()
+        assert browser.sign_in().response.status == 200
+        first = browser.jar[COOKIE]
+        time.sleep(2.5)  # within refresh_before_seconds (5) of the tokens' expiry
+        page = browser.get("/app/")
+        assert page.response.status == 200, page.describe()
+        assert browser.jar[COOKIE] != first, page.describe()
+        assert any(c.startswith(f"{COOKIE}=") for c in page.response.header_values("set-cookie"))
+        # The refreshed session keeps working; a revoked refresh token ends it.
+        assert browser.get("/app/").response.status == 200
+        revoke = send(
+            short.issuer.url,
+            "POST",
+            "/dev/revoke",
+            [("Content-Type", "application/x-www-form-urlencoded")],
+            body=b"",
+        )
+        assert revoke.status in (200, 204), revoke.describe()
+        time.sleep(2.5)
+        again = browser.get("/app/")
+        assert again.response.status == 302, again.describe()  # a navigation signs in again
+        assert COOKIE not in browser.jar
