@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import copy
+import hashlib
 import os
+import secrets
 import shlex
 import shutil
 import signal
@@ -32,14 +33,16 @@ from ext_authz import signals
 from ext_authz.dev.echo import echo_app
 from ext_authz.dev.errors import DevIssuerError
 from ext_authz.dev.http import listen_socket, start_site, url_host
-from ext_authz.dev.issuer import issuer_app
+from ext_authz.dev.issuer import LoginConfig, issuer_app
 from ext_authz.dev.keys import DEFAULT_ALG, DEFAULT_AUDIENCE, DEFAULT_KEY_DIR, IssuerSettings, KeyDir
+from ext_authz.dev.login import LoginSettings
 from ext_authz.dev.plan import (
     ENV_PREFIX,
+    SIGNED_OUT_PATH,
     StackPlan,
-    dev_provider,
     envoy_binary,
     load_yaml,
+    render_authz_config,
     render_envoy_config,
     stack_plan,
 )
@@ -48,6 +51,10 @@ from ext_authz.dev.tokens import mint
 READY_TIMEOUT = 60.0
 STOP_GRACE = 5.0
 READY_MARKER = "# Ctrl-C stops everything."
+# Of the dev issuer's access and ID tokens: short, so that a browser session's refresh can be watched.
+DEV_TOKEN_LIFETIME = 120
+SESSION_SECRET_FILE = "session-keys"  # noqa: S105 -- a file name; beside the rendered config, in the run's own directory
+WATCH_INTERVAL = 0.5
 
 
 def curl_command(url: str, token: str | None = None) -> str:
@@ -206,10 +213,16 @@ async def run_stack(options: StackOptions, env: Mapping[str, str], out: TextIO, 
     key_dir.write_settings(IssuerSettings(issuer_url, key_dir.saved_audience() or DEFAULT_AUDIENCE))
     runners: list[web.AppRunner] = []
     children: list[Child] = []
+    watcher: asyncio.Task[None] | None = None
     workdir = Path(tempfile.mkdtemp(prefix="ext-authz-run-"))
     try:
         issuer_sock = _stack_socket(plan.issuer_port, "ISSUER_PORT")
-        runners.append(await start_site(issuer_app(key_dir, issuer_url), issuer_sock))
+        login = LoginConfig(
+            LoginSettings(token_lifetime=DEV_TOKEN_LIFETIME),
+            key_dir.saved_audience() or DEFAULT_AUDIENCE,
+            err=log,
+        )
+        runners.append(await start_site(issuer_app(key_dir, issuer_url, login), issuer_sock))
         backend_sock = _stack_socket(plan.backend_port, "BACKEND_PORT")
         runners.append(
             await start_site(
@@ -219,12 +232,13 @@ async def run_stack(options: StackOptions, env: Mapping[str, str], out: TextIO, 
         print(f"[run] dev issuer {issuer_url} (DEVELOPMENT ONLY; keys in {key_dir.path})", file=log)
         print(f"[run] echo backend http://127.0.0.1:{plan.backend_port}", file=log, flush=True)
 
-        authz_file = options.authz_config
-        if dev_provider(authz_config).get("issuer") != issuer_url:
-            rendered_authz = copy.deepcopy(authz_config)
-            dev_provider(rendered_authz)["issuer"] = issuer_url
-            authz_file = workdir / "ext-authz.yaml"
-            authz_file.write_text(yaml.safe_dump(rendered_authz, sort_keys=False), encoding="utf-8")
+        # A fresh session secret every run, readable by this user only; it goes with the directory.
+        secret = workdir / SESSION_SECRET_FILE
+        secret.touch(mode=0o600)
+        secret.write_text(secrets.token_hex(32) + "\n", encoding="utf-8")
+        authz_file = workdir / "ext-authz.yaml"
+        _write_authz_config(authz_file, authz_config, issuer_url)
+        watcher = asyncio.create_task(_rerender_on_change(options.authz_config, authz_file, issuer_url, log))
         envoy_file = options.envoy_config
         rendered_envoy = render_envoy_config(envoy_config, plan)
         if rendered_envoy != envoy_config:
@@ -253,6 +267,10 @@ async def run_stack(options: StackOptions, env: Mapping[str, str], out: TextIO, 
                 return 1
         return 0
     finally:
+        if watcher is not None:
+            watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watcher
         for child in reversed(children):  # Envoy first: stop taking requests, then its authorizer
             await child.stop()
         for runner in reversed(runners):
@@ -260,6 +278,39 @@ async def run_stack(options: StackOptions, env: Mapping[str, str], out: TextIO, 
         shutil.rmtree(workdir, ignore_errors=True)
         on_signals.close()
         print("[run] stopped", file=log, flush=True)
+
+
+def _write_authz_config(target: Path, config: Mapping[str, Any], issuer_url: str) -> None:
+    """The config with the browser route (plan.render_authz_config), replaced whole: ext-authz
+    never reads half a file."""
+    rendered = render_authz_config(config, issuer_url, SESSION_SECRET_FILE)
+    partial = target.with_name(target.name + ".new")
+    partial.write_text(yaml.safe_dump(rendered, sort_keys=False), encoding="utf-8")
+    os.replace(partial, target)
+
+
+def _file_digest(path: Path) -> str | None:
+    try:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    except OSError:
+        return None
+
+
+async def _rerender_on_change(source: Path, target: Path, issuer_url: str, log: TextIO) -> None:
+    """Keep `target` rendered from `source` as it is edited; ext-authz reloads `target` on change."""
+    seen = _file_digest(source)
+    while True:
+        await asyncio.sleep(WATCH_INTERVAL)
+        digest = _file_digest(source)
+        if digest is None or digest == seen:
+            continue
+        seen = digest
+        try:
+            _write_authz_config(target, load_yaml(source), issuer_url)
+        except DevIssuerError as exc:
+            print(f"[run] {exc}: the config in force stays", file=log, flush=True)
+        else:
+            print(f"[run] {source} changed: rendered {target} again", file=log, flush=True)
 
 
 def _stack_socket(port: int, variable: str) -> socket.socket:
@@ -279,14 +330,18 @@ def _ready_text(
         f"  Envoy       http://{url_host(plan.listener_host)}:{plan.envoy_port}   config {envoy_file}"
         f" (admin 127.0.0.1:{plan.admin_port})",
         f"  ext-authz   127.0.0.1:{plan.authz_port}   config {authz_file}"
-        + (
-            " (edit it: reloads on save)"
-            if authz_file == options.authz_config
-            else f" (from {options.authz_config})"
-        ),
+        f" (from {options.authz_config}: edit that one, it reloads on save)",
         f"  dev issuer  http://127.0.0.1:{plan.issuer_port}   keys {key_dir.path}",
         f"  backend     http://127.0.0.1:{plan.backend_port}   echoes what reached it",
         f"More tokens: .venv/bin/ext-authz dev-issuer mint{key_dir_flag} --sub bob --scope 'read admin'",
         "",
     ]
-    return "\n".join([*header, *_commands(plan, key_dir), "", READY_MARKER])
+    base = f"http://{url_host(plan.listener_host)}:{plan.envoy_port}"
+    browser = [
+        f"Browser: open {base}/app/ (a `login:` rule): sign in on the dev issuer's page, see your identity",
+        f"  headers; tokens live {DEV_TOKEN_LIFETIME // 60} min, so wait 2 min for a refresh;"
+        f" log out at {base}/oauth2/logout (back at {SIGNED_OUT_PATH})",
+    ]
+    if url_host(plan.listener_host) not in ("127.0.0.1", "localhost", "[::1]"):
+        browser.append("  (the session cookie is Secure: over plain http browsers keep it for loopback only)")
+    return "\n".join([*header, *_commands(plan, key_dir), "", *browser, "", READY_MARKER])
