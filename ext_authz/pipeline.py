@@ -94,7 +94,7 @@ class Pipeline:
             if browsers is not None and browsers.answers_path(view.path):
                 if trace is not None:
                     trace.skip("session_endpoint")
-                return await browsers.answer(request)
+                return await browsers.answer(request, view.path)
             if trace is not None:
                 self.rules.trace_match(view, trace)
             matched = self.rules.choose(view)

@@ -23,16 +23,24 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
-import html
 import logging
-import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import Literal
 from urllib.parse import urlencode, urlsplit
 
 from ext_authz import errors
+from ext_authz.browser.pages import RETRY_AFTER_SECONDS, logout_form, page, redirect, same_origin, unavailable
+from ext_authz.browser.stores import (
+    Backing,
+    CookieSessions,
+    NoStore,
+    RedisSessions,
+    Refreshed,
+    SessionTooLarge,
+)
 from ext_authz.config.model import FORWARDED_ACCESS_TOKEN, ProviderSettings, RuleSettings, Settings
 from ext_authz.handoff import on_loop
 from ext_authz.hosts import canonical_host
@@ -40,7 +48,7 @@ from ext_authz.identity import Verifier, parse_token
 from ext_authz.model import Allow, Credential, Decision, Deny, Principal, Request
 from ext_authz.sessions import cookies, signin
 from ext_authz.sessions.oidc import Endpoints, LoginClient, LoginUnavailable, TokenRefused, Tokens
-from ext_authz.sessions.session import PURPOSE, Session, from_data, to_data
+from ext_authz.sessions.session import Session, SessionStore, index_key
 from ext_authz.sources import CookieToken, Reading, cookie_header_without
 from ext_authz.trace import NotJudged
 
@@ -53,7 +61,6 @@ SIGNIN_PURPOSE = "signin"
 REFRESH_RESULT_SECONDS = 60.0
 MAX_REFRESH_RESULTS = 10_000
 MAX_REMEMBERED_SESSIONS = 4096  # opened cookies, by value: a page's requests open it once
-RETRY_AFTER_SECONDS = 5
 _FORWARDING = frozenset({"authorization", FORWARDED_ACCESS_TOKEN})
 
 
@@ -68,12 +75,6 @@ class Found:
     reason: NotJudged | Literal["session"] = "no_session"  # why there is no principal (traces)
 
 
-@dataclass(frozen=True, slots=True)
-class _Refreshed:
-    session: Session | None  # None: the IdP refused (the session is over)
-    at: float
-
-
 class Browsers:
     """The sessions of one config; built with the pipeline, called per request."""
 
@@ -84,10 +85,16 @@ class Browsers:
         client: LoginClient,
         *,
         clock: Callable[[], float],
+        store: SessionStore | None = None,
     ) -> None:
         assert settings.sessions is not None
         self.settings = settings.sessions
         self._sealer = cookies.Sealer(self.settings.secrets)
+        self._backing: Backing = (
+            RedisSessions(self.settings, self._sealer, store or NoStore(), clock=clock)
+            if self.settings.store == "redis"
+            else CookieSessions(self.settings, self._sealer)
+        )
         self._providers = {p.name: p for p in settings.providers if p.login is not None}
         self._verifier = verifier
         self._client = client
@@ -97,7 +104,7 @@ class Browsers:
         self._chunk_names = frozenset(cookies.chunk_names(self._cookie))
         self._source = CookieToken(self._cookie)
         self._opened: dict[str, tuple[Session, Principal]] = {}
-        self._refreshes: dict[bytes, asyncio.Future[_Refreshed]] = {}
+        self._refreshes: dict[bytes, asyncio.Future[Refreshed]] = {}
         self._paths = frozenset({self.settings.callback_path, self.settings.logout_path})
 
     # ---- what the pipeline asks ----
@@ -105,10 +112,11 @@ class Browsers:
     def answers_path(self, path: str) -> bool:
         return path in self._paths
 
-    async def answer(self, request: Request) -> Decision:
-        """``callback_path`` or ``logout_path``."""
-        if request.path == self.settings.callback_path:
+    async def answer(self, request: Request, path: str) -> Decision:
+        """``callback_path`` or ``logout_path`` (``path``: the request's path as the rules read it)."""
+        if path == self.settings.callback_path:
             return await self._callback(request)
+        assert path == self.settings.logout_path
         return await self._logout(request)
 
     def carries_session(self, request: Request) -> bool:
@@ -140,7 +148,10 @@ class Browsers:
         now = self._clock()
         remembered = self._opened.get(value)
         if remembered is None:
-            session = from_data(self._sealer.open(PURPOSE, self._cookie, value, now=now))
+            try:
+                session = await self._backing.open(value, now)
+            except LoginUnavailable as exc:
+                return self._store_down(exc)
             if session is None or session.provider not in self._providers:
                 log.info("session cookie refused: tampered, foreign key, expired or truncated")
                 return Found(set_cookies=self._expire_session(jar), reason="session_invalid")
@@ -149,6 +160,10 @@ class Browsers:
                 return Found(set_cookies=self._expire_session(jar), reason="session_invalid")
         else:
             session, principal = remembered
+            if now >= session.sealed_at + self.settings.idle_timeout_seconds:
+                # The cookie's own expiry (idle timeout) holds for a remembered one, too.
+                self._opened.pop(value, None)
+                return Found(set_cookies=self._expire_session(jar), reason="session_expired")
         if session.provider != rule.login:
             return Found(reason="session_other_provider")  # kept: it serves that provider's rules
         if now >= session.started_at + self.settings.max_age_seconds:
@@ -157,13 +172,20 @@ class Browsers:
         provider = self._providers[session.provider]
         if session.tokens_expire_at - now <= self.settings.refresh_before_seconds:
             return await self._renew(session, provider, jar, value, now)
-        if remembered is None:
+        if remembered is None and self._backing.remembers:
             self._remember(value, session, principal)
         set_cookies: tuple[str, ...] = ()
-        if now - session.sealed_at >= self.settings.idle_timeout_seconds / 4:
+        if self._backing.reseal_due(session, now):
             # Activity extends the idle timeout: re-sealed now and then, not on every request.
-            set_cookies = self._session_cookies(replace(session, sealed_at=int(now)), jar, now)
+            # (It fitted when it was sealed; the same data fits again.)
+            with contextlib.suppress(SessionTooLarge):
+                set_cookies = await self._keep(replace(session, sealed_at=int(now)), jar, now, new=False)
         return Found(principal, session, set_cookies, reason="session")
+
+    @staticmethod
+    def _store_down(exc: LoginUnavailable) -> Found:
+        log.warning("session store unavailable", extra={"fields": {"outcome": exc.outcome}})
+        return Found(unavailable=errors.LoginUnavailable(RETRY_AFTER_SECONDS), reason="login_unavailable")
 
     def sign_in(self, request: Request, rule: RuleSettings, found: Found) -> Deny | None:
         """A navigation's redirect to sign in at ``rule``'s provider; None for other requests."""
@@ -172,7 +194,7 @@ class Browsers:
         provider = self._providers[rule.login or ""]
         scheme, host = request.scheme.lower(), request.host
         if not cookies.secure_context(scheme, canonical_host(host) or ""):
-            return _page(
+            return page(
                 400,
                 "insecure_origin",
                 "Sign-in needs HTTPS",
@@ -182,7 +204,7 @@ class Browsers:
             )
         endpoints = self._client.endpoints_now(provider.name)
         if endpoints is None:
-            return _unavailable(found.set_cookies)
+            return unavailable(found.set_cookies)
         assert provider.login is not None
         redirect_uri = f"{scheme}://{host}{self.settings.callback_path}"
         transaction = signin.new_transaction(
@@ -210,7 +232,7 @@ class Browsers:
             scopes=provider.login.scopes,
             transaction=transaction,
         )
-        return _redirect(location, set_cookies, "sign_in_started", rule.name)
+        return redirect(location, set_cookies, "sign_in_started", rule.name)
 
     def finish(self, request: Request, allow: Allow, found: Found) -> Allow:
         """An allowed session request: the session's cookies out, its access token in (when the
@@ -241,7 +263,11 @@ class Browsers:
         return {name: values[0] for name, values in Reading(request).cookies().items() if values}
 
     def _present_chunks(self, request: Request) -> frozenset[str]:
-        return frozenset(name for name in self._jar(request) if name in self._chunk_names)
+        """The session's cookies in the request: its parts and the sign-in transactions'."""
+        prefix = f"{self._cookie}-signin-"
+        return frozenset(
+            name for name in self._jar(request) if name in self._chunk_names or name.startswith(prefix)
+        )
 
     def _principal(self, session: Session) -> Principal | None:
         try:
@@ -258,21 +284,18 @@ class Browsers:
                 del self._opened[next(iter(self._opened))]
         self._opened[value] = (session, principal)
 
-    def _lifetime(self, session: Session, now: float) -> float:
-        return min(
-            self.settings.idle_timeout_seconds, session.started_at + self.settings.max_age_seconds - now
-        )
-
-    def _session_cookies(self, session: Session, jar: Mapping[str, str], now: float) -> tuple[str, ...]:
-        lifetime = self._lifetime(session, now)
-        sealed = self._sealer.seal(
-            PURPOSE, self._cookie, to_data(session), now=now, lifetime_seconds=lifetime
-        )
-        return tuple(
-            cookies.set_cookies(
-                self._cookie, sealed, max_age_seconds=max(1, math.floor(lifetime)), present=jar
-            )
-        )
+    async def _keep(
+        self, session: Session, jar: Mapping[str, str], now: float, *, new: bool
+    ) -> tuple[str, ...]:
+        """The Set-Cookie lines that keep ``session`` (stored first, with store: redis)."""
+        index: list[str] = []
+        if new:
+            claims = parse_token(session.id_token, self._max_token_bytes).claims
+            for kind in ("sid", "sub"):
+                value = claims.get(kind)
+                if isinstance(value, str) and value:
+                    index.append(index_key(kind, session.provider, value))
+        return await self._backing.keep(session, jar, now, index=index, new=new)
 
     def _expire_session(self, jar: Mapping[str, str]) -> tuple[str, ...]:
         return tuple(cookies.expire_cookies(self._cookie, jar))
@@ -289,7 +312,7 @@ class Browsers:
             return Found(set_cookies=self._expire_session(jar), reason="session_expired")
         try:
             refreshed = await on_loop(
-                self._refresh_once(session, provider),
+                self._refresh_once(session, provider, value),
                 busy=errors.LoginUnavailable(retry_after_seconds=RETRY_AFTER_SECONDS),
             )
         except (LoginUnavailable, errors.KeysUnavailable) as exc:
@@ -306,9 +329,19 @@ class Browsers:
         principal = self._principal(new)
         if principal is None:
             return Found(set_cookies=self._expire_session(jar), reason="session_invalid")
-        return Found(principal, new, self._session_cookies(new, jar, self._clock()), reason="session")
+        if not self._backing.remembers:
+            return Found(principal, new, reason="session")  # stored in place: the cookie is unchanged
+        try:
+            renewed = await self._keep(new, jar, self._clock(), new=False)
+        except SessionTooLarge:
+            log.warning(
+                "session refresh: the renewed session is too large for cookies",
+                extra={"fields": {"provider": provider.name}},
+            )
+            return Found(set_cookies=self._expire_session(jar), reason="refresh_refused")
+        return Found(principal, new, renewed, reason="session")
 
-    async def _refresh_once(self, session: Session, provider: ProviderSettings) -> _Refreshed:
+    async def _refresh_once(self, session: Session, provider: ProviderSettings, value: str) -> Refreshed:
         """On the loop: one refresh per refresh token, its result shared for a while."""
         assert session.refresh_token is not None
         key = hashlib.sha256(session.refresh_token.encode("utf-8", "surrogatepass")).digest()
@@ -323,7 +356,11 @@ class Browsers:
             future = None
         if future is None:
             self._forget_old_refreshes(now)
-            future = asyncio.get_running_loop().create_task(self._refresh(session, provider))
+            refresh = functools.partial(self._refresh, session, provider)
+            budget = 2 * provider.keys.fetch_timeout_seconds
+            future = asyncio.get_running_loop().create_task(
+                self._backing.refreshed(session, value, refresh, budget)
+            )
             self._refreshes[key] = future
         return await asyncio.shield(future)
 
@@ -334,7 +371,7 @@ class Browsers:
             if future.done() and (future.exception() is not None or now - future.result().at > 0):
                 del self._refreshes[key]
 
-    async def _refresh(self, session: Session, provider: ProviderSettings) -> _Refreshed:
+    async def _refresh(self, session: Session, provider: ProviderSettings) -> Refreshed:
         assert provider.login is not None and session.refresh_token is not None
         endpoints = await self._client.endpoints(provider)
         answer = await self._client.token_request(
@@ -348,7 +385,7 @@ class Browsers:
                 "session refresh refused: the session is over",
                 extra={"fields": {"provider": provider.name, "error": answer.error}},
             )
-            return _Refreshed(None, now)
+            return Refreshed(None, now)
         id_token = session.id_token
         if answer.id_token is not None:
             try:
@@ -362,13 +399,13 @@ class Browsers:
                     "refreshed ID token refused",
                     extra={"fields": {"provider": provider.name, "reason": error.code}},
                 )
-                return _Refreshed(None, now)
+                return Refreshed(None, now)
             old = parse_token(session.id_token, self._max_token_bytes).claims
             if claims.get("sub") != old.get("sub"):  # OIDC Core §12.2: the same End-User
                 log.warning(
                     "refreshed ID token names another subject", extra={"fields": {"provider": provider.name}}
                 )
-                return _Refreshed(None, now)
+                return Refreshed(None, now)
             id_token = answer.id_token
         renewed = self._session_from(
             answer, provider, id_token=id_token, started_at=session.started_at, now=now, scope=session.scope
@@ -377,7 +414,7 @@ class Browsers:
             renewed = replace(
                 renewed, refresh_token=session.refresh_token
             )  # RFC 6749 §6: kept when not rotated
-        return _Refreshed(renewed, now)
+        return Refreshed(renewed, now)
 
     def _session_from(
         self,
@@ -411,7 +448,7 @@ class Browsers:
 
     async def _callback(self, request: Request) -> Decision:
         if request.method.upper() != "GET":
-            return _page(405, "method_not_allowed", "Not allowed", "The sign-in callback takes GET only.")
+            return page(405, "method_not_allowed", "Not allowed", "The sign-in callback takes GET only.")
         jar = self._jar(request)
         state = signin.callback_state(request.query)
         name = signin.transaction_cookie(self._cookie, state) if state is not None else None
@@ -427,7 +464,7 @@ class Browsers:
             if provider is None:
                 transaction = None
             else:
-                return _unavailable(())
+                return unavailable(())
         outcome = signin.read_callback(
             request.query,
             transaction,
@@ -437,7 +474,7 @@ class Browsers:
         ended = (cookies.expire_cookie(name),) if name is not None and name in jar else ()
         if isinstance(outcome, signin.CallbackRefused):
             log.info("sign-in callback refused", extra={"fields": {"reason": outcome.code}})
-            return _page(
+            return page(
                 outcome.status, outcome.code, "Sign-in failed", outcome.description, set_cookies=ended
             )
         assert provider is not None and endpoints is not None
@@ -469,12 +506,12 @@ class Browsers:
                 "sign-in: the token endpoint is unavailable",
                 extra={"fields": {"provider": provider.name, "outcome": getattr(exc, "outcome", "busy")}},
             )
-            return _unavailable(ended)
+            return unavailable(ended)
         if isinstance(answer, TokenRefused):
             log.info(
                 "sign-in: code refused", extra={"fields": {"provider": provider.name, "error": answer.error}}
             )
-            return _page(
+            return page(
                 403,
                 "sign_in_failed",
                 "Sign-in failed",
@@ -485,7 +522,7 @@ class Browsers:
             log.warning(
                 "sign-in: no ID token in the token response", extra={"fields": {"provider": provider.name}}
             )
-            return _page(
+            return page(
                 403,
                 "sign_in_failed",
                 "Sign-in failed",
@@ -497,13 +534,13 @@ class Browsers:
                 answer.id_token, provider.name, client_id=provider.login.client_id, nonce=transaction.nonce
             )
         except errors.KeysUnavailable:
-            return _unavailable(ended)
+            return unavailable(ended)
         except errors.AuthError as error:
             log.warning(
                 "sign-in: ID token refused",
                 extra={"fields": {"provider": provider.name, "reason": error.code}},
             )
-            return _page(
+            return page(
                 403,
                 "sign_in_failed",
                 "Sign-in failed",
@@ -519,23 +556,43 @@ class Browsers:
             now=now,
             scope=" ".join(provider.login.scopes),
         )
-        set_cookies = [*ended, *self._session_cookies(session, jar, now)]
-        return _redirect(transaction.return_to, set_cookies, "sign_in_completed", "")
+        try:
+            kept = await self._keep(session, jar, now, new=True)
+        except SessionTooLarge:
+            log.warning(
+                "sign-in: the session is too large for cookies", extra={"fields": {"provider": provider.name}}
+            )
+            return page(
+                502,
+                "session_too_large",
+                "Sign-in failed",
+                "The identity provider's tokens are too large to keep in cookies (use the redis store).",
+                set_cookies=ended,
+            )
+        except LoginUnavailable as exc:
+            self._store_down(exc)
+            return unavailable(ended)
+        return redirect(transaction.return_to, [*ended, *kept], "sign_in_completed", "")
 
     # ---- logout ----
 
     async def _logout(self, request: Request) -> Decision:
         method = request.method.upper()
         if method not in ("GET", "POST"):
-            return _page(405, "method_not_allowed", "Not allowed", "Log out with POST.")
-        if not _same_origin(request, post=method == "POST"):
-            return _logout_form(self.settings.logout_path)
+            return page(405, "method_not_allowed", "Not allowed", "Log out with POST.")
+        if not same_origin(request, post=method == "POST"):
+            return logout_form(self.settings.logout_path)
         jar = self._jar(request)
         value = cookies.join(self._cookie, jar)
-        now = self._clock()
-        session = from_data(self._sealer.open(PURPOSE, self._cookie, value, now=now)) if value else None
+        session = None
         if value is not None:
             self._opened.pop(value, None)
+            try:
+                session = await self._backing.open(value, self._clock())
+                await self._backing.end(value)
+            except LoginUnavailable as exc:
+                self._store_down(exc)
+                return unavailable(())  # not ended: say so, rather than pretend
         ended = self._expire_session(jar)
         target = self._post_logout_url(request)
         provider = self._providers.get(session.provider) if session is not None else None
@@ -549,76 +606,11 @@ class Browsers:
             }
             parts = urlsplit(endpoints.end_session)
             query = f"{parts.query}&{urlencode(params)}" if parts.query else urlencode(params)
-            return _redirect(parts._replace(query=query).geturl(), ended, "logged_out", "")
-        return _redirect(target, ended, "logged_out", "")
+            return redirect(parts._replace(query=query).geturl(), ended, "logged_out", "")
+        return redirect(target, ended, "logged_out", "")
 
     def _post_logout_url(self, request: Request) -> str:
         target = self.settings.post_logout_redirect
         if target.startswith("/"):
             return f"{request.scheme.lower() or 'https'}://{request.host}{target}"
         return target
-
-
-def _same_origin(request: Request, *, post: bool) -> bool:
-    """CSRF defence for logout: a POST's ``Origin`` is this origin (or, without one, the browser
-    says same-origin); a GET only when the browser says it is same-origin or typed by the user."""
-    site = request.headers.get("sec-fetch-site", "").strip().lower()
-    origin = request.headers.get("origin")
-    if post:
-        if origin is not None:
-            return origin.strip().lower() == f"{request.scheme.lower()}://{request.host.lower()}"
-        return site == "same-origin"
-    return site in ("same-origin", "none") and origin in (None, f"{request.scheme}://{request.host}")
-
-
-_NO_STORE = ("cache-control", "no-store")
-_PAGE_CSP = ("content-security-policy", "default-src 'none'; style-src 'unsafe-inline'; form-action 'self'")
-
-
-def _redirect(location: str, set_cookies: list[str] | tuple[str, ...], code: str, rule: str) -> Deny:
-    headers: list[tuple[str, str]] = [
-        ("location", location),
-        _NO_STORE,
-        *(("set-cookie", c) for c in set_cookies),
-    ]
-    return Deny(302, errors.GRPC_UNAUTHENTICATED, code, tuple(headers), "", rule=rule)
-
-
-def _page(
-    status: int, code: str, title: str, message: str, *, set_cookies: tuple[str, ...] | list[str] = ()
-) -> Deny:
-    body = (
-        f"<!doctype html><html><head><meta charset=utf-8><title>{html.escape(title)}</title></head>"
-        f"<body><h1>{html.escape(title)}</h1><p>{html.escape(message)}</p></body></html>\n"
-    )
-    headers: list[tuple[str, str]] = [
-        ("content-type", "text/html; charset=utf-8"),
-        _NO_STORE,
-        _PAGE_CSP,
-        *(("set-cookie", c) for c in set_cookies),
-    ]
-    grpc = errors.GRPC_UNAVAILABLE if status >= 500 else errors.GRPC_PERMISSION_DENIED
-    return Deny(status, grpc, code, tuple(headers), body)
-
-
-def _unavailable(set_cookies: tuple[str, ...]) -> Deny:
-    page = _page(
-        503,
-        errors.LoginUnavailable.code,
-        "Sign-in unavailable",
-        "The identity provider cannot be reached right now: try again in a moment.",
-        set_cookies=set_cookies,
-    )
-    return replace(page, headers=(*page.headers, ("retry-after", str(RETRY_AFTER_SECONDS))))
-
-
-def _logout_form(logout_path: str) -> Deny:
-    """A cross-site or unlabelled logout GET: a page whose button logs out (a same-origin POST)."""
-    action = html.escape(logout_path, quote=True)
-    body = (
-        "<!doctype html><html><head><meta charset=utf-8><title>Log out</title></head><body>"
-        f'<form method="post" action="{action}"><button id="logout" type="submit">Log out</button></form>'
-        "</body></html>\n"
-    )
-    headers = (("content-type", "text/html; charset=utf-8"), _NO_STORE, _PAGE_CSP)
-    return Deny(403, errors.GRPC_PERMISSION_DENIED, "logout_confirm", headers, body)

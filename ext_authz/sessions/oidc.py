@@ -14,6 +14,8 @@ from ext_authz.config.urls import url_problem
 
 # RFC 6749 §5.2 error codes are ASCII words; anything else is shown as "error".
 _MAX_ERROR_CHARS = 64
+# A token beyond this is refused (it could not travel in cookies or headers anyway).
+MAX_TOKEN_CHARS = 32 * 1024
 
 
 class LoginUnavailable(Exception):
@@ -98,6 +100,10 @@ def token_answer(status: int, body: object) -> Tokens | TokenRefused:
     access = body.get("access_token")
     if not isinstance(access, str) or not access:
         raise LoginUnavailable("invalid", "token response has no access_token")
+    if len(access) > MAX_TOKEN_CHARS:
+        raise LoginUnavailable(
+            "invalid", f"token response has an access_token over {MAX_TOKEN_CHARS} characters"
+        )
     token_type = body.get("token_type")
     if not isinstance(token_type, str) or token_type.lower() != "bearer":
         raise LoginUnavailable("invalid", "token response is not for a Bearer token")
@@ -116,6 +122,8 @@ def _optional_text(body: Mapping[str, object], name: str) -> str | None:
         return None
     if not isinstance(value, str) or not value:
         raise LoginUnavailable("invalid", f"token response has a malformed {name}")
+    if len(value) > MAX_TOKEN_CHARS:
+        raise LoginUnavailable("invalid", f"token response has an {name} over {MAX_TOKEN_CHARS} characters")
     return value
 
 

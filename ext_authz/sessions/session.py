@@ -7,9 +7,25 @@ read again without a signature check. Times are whole seconds of the server cloc
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 PURPOSE = "session"
+PREFIX = "ext-authz:session:"  # the Redis keys of store: redis (sessions.redisstore)
+
+
+def record_key(digest: str) -> str:
+    return f"{PREFIX}s:{digest}"
+
+
+def lock_key(digest: str) -> str:
+    return f"{PREFIX}lock:{digest}"
+
+
+def index_key(kind: str, provider: str, value: str) -> str:
+    """A set of the record keys of one ``sid`` or ``sub`` (``kind``) of ``provider``."""
+    return f"{PREFIX}{kind}:{provider}:{value}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,3 +81,26 @@ def from_data(data: object) -> Session | None:
         started_at=data["t"],
         sealed_at=data["w"],
     )
+
+
+class SessionStore(Protocol):
+    """Where ``store: redis`` keeps sessions (``sessions.redisstore``); every method runs on the
+    loop and raises ``oidc.LoginUnavailable`` when the store cannot be asked."""
+
+    async def load(self, key: str, idle_seconds: int) -> str | None: ...
+
+    async def save(
+        self, key: str, record: str, *, idle_seconds: int, index: Sequence[str], expires_at: float
+    ) -> None: ...
+
+    async def delete(self, key: str) -> None: ...
+
+    async def lock(self, key: str, token: str, ttl_seconds: float) -> bool: ...
+
+    async def unlock(self, key: str, token: str) -> None: ...
+
+    async def end(self, index: str) -> int: ...
+
+    async def first_use(self, marker: str, ttl_seconds: int) -> bool: ...
+
+    async def count(self) -> int: ...

@@ -76,18 +76,50 @@ def test_forwarded_access_token_header_is_owned(tmp_path: Path) -> None:
 
 
 ERRORS = [
-    ({"login": {"client_id": "c", "token_endpoint_auth": "client_secret_post"}}, "providers[0].login.token_endpoint_auth", "needs client_secret_file"),
-    ({"login": {"client_id": "c", "token_endpoint_auth": "private_key_jwt"}}, "providers[0].login.token_endpoint_auth", "must be one of"),
-    ({"login": {"client_id": "c", "scopes": ["profile"]}}, "providers[0].login.scopes", "must include openid"),
-    ({"login": {"client_id": "c", "scopes": ["openid", "a b"]}}, "providers[0].login.scopes[1]", "without blanks"),
-    ({"login": {"client_id": "c", "forward_access_token": "cookie"}}, "providers[0].login.forward_access_token", "must be one of"),
-    ({"login": {"client_id": "c", "client_secret_file": "missing"}}, "providers[0].login.client_secret_file", "cannot read"),
-    ({"login": {"client_id": "c", "client_secret_env": "EXT_AUTHZ_TEST_UNSET_VAR"}}, "providers[0].login.client_secret_env", "not set"),
+    (
+        {"login": {"client_id": "c", "token_endpoint_auth": "client_secret_post"}},
+        "providers[0].login.token_endpoint_auth",
+        "needs client_secret_file",
+    ),
+    (
+        {"login": {"client_id": "c", "token_endpoint_auth": "private_key_jwt"}},
+        "providers[0].login.token_endpoint_auth",
+        "must be one of",
+    ),
+    (
+        {"login": {"client_id": "c", "scopes": ["profile"]}},
+        "providers[0].login.scopes",
+        "must include openid",
+    ),
+    (
+        {"login": {"client_id": "c", "scopes": ["openid", "a b"]}},
+        "providers[0].login.scopes[1]",
+        "without blanks",
+    ),
+    (
+        {"login": {"client_id": "c", "forward_access_token": "cookie"}},
+        "providers[0].login.forward_access_token",
+        "must be one of",
+    ),
+    (
+        {"login": {"client_id": "c", "client_secret_file": "missing"}},
+        "providers[0].login.client_secret_file",
+        "cannot read",
+    ),
+    (
+        {"login": {"client_id": "c", "client_secret_env": "EXT_AUTHZ_TEST_UNSET_VAR"}},
+        "providers[0].login.client_secret_env",
+        "not set",
+    ),
     ({"login": {"client": "c"}}, "providers[0].login.client", "unknown key"),
     ({"login": {}}, "providers[0].login.client_id", "is required"),
     ({"sessions": False}, "sessions", "is required: providers[0].login"),
     ({"login": False, "rules": [{"match": {}, "require": {}}]}, "sessions", "no provider has a login"),
-    ({"login": False, "sessions": False, "rules": [{"match": {}, "login": "corp", "require": {}}]}, "rules[0].login", "has no login"),
+    (
+        {"login": False, "sessions": False, "rules": [{"match": {}, "login": "corp", "require": {}}]},
+        "rules[0].login",
+        "has no login",
+    ),
     ({"rules": [{"match": {}, "login": "other", "require": {}}]}, "rules[0].login", "unknown provider"),
     ({"rules": [{"match": {}, "login": "corp", "allow": "anonymous"}]}, "rules[0].login", "anonymous"),
     ({"sessions": {}}, "sessions.secret_file", "is required"),
@@ -96,17 +128,53 @@ ERRORS = [
     ({"sessions": {"secret_file": "keys", "secret_env": "X"}}, "sessions.secret_env", "give only one"),
     ({"sessions": {"secret_file": "keys", "cookie": "a b"}}, "sessions.cookie", "cookie name"),
     ({"sessions": {"secret_file": "keys", "store": "memcached"}}, "sessions.store", "must be cookie"),
-    ({"sessions": {"secret_file": "keys", "redis_url": "redis://x"}}, "sessions.redis_url", "only store: redis"),
-    ({"sessions": {"secret_file": "keys", "backchannel_logout_path": "/bc"}}, "sessions.backchannel_logout_path", "store: redis"),
-    ({"sessions": {"secret_file": "keys", "callback_path": "oauth2/cb"}}, "sessions.callback_path", "plain absolute path"),
-    ({"sessions": {"secret_file": "keys", "callback_path": "/cb?x=1"}}, "sessions.callback_path", "plain absolute path"),
-    ({"sessions": {"secret_file": "keys", "logout_path": "/oauth2/callback"}}, "sessions.logout_path", "same path"),
-    ({"sessions": {"secret_file": "keys", "post_logout_redirect": "//evil.example"}}, "sessions.post_logout_redirect", "path on this host"),
-    ({"sessions": {"secret_file": "keys", "post_logout_redirect": "javascript:alert(1)"}}, "sessions.post_logout_redirect", "path on this host"),
-    ({"sessions": {"secret_file": "keys", "idle_timeout_seconds": 7200, "max_age_seconds": 3600}}, "sessions.idle_timeout_seconds", "must not exceed"),
-    ({"sessions": {"secret_file": "keys", "refresh_before_seconds": -1}}, "sessions.refresh_before_seconds", ""),
+    (
+        {"sessions": {"secret_file": "keys", "redis_url": "redis://x"}},
+        "sessions.redis_url",
+        "only store: redis",
+    ),
+    (
+        {"sessions": {"secret_file": "keys", "backchannel_logout_path": "/bc"}},
+        "sessions.backchannel_logout_path",
+        "store: redis",
+    ),
+    (
+        {"sessions": {"secret_file": "keys", "callback_path": "oauth2/cb"}},
+        "sessions.callback_path",
+        "plain absolute path",
+    ),
+    (
+        {"sessions": {"secret_file": "keys", "callback_path": "/cb?x=1"}},
+        "sessions.callback_path",
+        "plain absolute path",
+    ),
+    (
+        {"sessions": {"secret_file": "keys", "logout_path": "/oauth2/callback"}},
+        "sessions.logout_path",
+        "same path",
+    ),
+    (
+        {"sessions": {"secret_file": "keys", "post_logout_redirect": "//evil.example"}},
+        "sessions.post_logout_redirect",
+        "path on this host",
+    ),
+    (
+        {"sessions": {"secret_file": "keys", "post_logout_redirect": "javascript:alert(1)"}},
+        "sessions.post_logout_redirect",
+        "path on this host",
+    ),
+    (
+        {"sessions": {"secret_file": "keys", "idle_timeout_seconds": 7200, "max_age_seconds": 3600}},
+        "sessions.idle_timeout_seconds",
+        "must not exceed",
+    ),
+    (
+        {"sessions": {"secret_file": "keys", "refresh_before_seconds": -1}},
+        "sessions.refresh_before_seconds",
+        "",
+    ),
     ({"sessions": {"secret_file": "keys", "colour": "blue"}}, "sessions.colour", "unknown key"),
-]  # fmt: skip
+]
 
 
 @pytest.mark.parametrize(("change", "key_path", "message"), ERRORS)
