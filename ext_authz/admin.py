@@ -16,6 +16,9 @@ from ext_authz.metrics import CONTENT_TYPE
 
 log = logging.getLogger(__name__)
 
+BACKCHANNEL_LOGOUT_PATH = "/backchannel_logout"
+MAX_LOGOUT_BODY = 16 * 1024
+
 
 class AdminServer:
     def __init__(
@@ -26,6 +29,7 @@ class AdminServer:
         metrics: Callable[[], bytes | Awaitable[bytes]],
         address_file: str | None = None,
         ssl_context: ssl.SSLContext | None = None,
+        backchannel_logout: Callable[[str], Awaitable[tuple[int, str]]] | None = None,
     ) -> None:
         self._address_file = address_file
         self._ssl_context = ssl_context
@@ -36,6 +40,8 @@ class AdminServer:
         app.router.add_get("/healthz", self._healthz)
         app.router.add_get("/readyz", self._readyz)
         app.router.add_get("/metrics", self._metrics_handler)
+        self._backchannel_logout = backchannel_logout
+        app.router.add_post(BACKCHANNEL_LOGOUT_PATH, self._backchannel)
         self._runner = web.AppRunner(app, access_log=None)
         self.bound: str | None = None
 
@@ -69,6 +75,22 @@ class AdminServer:
         if ready:
             return web.Response(text="ready\n")
         return web.Response(status=503, text="not ready\n")
+
+    async def _backchannel(self, request: web.Request) -> web.Response:
+        """OIDC Back-Channel Logout for IdPs that reach ext-authz directly (README: Browser sign-in)."""
+        headers = {"Cache-Control": "no-store"}
+        if self._backchannel_logout is None:
+            return web.json_response({"error": "not_found"}, status=404, headers=headers)
+        if request.content_length is not None and request.content_length > MAX_LOGOUT_BODY:
+            return web.json_response({"error": "invalid_request"}, status=400, headers=headers)
+        try:
+            body = await request.content.read(MAX_LOGOUT_BODY + 1)
+        except (OSError, ValueError):
+            return web.json_response({"error": "invalid_request"}, status=400, headers=headers)
+        if len(body) > MAX_LOGOUT_BODY:
+            return web.json_response({"error": "invalid_request"}, status=400, headers=headers)
+        status, answer = await self._backchannel_logout(body.decode("utf-8", "replace"))
+        return web.Response(status=status, text=answer, content_type="application/json", headers=headers)
 
     async def _metrics_handler(self, _: web.Request) -> web.Response:
         body = self._metrics()

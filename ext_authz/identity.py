@@ -40,6 +40,7 @@ from ext_authz.tokencache import CachedToken, TokenCache
 
 _COMPACT = re.compile(r"[A-Za-z0-9_-]*\.[A-Za-z0-9_-]*\.[A-Za-z0-9_-]*")  # three base64url segments
 _ALGORITHMS: Mapping[str, Algorithm] = get_default_algorithms()
+BACKCHANNEL_LOGOUT_EVENT = "http://schemas.openid.net/event/backchannel-logout"
 
 
 class KeyResolver(Protocol):
@@ -332,6 +333,46 @@ class Verifier:
                 raise errors.InvalidClaim("the ID token's nonce is not this sign-in's")
         if not isinstance(claims.get("sub"), str) or not claims["sub"]:
             raise errors.InvalidClaim("the ID token has no subject")
+        return claims
+
+    async def verify_logout_token(
+        self, token: str, provider_name: str, *, client_id: str
+    ) -> Mapping[str, object]:
+        """The verified claims of an OIDC Back-Channel Logout 1.0 logout token (§2.6): signed by
+        the provider's keys, ``iss`` exactly its issuer, ``aud`` naming our client id, ``iat``
+        present and not in the future, unexpired when it has an ``exp``, the back-channel logout
+        event, a ``sid`` or a ``sub``, and no ``nonce`` (so an ID token can never pass for one).
+        A ``typ`` other than ``logout+jwt`` is refused. Raises an AuthError subclass."""
+        provider = self._by_name[provider_name]
+        parsed = parse_token(token, self._max_token_bytes)
+        claims = parsed.claims
+        if claims.get("iss") != provider.issuer:
+            raise errors.IssuerNotAccepted()
+        typ = parsed.header.get("typ")
+        if typ is not None and (not isinstance(typ, str) or normalise_token_type(typ) != "logout+jwt"):
+            raise errors.TokenTypeNotAccepted()
+        self._check_header(provider, parsed.header)
+        await self._check_signature(provider, parsed)
+        if "exp" in claims:
+            self._check_times(provider, claims)
+        iat = claims.get("iat")
+        if not _is_number(iat):
+            raise errors.InvalidClaim("the logout token has no valid iat")
+        assert isinstance(iat, int | float)
+        if iat > self._clock() + provider.clock_skew_seconds:
+            raise errors.TokenIssuedInFuture()
+        aud = claims.get("aud")
+        audiences = [aud] if isinstance(aud, str) else aud if isinstance(aud, list) else []
+        if client_id not in audiences:
+            raise errors.AudienceMismatch("the logout token is not for this client")
+        events = claims.get("events")
+        if not isinstance(events, dict) or not isinstance(events.get(BACKCHANNEL_LOGOUT_EVENT), dict):
+            raise errors.InvalidClaim("the logout token carries no back-channel logout event")
+        if "nonce" in claims:
+            raise errors.InvalidClaim("a logout token has no nonce")
+        sid, sub = claims.get("sid"), claims.get("sub")
+        if not (isinstance(sid, str) and sid) and not (isinstance(sub, str) and sub):
+            raise errors.InvalidClaim("the logout token names neither a sid nor a sub")
         return claims
 
     @staticmethod

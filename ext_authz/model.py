@@ -25,6 +25,8 @@ class Request:
     headers: Mapping[str, str] = field(default_factory=dict)
     context: Mapping[str, str] = field(default_factory=dict)
     scheme: str = ""  # the scheme the client used, as Envoy saw it ("http", "https")
+    # The request body, when Envoy sends it (`with_request_body`: the back-channel logout route).
+    body: str = field(default="", repr=False)
 
 
 @dataclass(frozen=True, slots=True)

@@ -22,6 +22,7 @@ from ext_authz.identity import KeyResolver, Verifier, parse_token
 from ext_authz.model import Allow, Credential, Decision, Deny, Principal, Request, WouldDeny
 from ext_authz.paths import RequestView
 from ext_authz.sessions.oidc import LoginClient, NoLogin
+from ext_authz.sessions.session import SessionStore
 from ext_authz.tokencache import CacheCounters, TokenCache
 from ext_authz.trace import TokenSeen, Trace
 
@@ -37,6 +38,7 @@ class Pipeline:
         clock: Callable[[], float] = time.time,
         cache_counters: CacheCounters | None = None,
         login_client: LoginClient | None = None,
+        session_store: SessionStore | None = None,
     ) -> None:
         settings = self.settings = config.settings
         self.config = config
@@ -51,7 +53,7 @@ class Pipeline:
         self._all_dry_run = config.all_dry_run
         # Browser sign-in (`sessions:`): without a network client every provider is unreachable.
         self.browsers = (
-            Browsers(settings, self.verifier, login_client or NoLogin(), clock=clock)
+            Browsers(settings, self.verifier, login_client or NoLogin(), clock=clock, store=session_store)
             if settings.sessions is not None
             else None
         )

@@ -33,6 +33,7 @@ from ext_authz.pipeline import Pipeline
 from ext_authz.reload import Current, Reloader, Runtime
 from ext_authz.serveoptions import DEFAULT_THREADS, ServeOptions
 from ext_authz.sessions.client import HttpLoginClient
+from ext_authz.sessions.redisstore import RedisSessionStore
 from ext_authz.tls import ServerTls
 from ext_authz.tlsfiles import TlsFileError
 from ext_authz.tokencache import CacheCounters
@@ -74,6 +75,7 @@ class Server:
         self._drain_override = drain_seconds
         self._fetcher = HttpFetcher()
         self._login = HttpLoginClient(self._fetcher)
+        self._session_stores: dict[str, RedisSessionStore] = {}  # by URL: kept across reloads
         self._cache = SharedKeyCache(settings.jwks_cache)
         self._token_counters = CacheCounters()
         self.current = Current(self._build(settings, None))
@@ -120,6 +122,7 @@ class Server:
                 admin_address,
                 ready=self.ready,
                 metrics=self.metrics.exposition,
+                backchannel_logout=self._backchannel_logout,
                 address_file=admin_address_file,
                 ssl_context=admin_context,
             )
@@ -159,11 +162,31 @@ class Server:
             on_change=self._keys_changed,
             reuse=reuse,
         )
-        counters, login = self._token_counters, self._login
         pipeline = Pipeline(
-            compile(new), keys, clock=self._clock, cache_counters=counters, login_client=login
+            compile(new),
+            keys,
+            clock=self._clock,
+            cache_counters=self._token_counters,
+            login_client=self._login,
+            session_store=self._session_store(new),
         )
         return Runtime(new, keys, pipeline, DecisionLog(new.log))
+
+    def _session_store(self, settings: Settings) -> RedisSessionStore | None:
+        sessions = settings.sessions
+        if sessions is None or sessions.store != "redis" or sessions.redis_url is None:
+            return None
+        store = self._session_stores.get(sessions.redis_url)
+        if store is None:
+            store = self._session_stores[sessions.redis_url] = RedisSessionStore(sessions.redis_url)
+        return store
+
+    async def _backchannel_logout(self, body: str) -> tuple[int, str]:
+        """The admin listener's back-channel logout: the config in force answers it."""
+        browsers = self.pipeline.browsers
+        if browsers is None or browsers.settings.backchannel_logout_path is None:
+            return 404, '{"error": "not_found"}'
+        return await browsers.backchannel_logout(body)
 
     def _token_cache_state(self) -> tuple[int, int, int]:
         """Hits, misses and current size of the verified-token cache."""
@@ -285,6 +308,8 @@ class Server:
         if self.admin is not None:
             await self.admin.stop()
         await self._fetcher.close()
+        for store in self._session_stores.values():
+            await store.close()
         await self._cache.close()
 
     def _observe(self, request: Request, request_id: str, decision: Decision, seconds: float) -> None:

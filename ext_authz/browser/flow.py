@@ -25,11 +25,12 @@ import asyncio
 import contextlib
 import functools
 import hashlib
+import json
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import Literal
-from urllib.parse import urlencode, urlsplit
+from urllib.parse import parse_qs, urlencode, urlsplit
 
 from ext_authz import errors
 from ext_authz.browser.pages import RETRY_AFTER_SECONDS, logout_form, page, redirect, same_origin, unavailable
@@ -61,6 +62,8 @@ SIGNIN_PURPOSE = "signin"
 REFRESH_RESULT_SECONDS = 60.0
 MAX_REFRESH_RESULTS = 10_000
 MAX_REMEMBERED_SESSIONS = 4096  # opened cookies, by value: a page's requests open it once
+_MAX_LOGOUT_BODY = 16 * 1024
+_LOGOUT_TOKEN_SECONDS = 600  # a jti is remembered this long: a replay within it is refused
 _FORWARDING = frozenset({"authorization", FORWARDED_ACCESS_TOKEN})
 
 
@@ -90,8 +93,9 @@ class Browsers:
         assert settings.sessions is not None
         self.settings = settings.sessions
         self._sealer = cookies.Sealer(self.settings.secrets)
+        self._store: SessionStore = store or NoStore()
         self._backing: Backing = (
-            RedisSessions(self.settings, self._sealer, store or NoStore(), clock=clock)
+            RedisSessions(self.settings, self._sealer, self._store, clock=clock)
             if self.settings.store == "redis"
             else CookieSessions(self.settings, self._sealer)
         )
@@ -105,7 +109,10 @@ class Browsers:
         self._source = CookieToken(self._cookie)
         self._opened: dict[str, tuple[Session, Principal]] = {}
         self._refreshes: dict[bytes, asyncio.Future[Refreshed]] = {}
-        self._paths = frozenset({self.settings.callback_path, self.settings.logout_path})
+        backchannel = self.settings.backchannel_logout_path
+        self._paths = frozenset(
+            {self.settings.callback_path, self.settings.logout_path, *([backchannel] if backchannel else [])}
+        )
 
     # ---- what the pipeline asks ----
 
@@ -116,8 +123,57 @@ class Browsers:
         """``callback_path`` or ``logout_path`` (``path``: the request's path as the rules read it)."""
         if path == self.settings.callback_path:
             return await self._callback(request)
+        if path == self.settings.backchannel_logout_path:
+            if request.method.upper() != "POST":
+                return page(405, "method_not_allowed", "Not allowed", "Back-channel logout takes POST.")
+            status, body = await self.backchannel_logout(request.body)
+            headers = (("content-type", "application/json"), ("cache-control", "no-store"))
+            return Deny(status, errors.GRPC_PERMISSION_DENIED, "backchannel_logout", headers, body)
         assert path == self.settings.logout_path
         return await self._logout(request)
+
+    async def backchannel_logout(self, body: str) -> tuple[int, str]:
+        """OIDC Back-Channel Logout 1.0 (§2.5-2.8): the POSTed logout token verified, every
+        session of its ``sid`` (else of its ``sub``) ended. The status and JSON body to answer."""
+        refused = 400, json.dumps({"error": "invalid_request"})
+        tokens = parse_qs(body[:_MAX_LOGOUT_BODY], keep_blank_values=True, max_num_fields=8).get(
+            "logout_token", []
+        )
+        if len(body) > _MAX_LOGOUT_BODY or len(tokens) != 1:
+            return refused
+        try:
+            issuer = parse_token(tokens[0], self._max_token_bytes).claims.get("iss")
+            provider = next((p for p in self._providers.values() if p.issuer == issuer), None)
+            if provider is None or provider.login is None:
+                raise errors.UnknownIssuer()
+            claims = await self._verifier.verify_logout_token(
+                tokens[0], provider.name, client_id=provider.login.client_id
+            )
+        except errors.KeysUnavailable:
+            return 503, json.dumps({"error": "temporarily_unavailable"})
+        except errors.AuthError as error:
+            log.info("back-channel logout refused", extra={"fields": {"reason": error.code}})
+            return refused
+        sid, sub = claims.get("sid"), claims.get("sub")
+        kind, value = ("sid", sid) if isinstance(sid, str) and sid else ("sub", sub)
+        assert isinstance(value, str)
+        try:
+            jti = claims.get("jti")
+            if isinstance(jti, str) and jti:
+                marker = index_key(
+                    "jti", provider.name, hashlib.sha256(jti.encode("utf-8", "surrogatepass")).hexdigest()
+                )
+                if not await on_loop(self._store.first_use(marker, _LOGOUT_TOKEN_SECONDS), busy=_busy()):
+                    log.info("back-channel logout refused", extra={"fields": {"reason": "replayed"}})
+                    return refused
+            ended = await on_loop(self._store.end(index_key(kind, provider.name, value)), busy=_busy())
+        except LoginUnavailable as exc:
+            self._store_down(exc)
+            return 503, json.dumps({"error": "temporarily_unavailable"})
+        log.info(
+            "back-channel logout", extra={"fields": {"provider": provider.name, "by": kind, "ended": ended}}
+        )
+        return 200, "{}"
 
     def carries_session(self, request: Request) -> bool:
         header = request.headers.get("cookie")
@@ -614,3 +670,7 @@ class Browsers:
         if target.startswith("/"):
             return f"{request.scheme.lower() or 'https'}://{request.host}{target}"
         return target
+
+
+def _busy() -> errors.LoginUnavailable:
+    return errors.LoginUnavailable(retry_after_seconds=RETRY_AFTER_SECONDS)

@@ -44,6 +44,7 @@ def to_request(check: external_auth_pb2.CheckRequest) -> Request:
         headers=headers,
         context=dict(extensions) if (extensions := attributes.context_extensions) else {},
         scheme=http.scheme or headers.get(":scheme", ""),
+        body=http.body or (http.raw_body.decode("utf-8", "replace") if http.raw_body else ""),
     )
 
 

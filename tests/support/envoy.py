@@ -122,6 +122,7 @@ def envoy_config(
     allowed_headers: Sequence[str] | None = None,
     headers_with_underscores_action: str = "DROP_HEADER",
     normalise_paths: bool = True,
+    with_request_body: bool = False,
 ) -> dict[str, Any]:
     """The bootstrap config (as a dict) used by `start_envoy`.
 
@@ -151,6 +152,9 @@ def envoy_config(
         "encode_raw_headers": encode_raw_headers,
         "decoder_header_mutation_rules": dict(DECODER_HEADER_MUTATION_RULES),
     }
+    if with_request_body:
+        # Bodies go to ext-authz (the back-channel logout's form), whole, up to 16 KiB.
+        ext_authz["with_request_body"] = {"max_request_bytes": 16384, "allow_partial_message": False}
     if allowed_headers is not None:
         ext_authz["allowed_headers"] = {"patterns": [{"exact": name} for name in allowed_headers]}
     # Shows the backend what ext-authz put in dynamic_metadata.
@@ -320,11 +324,12 @@ def start_envoy(
     allowed_headers: Sequence[str] | None = None,
     headers_with_underscores_action: str = "DROP_HEADER",
     normalise_paths: bool = True,
+    with_request_body: bool = False,
 ) -> EnvoyProcess:
     """Start Envoy and return once its listener accepts connections and the server is LIVE.
 
     `route_context_extensions`, `metadata_headers`, `authz_transport_socket`, `allowed_headers`,
-    `headers_with_underscores_action` and `normalise_paths`: see `envoy_config`.
+    `headers_with_underscores_action`, `normalise_paths` and `with_request_body`: see `envoy_config`.
     """
     workdir = Path(tempfile.mkdtemp(prefix="ext-authz-envoy-"))
     config = write_envoy_config(
@@ -339,6 +344,7 @@ def start_envoy(
         allowed_headers=allowed_headers,
         headers_with_underscores_action=headers_with_underscores_action,
         normalise_paths=normalise_paths,
+        with_request_body=with_request_body,
     )
     admin_path = workdir / "admin-address"
     argv = [

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import html
+import json
 import re
 import threading
 import time
@@ -91,7 +92,7 @@ def threaded_issuer(
         issuer.close()
 
 
-def signin_config(issuer: str, path: Path, **sessions: Any) -> Path:
+def signin_config(issuer: str, path: Path, *, admin: bool = False, **sessions: Any) -> Path:
     secret = path.parent / "session-keys"
     secret.write_text(f"{SESSION_SECRET}\n")
     document: dict[str, Any] = {
@@ -107,6 +108,7 @@ def signin_config(issuer: str, path: Path, **sessions: Any) -> Path:
                     {"header": "x-user-id", "claim": "sub"},
                     {"header": "x-user-groups", "claim": "groups"},
                     {"header": "x-user-scope", "claim": "scope"},
+                    {"header": "x-user-sid", "claim": "sid"},
                 ],
                 "login": {
                     "client_id": CLIENT_ID,
@@ -133,8 +135,16 @@ def signin_config(issuer: str, path: Path, **sessions: Any) -> Path:
             },
         ],
     }
+    if admin:
+        document["admin"] = "127.0.0.1:0"
     path.write_text(yaml.safe_dump(document, sort_keys=False))
     return path
+
+
+def admin_address(authz: ExtAuthzProcess) -> str:
+    """The bound admin address from the server's `admin listening` log line."""
+    line = authz.process.wait_for_line(lambda text: '"admin listening"' in text, timeout=10, what="admin")
+    return str(json.loads(line)["address"])
 
 
 @dataclass(frozen=True, slots=True)
@@ -248,19 +258,34 @@ class SigninStack:
     echo: EchoBackend
     authz: ExtAuthzProcess
     envoy: EnvoyProcess
+    # More replicas (each its own ext-authz and Envoy, one echo and one issuer), with replicas=N.
+    others: list[tuple[ExtAuthzProcess, EnvoyProcess]] = field(default_factory=list)
 
-    def browser(self) -> CookieBrowser:
-        return CookieBrowser(self.envoy.base_url, self.echo)
+    def browser(self, replica: int = 0) -> CookieBrowser:
+        envoy = self.envoy if replica == 0 else self.others[replica - 1][1]
+        return CookieBrowser(envoy.base_url, self.echo)
 
 
 @contextlib.contextmanager
 def signin_stack(
-    tmp_path: Path, settings: LoginSettings | None = None, **sessions: Any
+    tmp_path: Path,
+    settings: LoginSettings | None = None,
+    *,
+    replicas: int = 1,
+    admin: bool = False,
+    with_request_body: bool = False,
+    **sessions: Any,
 ) -> Iterator[SigninStack]:
     with contextlib.ExitStack() as stack:
         issuer = stack.enter_context(threaded_issuer(tmp_path, settings or LoginSettings()))
         echo = stack.enter_context(EchoBackend())
-        config = signin_config(issuer.url, tmp_path / "ext-authz.yaml", **sessions)
-        authz = stack.enter_context(start_ext_authz(config))
-        envoy = stack.enter_context(start_envoy(authz.address, echo.port))
-        yield SigninStack(issuer, echo, authz, envoy)
+        config = signin_config(issuer.url, tmp_path / "ext-authz.yaml", admin=admin, **sessions)
+        running = []
+        for _ in range(replicas):
+            authz = stack.enter_context(start_ext_authz(config))
+            envoy = stack.enter_context(
+                start_envoy(authz.address, echo.port, with_request_body=with_request_body)
+            )
+            running.append((authz, envoy))
+        (authz, envoy), *others = running
+        yield SigninStack(issuer, echo, authz, envoy, others)

@@ -201,12 +201,32 @@ def test_short_or_bad_session_secrets(tmp_path: Path, content: str, line: str) -
     assert "ab" * 16 not in str(caught.value)
 
 
-def test_the_redis_store_is_refused_plainly_for_now(tmp_path: Path) -> None:
+def test_the_redis_store(tmp_path: Path) -> None:
+    url = "redis://:pw@127.0.0.1:6380/1"
+    doc = document(
+        tmp_path,
+        sessions={
+            "secret_file": "keys",
+            "store": "redis",
+            "redis_url": url,
+            "backchannel_logout_path": "/bc",
+        },
+    )
+    sessions = parse(doc, base_dir=tmp_path).sessions
+    assert sessions is not None
+    assert (sessions.store, sessions.redis_url, sessions.backchannel_logout_path) == ("redis", url, "/bc")
+    assert "pw" not in repr(sessions)
+
+
+@pytest.mark.parametrize("url", ["http://127.0.0.1", "redis://", "127.0.0.1:6379"])
+def test_a_bad_redis_url(tmp_path: Path, url: str) -> None:
+    doc = document(tmp_path, sessions={"secret_file": "keys", "store": "redis", "redis_url": url})
     with pytest.raises(ConfigError) as caught:
-        parse(
-            document(
-                tmp_path, sessions={"secret_file": "keys", "store": "redis", "redis_url": "redis://127.0.0.1"}
-            ),
-            base_dir=tmp_path,
-        )
-    assert caught.value.key_path == "sessions.store"
+        parse(doc, base_dir=tmp_path)
+    assert caught.value.key_path == "sessions.redis_url"
+
+
+def test_the_redis_store_needs_a_url(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse(document(tmp_path, sessions={"secret_file": "keys", "store": "redis"}), base_dir=tmp_path)
+    assert caught.value.key_path == "sessions.redis_url"
