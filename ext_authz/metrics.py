@@ -15,6 +15,7 @@ from prometheus_client.registry import Collector
 from ext_authz import __version__, linewriter
 from ext_authz.keys.provider import KeyStats
 from ext_authz.model import Allow, Decision
+from ext_authz.sessions.session import SessionEvents
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -68,6 +69,29 @@ class TokenCacheCollector(Collector):
         requests.add_metric(["miss"], misses)
         yield requests
         yield GaugeMetricFamily("ext_authz_token_cache_size", "Verified tokens cached", value=size)
+
+
+class SessionCollector(Collector):
+    """Browser sign-ins, refreshes and logouts by outcome; sessions in the Redis store."""
+
+    def __init__(self, events: SessionEvents) -> None:
+        self._events = events
+
+    def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
+        counts = CounterMetricFamily(
+            "ext_authz_session_events",
+            "Browser sign-ins, refreshes and logouts by outcome",
+            labels=["event", "outcome"],
+        )
+        for (event, outcome), value in sorted(self._events.snapshot().items()):
+            counts.add_metric([event, outcome], value)
+        yield counts
+        if self._events.active is not None:
+            yield GaugeMetricFamily(
+                "ext_authz_sessions_active",
+                "Sessions in the Redis store (not logged out, not past max age)",
+                value=self._events.active,
+            )
 
 
 class TlsCollector(Collector):
@@ -208,6 +232,7 @@ class Metrics:
         clock: Callable[[], float] = time.time,
         token_cache: Callable[[], tuple[int, int, int]] = lambda: (0, 0, 0),
         decision_log: Callable[[], tuple[int, int]] = linewriter.stdout_stats,
+        session_events: SessionEvents | None = None,
     ) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         self._checks = CheckCollector()
@@ -223,6 +248,8 @@ class Metrics:
         self.registry.register(KeyCollector(key_stats, clock))
         self.registry.register(TokenCacheCollector(token_cache))
         self.registry.register(DecisionLogCollector(decision_log))
+        if session_events is not None:
+            self.registry.register(SessionCollector(session_events))
 
     def record(self, decision: Decision, seconds: float) -> None:
         if isinstance(decision, Allow):

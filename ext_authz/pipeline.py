@@ -22,7 +22,7 @@ from ext_authz.identity import KeyResolver, Verifier, parse_token
 from ext_authz.model import Allow, Credential, Decision, Deny, Principal, Request, WouldDeny
 from ext_authz.paths import RequestView
 from ext_authz.sessions.oidc import LoginClient, NoLogin
-from ext_authz.sessions.session import SessionStore
+from ext_authz.sessions.session import SessionEvents, SessionStore
 from ext_authz.tokencache import CacheCounters, TokenCache
 from ext_authz.trace import TokenSeen, Trace
 
@@ -39,6 +39,7 @@ class Pipeline:
         cache_counters: CacheCounters | None = None,
         login_client: LoginClient | None = None,
         session_store: SessionStore | None = None,
+        session_events: SessionEvents | None = None,
     ) -> None:
         settings = self.settings = config.settings
         self.config = config
@@ -53,7 +54,14 @@ class Pipeline:
         self._all_dry_run = config.all_dry_run
         # Browser sign-in (`sessions:`): without a network client every provider is unreachable.
         self.browsers = (
-            Browsers(settings, self.verifier, login_client or NoLogin(), clock=clock, store=session_store)
+            Browsers(
+                settings,
+                self.verifier,
+                login_client or NoLogin(),
+                clock=clock,
+                store=session_store,
+                events=session_events,
+            )
             if settings.sessions is not None
             else None
         )

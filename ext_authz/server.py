@@ -9,6 +9,7 @@ accepting and waits for Checks in flight up to ``shutdown.grace_seconds``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 import ssl
@@ -33,7 +34,9 @@ from ext_authz.pipeline import Pipeline
 from ext_authz.reload import Current, Reloader, Runtime
 from ext_authz.serveoptions import DEFAULT_THREADS, ServeOptions
 from ext_authz.sessions.client import HttpLoginClient
+from ext_authz.sessions.oidc import LoginUnavailable
 from ext_authz.sessions.redisstore import RedisSessionStore
+from ext_authz.sessions.session import SessionEvents
 from ext_authz.tls import ServerTls
 from ext_authz.tlsfiles import TlsFileError
 from ext_authz.tokencache import CacheCounters
@@ -42,6 +45,8 @@ from ext_authz.transport.health import Health
 from ext_authz.transport.servicer import AuthorizationServicer, register
 
 log = logging.getLogger(__name__)
+
+SESSION_COUNT_SECONDS = 15.0  # how often the active-sessions gauge asks the Redis store
 
 
 # How long stop() waits for request threads once grpc has stopped (Checks waiting for keys).
@@ -76,10 +81,16 @@ class Server:
         self._fetcher = HttpFetcher()
         self._login = HttpLoginClient(self._fetcher)
         self._session_stores: dict[str, RedisSessionStore] = {}  # by URL: kept across reloads
+        self._session_events = SessionEvents()
         self._cache = SharedKeyCache(settings.jwks_cache)
         self._token_counters = CacheCounters()
         self.current = Current(self._build(settings, None))
-        self.metrics = Metrics(lambda: self.keys.stats(), clock, token_cache=self._token_cache_state)
+        self.metrics = Metrics(
+            lambda: self.keys.stats(),
+            clock,
+            token_cache=self._token_cache_state,
+            session_events=self._session_events,
+        )
         self._reloader = Reloader(
             Path(config_path) if config_path is not None else None,
             self.current,
@@ -169,6 +180,7 @@ class Server:
             cache_counters=self._token_counters,
             login_client=self._login,
             session_store=self._session_store(new),
+            session_events=self._session_events,
         )
         return Runtime(new, keys, pipeline, DecisionLog(new.log))
 
@@ -180,6 +192,17 @@ class Server:
         if store is None:
             store = self._session_stores[sessions.redis_url] = RedisSessionStore(sessions.redis_url)
         return store
+
+    async def _count_sessions(self) -> None:
+        """The active-sessions gauge of the Redis store in force, every SESSION_COUNT_SECONDS."""
+        while True:
+            store = self._session_store(self.settings)
+            if store is None:
+                self._session_events.active = None
+            else:
+                with contextlib.suppress(LoginUnavailable):
+                    self._session_events.active = await store.count()
+            await asyncio.sleep(SESSION_COUNT_SECONDS)
 
     async def _backchannel_logout(self, body: str) -> tuple[int, str]:
         """The admin listener's back-channel logout: the config in force answers it."""
@@ -224,6 +247,8 @@ class Server:
             self._spawn(self.tls.watch(), "tls-watch")
         self.keys.start()
         self._warm_logins()
+        if self.settings.sessions is not None:
+            self._spawn(self._count_sessions(), "session-count")
         self._keys_changed()  # providers with inline keys may be ready already
         if self._reloader.path is not None:
             self._spawn(self._reloader.watch(), "config-watch")

@@ -46,10 +46,10 @@ from ext_authz.config.model import FORWARDED_ACCESS_TOKEN, ProviderSettings, Rul
 from ext_authz.handoff import on_loop
 from ext_authz.hosts import canonical_host
 from ext_authz.identity import Verifier, parse_token
-from ext_authz.model import Allow, Credential, Decision, Deny, Principal, Request
+from ext_authz.model import Allow, Credential, Decision, Deny, Principal, Request, reason_of
 from ext_authz.sessions import cookies, signin
 from ext_authz.sessions.oidc import Endpoints, LoginClient, LoginUnavailable, TokenRefused, Tokens
-from ext_authz.sessions.session import Session, SessionStore, index_key
+from ext_authz.sessions.session import Session, SessionEvents, SessionStore, index_key
 from ext_authz.sources import CookieToken, Reading, cookie_header_without
 from ext_authz.trace import NotJudged
 
@@ -89,7 +89,9 @@ class Browsers:
         *,
         clock: Callable[[], float],
         store: SessionStore | None = None,
+        events: SessionEvents | None = None,
     ) -> None:
+        self._events = events or SessionEvents()
         assert settings.sessions is not None
         self.settings = settings.sessions
         self._sealer = cookies.Sealer(self.settings.secrets)
@@ -121,6 +123,17 @@ class Browsers:
 
     async def answer(self, request: Request, path: str) -> Decision:
         """``callback_path`` or ``logout_path`` (``path``: the request's path as the rules read it)."""
+        decision = await self._answer(request, path)
+        if path == self.settings.callback_path:
+            code = reason_of(decision)
+            outcome = "completed" if code == "sign_in_completed" else code
+            self._events.count("sign_in", outcome)
+        elif path == self.settings.logout_path:
+            code = reason_of(decision)
+            self._events.count("logout", "front" if code == "logged_out" else code)
+        return decision
+
+    async def _answer(self, request: Request, path: str) -> Decision:
         if path == self.settings.callback_path:
             return await self._callback(request)
         if path == self.settings.backchannel_logout_path:
@@ -153,6 +166,7 @@ class Browsers:
             return 503, json.dumps({"error": "temporarily_unavailable"})
         except errors.AuthError as error:
             log.info("back-channel logout refused", extra={"fields": {"reason": error.code}})
+            self._events.count("logout", "backchannel_refused")
             return refused
         sid, sub = claims.get("sid"), claims.get("sub")
         kind, value = ("sid", sid) if isinstance(sid, str) and sid else ("sub", sub)
@@ -173,6 +187,7 @@ class Browsers:
         log.info(
             "back-channel logout", extra={"fields": {"provider": provider.name, "by": kind, "ended": ended}}
         )
+        self._events.count("logout", "backchannel")
         return 200, "{}"
 
     def carries_session(self, request: Request) -> bool:
@@ -288,6 +303,7 @@ class Browsers:
             scopes=provider.login.scopes,
             transaction=transaction,
         )
+        self._events.count("sign_in", "started")
         return redirect(location, set_cookies, "sign_in_started", rule.name)
 
     def finish(self, request: Request, allow: Allow, found: Found) -> Allow:
@@ -373,14 +389,18 @@ class Browsers:
             )
         except (LoginUnavailable, errors.KeysUnavailable) as exc:
             if now < session.tokens_expire_at:
+                self._events.count("refresh", "unavailable_kept")  # the tokens still hold
                 return Found(self._principal(session), session, reason="session")
             log.warning(
                 "session refresh impossible: the identity provider is unavailable",
                 extra={"fields": {"provider": provider.name, "outcome": getattr(exc, "outcome", "keys")}},
             )
+            self._events.count("refresh", "unavailable")
             return Found(unavailable=errors.LoginUnavailable(RETRY_AFTER_SECONDS), reason="login_unavailable")
         if refreshed.session is None:
+            self._events.count("refresh", "refused")
             return Found(set_cookies=self._expire_session(jar), reason="refresh_refused")
+        self._events.count("refresh", "renewed")
         new = refreshed.session
         principal = self._principal(new)
         if principal is None:

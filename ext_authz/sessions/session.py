@@ -7,6 +7,7 @@ read again without a signature check. Times are whole seconds of the server cloc
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -104,3 +105,21 @@ class SessionStore(Protocol):
     async def first_use(self, marker: str, ttl_seconds: int) -> bool: ...
 
     async def count(self) -> int: ...
+
+
+class SessionEvents:
+    """Counts of sign-ins, refreshes and logouts by outcome (bounded labels), for metrics; shared
+    by every config's flow in a server, written from request threads and the loop."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._counts: dict[tuple[str, str], int] = {}
+        self.active: int | None = None  # sessions in the store (store: redis), refreshed now and then
+
+    def count(self, event: str, outcome: str) -> None:
+        with self._lock:
+            self._counts[event, outcome] = self._counts.get((event, outcome), 0) + 1
+
+    def snapshot(self) -> dict[tuple[str, str], int]:
+        with self._lock:
+            return dict(self._counts)

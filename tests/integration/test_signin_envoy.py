@@ -204,3 +204,19 @@ def test_refresh_renews_the_session_cookie(tmp_path: Path) -> None:
         again = browser.get("/app/")
         assert again.response.status == 302, again.describe()  # a navigation signs in again
         assert COOKIE not in browser.jar
+
+
+def test_an_idp_outage_keeps_valid_sessions_then_answers_503(tmp_path: Path) -> None:
+    with signin_stack(tmp_path, LoginSettings(token_lifetime=7)) as short:
+        browser = short.browser()
+        assert browser.sign_in().response.status == 200
+        short.issuer.close()  # the IdP goes down
+        time.sleep(2.5)  # a refresh is due, and fails: the tokens still hold
+        kept = browser.get("/app/")
+        assert kept.response.status == 200, kept.describe()
+        time.sleep(5)  # now they have expired
+        down = browser.get("/app/")
+        assert down.response.status == 503, down.describe()
+        assert down.response.header("retry-after") is not None
+        assert down.response.header("location") is None  # not a sign-in loop
+        assert COOKIE in browser.jar

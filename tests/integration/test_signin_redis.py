@@ -181,3 +181,21 @@ def test_redis_down_is_503_never_a_sign_in_loop(tmp_path: Path) -> None:
         assert answer.response.header("retry-after") is not None
         assert answer.response.header("location") is None
         assert COOKIE in browser.jar  # kept: the session may well be fine
+
+
+def test_metrics_count_sign_ins_logouts_and_sessions(stack: SigninStack) -> None:
+    browser = stack.browser()
+    assert browser.sign_in().response.status == 200
+    browser.request("POST", "/oauth2/logout", (("Origin", stack.envoy.base_url),), body=b"")
+    metrics = send(f"http://{admin_address(stack.authz)}", "GET", "/metrics").body.decode()
+    samples = {
+        line.rpartition(" ")[0]: float(line.rpartition(" ")[2])
+        for line in metrics.splitlines()
+        if line and not line.startswith("#")
+    }
+    assert samples['ext_authz_session_events_total{event="sign_in",outcome="started"}'] >= 1
+    assert samples['ext_authz_session_events_total{event="sign_in",outcome="completed"}'] >= 1
+    assert samples['ext_authz_session_events_total{event="logout",outcome="front"}'] >= 1
+    assert samples['ext_authz_session_events_total{event="logout",outcome="backchannel"}'] >= 1
+    assert "ext_authz_sessions_active" in samples
+    assert "ext_authz_checks_total{" in metrics and 'reason="sign_in_started"' in metrics
