@@ -36,7 +36,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory, redis: RedisServer) -> Itera
         tmp_path_factory.mktemp("signin-redis"),
         LoginSettings(token_lifetime=300),
         admin=True,
-        with_request_body=True,
+        request_body_paths=("/oauth2/backchannel_logout",),
         store="redis",
         redis_url=redis.url,
         backchannel_logout_path="/oauth2/backchannel_logout",

@@ -109,6 +109,22 @@ def _route(
     return route
 
 
+def _body_route(path: str, headers_to_add: list[dict[str, Any]]) -> dict[str, Any]:
+    """A route for exactly ``path`` whose Checks carry the whole body (up to 16 KiB), as the
+    README tells operators to set up back-channel logout: per route, no other request waits."""
+    route = _route("/", headers_to_add)
+    route["match"] = {"path": path}
+    route["typed_per_filter_config"] = {
+        "envoy.filters.http.ext_authz": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.ext_authz.v3.ExtAuthzPerRoute",
+            "check_settings": {
+                "with_request_body": {"max_request_bytes": 16384, "allow_partial_message": False}
+            },
+        }
+    }
+    return route
+
+
 def envoy_config(
     authz_address: str,
     backend_port: int,
@@ -122,7 +138,7 @@ def envoy_config(
     allowed_headers: Sequence[str] | None = None,
     headers_with_underscores_action: str = "DROP_HEADER",
     normalise_paths: bool = True,
-    with_request_body: bool = False,
+    request_body_paths: Sequence[str] = (),
 ) -> dict[str, Any]:
     """The bootstrap config (as a dict) used by `start_envoy`.
 
@@ -135,6 +151,9 @@ def envoy_config(
     `check_settings.context_extensions` of a route of its own (placed before the catch-all `/`
     route), and `metadata_headers` maps a request header name to a key of the ext_authz dynamic
     metadata that every route copies into that header for the backend (`-` when absent).
+
+    `request_body_paths`: exact paths routed with the whole request body in the Check
+    (per-route `check_settings.with_request_body`, as for back-channel logout).
 
     For header-hygiene tests: `allowed_headers` (exact names) sets the ext_authz filter's
     `allowed_headers`, so only those request headers reach ext-authz (Envoy adds a few of its
@@ -152,9 +171,6 @@ def envoy_config(
         "encode_raw_headers": encode_raw_headers,
         "decoder_header_mutation_rules": dict(DECODER_HEADER_MUTATION_RULES),
     }
-    if with_request_body:
-        # Bodies go to ext-authz (the back-channel logout's form), whole, up to 16 KiB.
-        ext_authz["with_request_body"] = {"max_request_bytes": 16384, "allow_partial_message": False}
     if allowed_headers is not None:
         ext_authz["allowed_headers"] = {"patterns": [{"exact": name} for name in allowed_headers]}
     # Shows the backend what ext-authz put in dynamic_metadata.
@@ -172,7 +188,8 @@ def envoy_config(
             }
         )
     contexts = route_context_extensions or {}
-    routes = [_route(prefix, headers_to_add, context) for prefix, context in contexts.items()]
+    routes = [_body_route(path, headers_to_add) for path in request_body_paths]
+    routes += [_route(prefix, headers_to_add, context) for prefix, context in contexts.items()]
     routes.append(_route("/", headers_to_add))
     hcm: dict[str, Any] = {
         "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3"
@@ -324,12 +341,12 @@ def start_envoy(
     allowed_headers: Sequence[str] | None = None,
     headers_with_underscores_action: str = "DROP_HEADER",
     normalise_paths: bool = True,
-    with_request_body: bool = False,
+    request_body_paths: Sequence[str] = (),
 ) -> EnvoyProcess:
     """Start Envoy and return once its listener accepts connections and the server is LIVE.
 
     `route_context_extensions`, `metadata_headers`, `authz_transport_socket`, `allowed_headers`,
-    `headers_with_underscores_action`, `normalise_paths` and `with_request_body`: see `envoy_config`.
+    `headers_with_underscores_action`, `normalise_paths` and `request_body_paths`: see `envoy_config`.
     """
     workdir = Path(tempfile.mkdtemp(prefix="ext-authz-envoy-"))
     config = write_envoy_config(
@@ -344,7 +361,7 @@ def start_envoy(
         allowed_headers=allowed_headers,
         headers_with_underscores_action=headers_with_underscores_action,
         normalise_paths=normalise_paths,
-        with_request_body=with_request_body,
+        request_body_paths=request_body_paths,
     )
     admin_path = workdir / "admin-address"
     argv = [

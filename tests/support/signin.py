@@ -273,7 +273,7 @@ def signin_stack(
     *,
     replicas: int = 1,
     admin: bool = False,
-    with_request_body: bool = False,
+    request_body_paths: Sequence[str] = (),
     **sessions: Any,
 ) -> Iterator[SigninStack]:
     with contextlib.ExitStack() as stack:
@@ -284,7 +284,7 @@ def signin_stack(
         for _ in range(replicas):
             authz = stack.enter_context(start_ext_authz(config))
             envoy = stack.enter_context(
-                start_envoy(authz.address, echo.port, with_request_body=with_request_body)
+                start_envoy(authz.address, echo.port, request_body_paths=request_body_paths)
             )
             running.append((authz, envoy))
         (authz, envoy), *others = running
