@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 
 from ext_authz.dev.login import LoginSettings
+from ext_authz.sessions import cookies
 from tests.support.envoy import send
-from tests.support.signin import COOKIE, SigninStack, signin_stack
+from tests.support.signin import COOKIE, NAVIGATE, SigninStack, signin_stack
 
 
 @pytest.fixture(scope="module")
@@ -220,3 +221,65 @@ def test_an_idp_outage_keeps_valid_sessions_then_answers_503(tmp_path: Path) -> 
         assert down.response.header("retry-after") is not None
         assert down.response.header("location") is None  # not a sign-in loop
         assert COOKIE in browser.jar
+
+
+def test_a_bearer_token_on_a_login_route_is_verified_as_always(stack: SigninStack) -> None:
+    tokens = stack.browser()
+    assert tokens.sign_in().response.status == 200
+    page = tokens.get("/app/")
+    assert page.backend is not None
+    (access_token,) = page.backend.header_values("x-forwarded-access-token")
+    api = stack.browser()
+    bearer = api.get("/app/", (("Authorization", f"Bearer {access_token}"), *NAVIGATE))
+    assert bearer.response.status == 200, bearer.describe()
+    forged = api.get("/app/", (("Authorization", f"Bearer {access_token[:-4]}AAAA"), *NAVIGATE))
+    assert forged.response.status == 401, forged.describe()  # refused, not sent to sign in
+    assert forged.response.header("location") is None
+
+
+def test_a_code_issued_to_another_client_is_refused(stack: SigninStack) -> None:
+    browser = stack.browser()
+    start = browser.get("/app/")
+    ours = urllib.parse.parse_qs(urllib.parse.urlsplit(start.response.header("location") or "").query)
+    # The attacker's own sign-in at the IdP, as another client, with our redirect URI and state.
+    other = {k: v[0] for k, v in ours.items()}
+    other["client_id"] = "attacker-app"
+    callback = browser.sign_in_at_issuer(f"{stack.issuer.url}/authorize?{urllib.parse.urlencode(other)}")
+    parts = urllib.parse.urlsplit(callback)
+    answer = browser.get(f"{parts.path}?{parts.query}")
+    assert answer.response.status == 403, answer.describe()
+    assert COOKIE not in browser.jar
+
+
+def test_a_cookie_sealed_under_a_removed_key_is_no_session(stack: SigninStack) -> None:
+    browser = stack.browser()
+    assert browser.sign_in().response.status == 200
+    old = cookies.Sealer([b"\x01" * 32])  # a key the config does not (or no longer) list
+    data = {
+        "p": "dev",
+        "i": "a.b.c",
+        "e": int(time.time()) + 600,
+        "s": "openid",
+        "t": int(time.time()),
+        "w": int(time.time()),
+    }
+    browser.jar = {COOKIE: old.seal("session", COOKIE, data, now=time.time(), lifetime_seconds=600)}
+    answer = browser.get("/app/", (("Accept", "application/json"),))
+    assert answer.response.status == 401, answer.describe()
+
+
+def test_no_token_cookie_or_code_in_the_log_lines(stack: SigninStack) -> None:
+    browser = stack.browser()
+    start = browser.get("/app/")
+    callback = browser.sign_in_at_issuer(start.response.header("location") or "")
+    code = urllib.parse.parse_qs(urllib.parse.urlsplit(callback).query)["code"][0]
+    parts = urllib.parse.urlsplit(callback)
+    browser.get(f"{parts.path}?{parts.query}")
+    page = browser.get("/app/")
+    assert page.backend is not None
+    (access_token,) = page.backend.header_values("x-forwarded-access-token")
+    secrets = [code, browser.jar[COOKIE], access_token, *access_token.split(".")[1:]]
+    output = "\n".join(stack.authz.process.output_lines())
+    assert "sign_in_completed" in output  # the decision log is in there
+    for secret in secrets:
+        assert secret not in output
