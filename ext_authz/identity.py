@@ -41,6 +41,8 @@ from ext_authz.tokencache import CachedToken, TokenCache
 _COMPACT = re.compile(r"[A-Za-z0-9_-]*\.[A-Za-z0-9_-]*\.[A-Za-z0-9_-]*")  # three base64url segments
 _ALGORITHMS: Mapping[str, Algorithm] = get_default_algorithms()
 BACKCHANNEL_LOGOUT_EVENT = "http://schemas.openid.net/event/backchannel-logout"
+# A logout token valid for longer is refused: its jti is remembered (replays refused) until exp.
+MAX_LOGOUT_TOKEN_SECONDS = 86400
 
 
 class KeyResolver(Protocol):
@@ -340,9 +342,10 @@ class Verifier:
     ) -> Mapping[str, object]:
         """The verified claims of an OIDC Back-Channel Logout 1.0 logout token (§2.6): signed by
         the provider's keys, ``iss`` exactly its issuer, ``aud`` naming our client id, ``iat``
-        present and not in the future, unexpired when it has an ``exp``, the back-channel logout
-        event, a ``sid`` or a ``sub``, and no ``nonce`` (so an ID token can never pass for one).
-        A ``typ`` other than ``logout+jwt`` is refused. Raises an AuthError subclass."""
+        present and not in the future, ``exp`` (required, and within a day) not passed, a ``jti``,
+        the back-channel logout event, a ``sid`` or a ``sub``, and no ``nonce`` (so an ID token
+        can never pass for one). A ``typ`` other than ``logout+jwt`` is refused. Raises an
+        AuthError subclass."""
         provider = self._by_name[provider_name]
         parsed = parse_token(token, self._max_token_bytes)
         claims = parsed.claims
@@ -353,8 +356,14 @@ class Verifier:
             raise errors.TokenTypeNotAccepted()
         self._check_header(provider, parsed.header)
         await self._check_signature(provider, parsed)
-        if "exp" in claims:
-            self._check_times(provider, claims)
+        self._check_times(provider, claims)  # exp is required (§2.4)
+        exp = claims["exp"]
+        assert isinstance(exp, int | float)
+        if exp > self._clock() + MAX_LOGOUT_TOKEN_SECONDS:
+            raise errors.InvalidClaim("the logout token lives too long")
+        jti = claims.get("jti")
+        if not isinstance(jti, str) or not jti:
+            raise errors.InvalidClaim("the logout token has no jti")
         iat = claims.get("iat")
         if not _is_number(iat):
             raise errors.InvalidClaim("the logout token has no valid iat")

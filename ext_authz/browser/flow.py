@@ -27,6 +27,7 @@ import functools
 import hashlib
 import json
 import logging
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import Literal
@@ -63,7 +64,6 @@ REFRESH_RESULT_SECONDS = 60.0
 MAX_REFRESH_RESULTS = 10_000
 MAX_REMEMBERED_SESSIONS = 4096  # opened cookies, by value: a page's requests open it once
 _MAX_LOGOUT_BODY = 16 * 1024
-_LOGOUT_TOKEN_SECONDS = 600  # a jti is remembered this long: a replay within it is refused
 _FORWARDING = frozenset({"authorization", FORWARDED_ACCESS_TOKEN})
 
 
@@ -97,7 +97,7 @@ class Browsers:
         self._sealer = cookies.Sealer(self.settings.secrets)
         self._store: SessionStore = store or NoStore()
         self._backing: Backing = (
-            RedisSessions(self.settings, self._sealer, self._store, clock=clock)
+            RedisSessions(self.settings, self._sealer, self._store, clock=clock, index_of=self._index_of)
             if self.settings.store == "redis"
             else CookieSessions(self.settings, self._sealer)
         )
@@ -149,10 +149,13 @@ class Browsers:
         """OIDC Back-Channel Logout 1.0 (§2.5-2.8): the POSTed logout token verified, every
         session of its ``sid`` (else of its ``sub``) ended. The status and JSON body to answer."""
         refused = 400, json.dumps({"error": "invalid_request"})
-        tokens = parse_qs(body[:_MAX_LOGOUT_BODY], keep_blank_values=True, max_num_fields=8).get(
-            "logout_token", []
-        )
-        if len(body) > _MAX_LOGOUT_BODY or len(tokens) != 1:
+        if len(body) > _MAX_LOGOUT_BODY:
+            return refused
+        try:
+            tokens = parse_qs(body, keep_blank_values=True, max_num_fields=8).get("logout_token", [])
+        except ValueError:  # more fields than a logout POST has
+            return refused
+        if len(tokens) != 1:
             return refused
         try:
             issuer = parse_token(tokens[0], self._max_token_bytes).claims.get("iss")
@@ -172,14 +175,15 @@ class Browsers:
         kind, value = ("sid", sid) if isinstance(sid, str) and sid else ("sub", sub)
         assert isinstance(value, str)
         try:
-            jti = claims.get("jti")
-            if isinstance(jti, str) and jti:
-                marker = index_key(
-                    "jti", provider.name, hashlib.sha256(jti.encode("utf-8", "surrogatepass")).hexdigest()
-                )
-                if not await on_loop(self._store.first_use(marker, _LOGOUT_TOKEN_SECONDS), busy=_busy()):
-                    log.info("back-channel logout refused", extra={"fields": {"reason": "replayed"}})
-                    return refused
+            jti, exp = claims["jti"], claims["exp"]  # both required (verify_logout_token)
+            assert isinstance(jti, str) and isinstance(exp, int | float)
+            # Remembered until the token expires: a replay is refused for as long as it is valid.
+            remember = math.ceil(exp - self._clock() + provider.clock_skew_seconds) + 1
+            marker = index_key("jti", provider.name, jti)
+            if not await on_loop(self._store.first_use(marker, max(1, remember)), busy=_busy()):
+                log.info("back-channel logout refused", extra={"fields": {"reason": "replayed"}})
+                self._events.count("logout", "backchannel_refused")
+                return refused
             ended = await on_loop(self._store.end(index_key(kind, provider.name, value)), busy=_busy())
         except LoginUnavailable as exc:
             self._store_down(exc)
@@ -360,14 +364,16 @@ class Browsers:
         self, session: Session, jar: Mapping[str, str], now: float, *, new: bool
     ) -> tuple[str, ...]:
         """The Set-Cookie lines that keep ``session`` (stored first, with store: redis)."""
-        index: list[str] = []
-        if new:
-            claims = parse_token(session.id_token, self._max_token_bytes).claims
-            for kind in ("sid", "sub"):
-                value = claims.get(kind)
-                if isinstance(value, str) and value:
-                    index.append(index_key(kind, session.provider, value))
-        return await self._backing.keep(session, jar, now, index=index, new=new)
+        return await self._backing.keep(session, jar, now, index=self._index_of(session), new=new)
+
+    def _index_of(self, session: Session) -> list[str]:
+        """The back-channel logout sets a session is listed in: its ID token's sid and sub."""
+        claims = parse_token(session.id_token, self._max_token_bytes).claims
+        return [
+            index_key(kind, session.provider, value)
+            for kind in ("sid", "sub")
+            if isinstance(value := claims.get(kind), str) and value
+        ]
 
     def _expire_session(self, jar: Mapping[str, str]) -> tuple[str, ...]:
         return tuple(cookies.expire_cookies(self._cookie, jar))

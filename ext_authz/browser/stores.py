@@ -134,10 +134,12 @@ class RedisSessions(_Sealed):
         store: SessionStore,
         *,
         clock: Callable[[], float],
+        index_of: Callable[[Session], Sequence[str]],
     ) -> None:
         super().__init__(settings, sealer)
         self.store = store
         self.clock = clock
+        self._index_of = index_of  # the sid and sub sets a session is listed in
         self._idle = max(1, math.ceil(settings.idle_timeout_seconds))
 
     @staticmethod
@@ -165,17 +167,24 @@ class RedisSessions(_Sealed):
         record = await on_loop(self.store.load(key, self._idle), busy=_busy())
         return self._session(key, record, now)
 
-    async def _save(self, key: str, session: Session, now: float, index: Sequence[str]) -> None:
+    async def _save(self, key: str, session: Session, now: float, expected: str | None = None) -> bool:
         lifetime = self.lifetime(session, now, idle=False)
         record = self.sealer.seal(RECORD_PURPOSE, key, to_data(session), now=now, lifetime_seconds=lifetime)
-        await self.store.save(key, record, idle_seconds=self._idle, index=index, expires_at=now + lifetime)
+        return await self.store.save(
+            key,
+            record,
+            idle_seconds=self._idle,
+            index=self._index_of(session),
+            expires_at=now + lifetime,
+            expected=expected,
+        )
 
     async def keep(
         self, session: Session, jar: Mapping[str, str], now: float, *, index: Sequence[str], new: bool
     ) -> tuple[str, ...]:
         assert new, "a Redis session is renewed in refreshed(), in place"
         session_id = base64.urlsafe_b64encode(secrets.token_bytes(32)).rstrip(b"=").decode("ascii")
-        await on_loop(self._save(self.key_of(session_id), session, now, index), busy=_busy())
+        await on_loop(self._save(self.key_of(session_id), session, now), busy=_busy())
         return self.cookies_for({"i": session_id}, jar, now, self.lifetime(session, now, idle=False))
 
     def reseal_due(self, session: Session, now: float) -> bool:
@@ -209,14 +218,16 @@ class RedisSessions(_Sealed):
             await asyncio.sleep(PEER_POLL_SECONDS)
         try:
             now = self.clock()
-            current = self._session(key, await self.store.load(key, self._idle), now)
+            record = await self.store.load(key, self._idle)
+            current = self._session(key, record, now)
             if current is None or current.refresh_token != session.refresh_token:
                 return Refreshed(current, now)
             result = await refresh()
             if result.session is None:
                 await self.store.delete(key)
-            else:
-                await self._save(key, result.session, result.at, ())
+            elif not await self._save(key, result.session, result.at, expected=record):
+                # Ended while the IdP answered (a logout, front or back channel): it stays ended.
+                return Refreshed(None, result.at)
             return result
         finally:
             await self.store.unlock(lock, token)
@@ -233,8 +244,15 @@ class NoStore:
         raise self._no()
 
     async def save(
-        self, key: str, record: str, *, idle_seconds: int, index: Sequence[str], expires_at: float
-    ) -> None:
+        self,
+        key: str,
+        record: str,
+        *,
+        idle_seconds: int,
+        index: Sequence[str],
+        expires_at: float,
+        expected: str | None = None,
+    ) -> bool:
         raise self._no()
 
     async def delete(self, key: str) -> None:

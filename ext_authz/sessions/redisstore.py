@@ -47,6 +47,19 @@ redis.call('DEL', KEYS[1])
 return ended
 """
 
+# Stores a record (and its index entries), or, given the record expected there (ARGV[4]), only
+# when that is still the one stored: a refresh must not bring back a session ended meanwhile.
+_SAVE_SCRIPT = """
+if ARGV[4] ~= '' and redis.call('GET', KEYS[1]) ~= ARGV[4] then return 0 end
+redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
+redis.call('ZADD', KEYS[2], ARGV[3], KEYS[1])
+for i = 3, #KEYS do
+  redis.call('SADD', KEYS[i], KEYS[1])
+  redis.call('EXPIREAT', KEYS[i], ARGV[5])
+end
+return 1
+"""
+
 # Releases a lock only when it is still ours (its token).
 _UNLOCK_SCRIPT = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
@@ -71,6 +84,7 @@ class RedisSessionStore:
             decode_responses=True,
         )
         self._end = self._client.register_script(_END_SCRIPT)
+        self._save = self._client.register_script(_SAVE_SCRIPT)
         self._unlock = self._client.register_script(_UNLOCK_SCRIPT)
 
     async def close(self) -> None:
@@ -89,18 +103,23 @@ class RedisSessionStore:
         return value if isinstance(value, str) else None
 
     async def save(
-        self, key: str, record: str, *, idle_seconds: int, index: Sequence[str], expires_at: float
-    ) -> None:
-        async def write() -> None:
-            pipe = self._client.pipeline(transaction=True)
-            pipe.set(key, record, ex=max(1, idle_seconds))
-            for name in index:
-                pipe.sadd(name, key)
-                pipe.expireat(name, int(expires_at) + 60)
-            pipe.zadd(f"{PREFIX}all", {key: expires_at})
-            await pipe.execute()
-
-        await self._call("save", write())
+        self,
+        key: str,
+        record: str,
+        *,
+        idle_seconds: int,
+        index: Sequence[str],
+        expires_at: float,
+        expected: str | None = None,
+    ) -> bool:
+        saved = await self._call(
+            "save",
+            self._save(
+                keys=[key, f"{PREFIX}all", *index],
+                args=[record, max(1, idle_seconds), expires_at, expected or "", int(expires_at) + 60],
+            ),
+        )
+        return saved == 1
 
     async def delete(self, key: str) -> None:
         async def remove() -> None:

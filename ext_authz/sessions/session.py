@@ -7,6 +7,7 @@ read again without a signature check. Times are whole seconds of the server cloc
 
 from __future__ import annotations
 
+import hashlib
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -25,8 +26,11 @@ def lock_key(digest: str) -> str:
 
 
 def index_key(kind: str, provider: str, value: str) -> str:
-    """A set of the record keys of one ``sid`` or ``sub`` (``kind``) of ``provider``."""
-    return f"{PREFIX}{kind}:{provider}:{value}"
+    """A set of the record keys of one ``sid`` or ``sub`` (``kind``) of ``provider`` (or a logout
+    token's ``jti`` marker). The parts are hashed together, length-prefixed, so no provider name
+    or claim value (either may hold ':') can name another's key."""
+    encoded = f"{len(provider)}:{provider}{value}".encode("utf-8", "surrogatepass")
+    return f"{PREFIX}{kind}:{hashlib.sha256(encoded).hexdigest()}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,8 +95,18 @@ class SessionStore(Protocol):
     async def load(self, key: str, idle_seconds: int) -> str | None: ...
 
     async def save(
-        self, key: str, record: str, *, idle_seconds: int, index: Sequence[str], expires_at: float
-    ) -> None: ...
+        self,
+        key: str,
+        record: str,
+        *,
+        idle_seconds: int,
+        index: Sequence[str],
+        expires_at: float,
+        expected: str | None = None,
+    ) -> bool:
+        """Store ``record``; with ``expected``, only when the stored record is still that one (a
+        refresh never brings back a session a logout ended meanwhile). Whether it was stored."""
+        ...
 
     async def delete(self, key: str) -> None: ...
 
