@@ -17,7 +17,7 @@ import pytest
 from ext_authz import jws
 from ext_authz.dev.login import LoginSettings
 from tests.support.envoy import send
-from tests.support.redis import RedisServer, inline_command
+from tests.support.redis import RedisServer, free_port, inline_command
 from tests.support.signin import CLIENT_ID, COOKIE, NAVIGATE, SigninStack, admin_address, signin_stack
 
 EVENT: dict[str, object] = {"http://schemas.openid.net/event/backchannel-logout": {}}
@@ -199,3 +199,42 @@ def test_metrics_count_sign_ins_logouts_and_sessions(stack: SigninStack) -> None
     assert samples['ext_authz_session_events_total{event="logout",outcome="backchannel"}'] >= 1
     assert "ext_authz_sessions_active" in samples
     assert "ext_authz_checks_total{" in metrics and 'reason="sign_in_started"' in metrics
+
+
+def backchannel_count(authz: Any, outcome: str) -> float:
+    metrics = send(f"http://{admin_address(authz)}", "GET", "/metrics").body.decode()
+    wanted = f'ext_authz_session_events_total{{event="logout",outcome="{outcome}"}} '
+    return sum(float(line[len(wanted) :]) for line in metrics.splitlines() if line.startswith(wanted))
+
+
+def test_the_idps_own_logout_token_reaches_the_admin_listener(tmp_path: Path, redis: RedisServer) -> None:
+    port = free_port()  # the admin port, known before the IdP starts (it is told where to POST)
+    with signin_stack(
+        tmp_path,
+        admin=f"127.0.0.1:{port}",
+        backchannel_logout_uris=(f"http://127.0.0.1:{port}/backchannel_logout",),
+        store="redis",
+        redis_url=redis.url,
+        backchannel_logout_path="/oauth2/backchannel_logout",
+    ) as running:
+        browser = running.browser()
+        assert browser.sign_in(sub="dana").response.status == 200
+        out = browser.request("POST", "/oauth2/logout", (("Origin", running.envoy.base_url),), body=b"")
+        location = out.response.header("location") or ""
+        assert location.startswith(f"{running.issuer.url}/logout?"), out.describe()
+        # At the IdP's end_session endpoint: it ends its session and POSTs a logout token (signed
+        # by its own key, its own claims) to ext-authz's admin listener, which verifies it.
+        assert send(running.issuer.url, "GET", location[len(running.issuer.url) :]).status == 302
+        deadline = time.monotonic() + 10
+        while backchannel_count(running.authz, "backchannel") < 1:
+            assert time.monotonic() < deadline, "the IdP's logout token was not accepted"
+            time.sleep(0.1)
+        assert backchannel_count(running.authz, "backchannel_refused") == 0
+
+
+def test_a_plain_http_origin_gets_a_page_and_no_cookie(stack: SigninStack) -> None:
+    browser = stack.browser()
+    answer = browser.request("GET", "/app/", NAVIGATE, host="app.example")
+    assert answer.response.status == 400, answer.describe()
+    assert answer.response.header_values("set-cookie") == []
+    assert "https" in answer.response.body.decode()

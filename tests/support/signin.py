@@ -92,7 +92,8 @@ def threaded_issuer(
         issuer.close()
 
 
-def signin_config(issuer: str, path: Path, *, admin: bool = False, **sessions: Any) -> Path:
+def signin_config(issuer: str, path: Path, *, admin: bool | str = False, **sessions: Any) -> Path:
+    """``admin``: True for an admin listener on an ephemeral port, or its HOST:PORT."""
     secret = path.parent / "session-keys"
     secret.write_text(f"{SESSION_SECRET}\n")
     document: dict[str, Any] = {
@@ -136,7 +137,7 @@ def signin_config(issuer: str, path: Path, *, admin: bool = False, **sessions: A
         ],
     }
     if admin:
-        document["admin"] = "127.0.0.1:0"
+        document["admin"] = admin if isinstance(admin, str) else "127.0.0.1:0"
     path.write_text(yaml.safe_dump(document, sort_keys=False))
     return path
 
@@ -189,10 +190,11 @@ class CookieBrowser:
         headers: Sequence[tuple[str, str]] = NAVIGATE,
         *,
         body: bytes | None = None,
+        host: str | None = None,
     ) -> Answer:
         trace = uuid.uuid4().hex
         lines = [(TRACE_HEADER, trace), *headers, *self.cookie_header()]
-        response = send(self.base, method, path, lines, body=body)
+        response = send(self.base, method, path, lines, body=body, host=host)
         self._store(response)
         reached = [r for r in self.echo.requests if r.header_values(TRACE_HEADER) == [trace]]
         return Answer(response, reached[0] if reached else None)
@@ -272,12 +274,15 @@ def signin_stack(
     settings: LoginSettings | None = None,
     *,
     replicas: int = 1,
-    admin: bool = False,
+    admin: bool | str = False,
+    backchannel_logout_uris: Sequence[str] = (),
     request_body_paths: Sequence[str] = (),
     **sessions: Any,
 ) -> Iterator[SigninStack]:
     with contextlib.ExitStack() as stack:
-        issuer = stack.enter_context(threaded_issuer(tmp_path, settings or LoginSettings()))
+        issuer = stack.enter_context(
+            threaded_issuer(tmp_path, settings or LoginSettings(), backchannel_logout_uris)
+        )
         echo = stack.enter_context(EchoBackend())
         config = signin_config(issuer.url, tmp_path / "ext-authz.yaml", admin=admin, **sessions)
         running = []
