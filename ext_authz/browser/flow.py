@@ -21,26 +21,30 @@ itself is behind :class:`LoginClient` (``sessions.client``), so this module does
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import functools
-import hashlib
-import json
 import logging
-import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import Literal
-from urllib.parse import parse_qs, urlencode, urlsplit
+from urllib.parse import urlencode, urlsplit
 
 from ext_authz import errors
-from ext_authz.browser.pages import RETRY_AFTER_SECONDS, logout_form, page, redirect, same_origin, unavailable
+from ext_authz.browser.backchannel import backchannel_logout
+from ext_authz.browser.pages import (
+    RETRY_AFTER_SECONDS,
+    busy,
+    logout_form,
+    page,
+    redirect,
+    same_origin,
+    unavailable,
+)
+from ext_authz.browser.refresh import FORWARDING, Refresher
 from ext_authz.browser.stores import (
     Backing,
     CookieSessions,
     NoStore,
     RedisSessions,
-    Refreshed,
     SessionTooLarge,
 )
 from ext_authz.config.model import FORWARDED_ACCESS_TOKEN, ProviderSettings, RuleSettings, Settings
@@ -49,7 +53,7 @@ from ext_authz.hosts import canonical_host
 from ext_authz.identity import Verifier, parse_token
 from ext_authz.model import Allow, Credential, Decision, Deny, Principal, Request, reason_of
 from ext_authz.sessions import cookies, signin
-from ext_authz.sessions.oidc import Endpoints, LoginClient, LoginUnavailable, TokenRefused, Tokens
+from ext_authz.sessions.oidc import Endpoints, LoginClient, LoginUnavailable, TokenRefused
 from ext_authz.sessions.session import Session, SessionEvents, SessionStore, index_key
 from ext_authz.sources import CookieToken, Reading, cookie_header_without
 from ext_authz.trace import NotJudged
@@ -57,14 +61,7 @@ from ext_authz.trace import NotJudged
 log = logging.getLogger(__name__)
 
 SIGNIN_PURPOSE = "signin"
-# A refresh's result is kept this long for requests that still carry the cookie it replaced
-# (a page's parallel requests): they get the same new tokens, never a second refresh with a
-# refresh token the IdP has rotated away (which IdPs treat as theft and answer by ending it all).
-REFRESH_RESULT_SECONDS = 60.0
-MAX_REFRESH_RESULTS = 10_000
 MAX_REMEMBERED_SESSIONS = 4096  # opened cookies, by value: a page's requests open it once
-_MAX_LOGOUT_BODY = 16 * 1024
-_FORWARDING = frozenset({"authorization", FORWARDED_ACCESS_TOKEN})
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,7 +107,9 @@ class Browsers:
         self._chunk_names = frozenset(cookies.chunk_names(self._cookie))
         self._source = CookieToken(self._cookie)
         self._opened: dict[str, tuple[Session, Principal]] = {}
-        self._refreshes: dict[bytes, asyncio.Future[Refreshed]] = {}
+        self._refresher = Refresher(
+            verifier, client, self._backing, clock=clock, max_token_bytes=settings.max_token_bytes
+        )
         backchannel = self.settings.backchannel_logout_path
         self._paths = frozenset(
             {self.settings.callback_path, self.settings.logout_path, *([backchannel] if backchannel else [])}
@@ -146,53 +145,16 @@ class Browsers:
         return await self._logout(request)
 
     async def backchannel_logout(self, body: str) -> tuple[int, str]:
-        """OIDC Back-Channel Logout 1.0 (§2.5-2.8): the POSTed logout token verified, every
-        session of its ``sid`` (else of its ``sub``) ended. The status and JSON body to answer."""
-        refused = 400, json.dumps({"error": "invalid_request"})
-        if len(body) > _MAX_LOGOUT_BODY:
-            return refused
-        try:
-            tokens = parse_qs(body, keep_blank_values=True, max_num_fields=8).get("logout_token", [])
-        except ValueError:  # more fields than a logout POST has
-            return refused
-        if len(tokens) != 1:
-            return refused
-        try:
-            issuer = parse_token(tokens[0], self._max_token_bytes).claims.get("iss")
-            provider = next((p for p in self._providers.values() if p.issuer == issuer), None)
-            if provider is None or provider.login is None:
-                raise errors.UnknownIssuer()
-            claims = await self._verifier.verify_logout_token(
-                tokens[0], provider.name, client_id=provider.login.client_id
-            )
-        except errors.KeysUnavailable:
-            return 503, json.dumps({"error": "temporarily_unavailable"})
-        except errors.AuthError as error:
-            log.info("back-channel logout refused", extra={"fields": {"reason": error.code}})
-            self._events.count("logout", "backchannel_refused")
-            return refused
-        sid, sub = claims.get("sid"), claims.get("sub")
-        kind, value = ("sid", sid) if isinstance(sid, str) and sid else ("sub", sub)
-        assert isinstance(value, str)
-        try:
-            jti, exp = claims["jti"], claims["exp"]  # both required (verify_logout_token)
-            assert isinstance(jti, str) and isinstance(exp, int | float)
-            # Remembered until the token expires: a replay is refused for as long as it is valid.
-            remember = math.ceil(exp - self._clock() + provider.clock_skew_seconds) + 1
-            marker = index_key("jti", provider.name, jti)
-            if not await on_loop(self._store.first_use(marker, max(1, remember)), busy=_busy()):
-                log.info("back-channel logout refused", extra={"fields": {"reason": "replayed"}})
-                self._events.count("logout", "backchannel_refused")
-                return refused
-            ended = await on_loop(self._store.end(index_key(kind, provider.name, value)), busy=_busy())
-        except LoginUnavailable as exc:
-            self._store_down(exc)
-            return 503, json.dumps({"error": "temporarily_unavailable"})
-        log.info(
-            "back-channel logout", extra={"fields": {"provider": provider.name, "by": kind, "ended": ended}}
+        """OIDC Back-Channel Logout 1.0: the status and JSON body to answer (``backchannel``)."""
+        return await backchannel_logout(
+            body,
+            providers=self._providers,
+            verifier=self._verifier,
+            store=self._store,
+            events=self._events,
+            clock=self._clock,
+            max_token_bytes=self._max_token_bytes,
         )
-        self._events.count("logout", "backchannel")
-        return 200, "{}"
 
     def carries_session(self, request: Request) -> bool:
         header = request.headers.get("cookie")
@@ -318,7 +280,7 @@ class Browsers:
         assert session is not None
         login = self._providers[session.provider].login
         assert login is not None
-        if login.forward_access_token in _FORWARDING and session.access_token is not None:
+        if login.forward_access_token in FORWARDING and session.access_token is not None:
             if login.forward_access_token == "authorization":  # noqa: S105 - a header name
                 name, value = "authorization", f"Bearer {session.access_token}"
             else:
@@ -390,8 +352,8 @@ class Browsers:
             return Found(set_cookies=self._expire_session(jar), reason="session_expired")
         try:
             refreshed = await on_loop(
-                self._refresh_once(session, provider, value),
-                busy=errors.LoginUnavailable(retry_after_seconds=RETRY_AFTER_SECONDS),
+                self._refresher.refresh_once(session, provider, value),
+                busy=busy(),
             )
         except (LoginUnavailable, errors.KeysUnavailable) as exc:
             if now < session.tokens_expire_at:
@@ -422,109 +384,6 @@ class Browsers:
             )
             return Found(set_cookies=self._expire_session(jar), reason="refresh_refused")
         return Found(principal, new, renewed, reason="session")
-
-    async def _refresh_once(self, session: Session, provider: ProviderSettings, value: str) -> Refreshed:
-        """On the loop: one refresh per refresh token, its result shared for a while."""
-        assert session.refresh_token is not None
-        key = hashlib.sha256(session.refresh_token.encode("utf-8", "surrogatepass")).digest()
-        now = self._clock()
-        future = self._refreshes.get(key)
-        if (
-            future is not None
-            and future.done()
-            and (future.exception() is not None or now - future.result().at > REFRESH_RESULT_SECONDS)
-        ):
-            del self._refreshes[key]
-            future = None
-        if future is None:
-            self._forget_old_refreshes(now)
-            refresh = functools.partial(self._refresh, session, provider)
-            budget = 2 * provider.keys.fetch_timeout_seconds
-            future = asyncio.get_running_loop().create_task(
-                self._backing.refreshed(session, value, refresh, budget)
-            )
-            self._refreshes[key] = future
-        return await asyncio.shield(future)
-
-    def _forget_old_refreshes(self, now: float) -> None:
-        if len(self._refreshes) < MAX_REFRESH_RESULTS:
-            return
-        for key, future in list(self._refreshes.items()):
-            if future.done() and (future.exception() is not None or now - future.result().at > 0):
-                del self._refreshes[key]
-
-    async def _refresh(self, session: Session, provider: ProviderSettings) -> Refreshed:
-        assert provider.login is not None and session.refresh_token is not None
-        endpoints = await self._client.endpoints(provider)
-        answer = await self._client.token_request(
-            provider,
-            endpoints,
-            {"grant_type": "refresh_token", "refresh_token": session.refresh_token},
-        )
-        now = self._clock()
-        if isinstance(answer, TokenRefused):
-            log.info(
-                "session refresh refused: the session is over",
-                extra={"fields": {"provider": provider.name, "error": answer.error}},
-            )
-            return Refreshed(None, now)
-        id_token = session.id_token
-        if answer.id_token is not None:
-            try:
-                claims = await self._verifier.verify_id_token(
-                    answer.id_token, provider.name, client_id=provider.login.client_id, nonce=None
-                )
-            except errors.KeysUnavailable:
-                raise
-            except errors.AuthError as error:
-                log.warning(
-                    "refreshed ID token refused",
-                    extra={"fields": {"provider": provider.name, "reason": error.code}},
-                )
-                return Refreshed(None, now)
-            old = parse_token(session.id_token, self._max_token_bytes).claims
-            if claims.get("sub") != old.get("sub"):  # OIDC Core §12.2: the same End-User
-                log.warning(
-                    "refreshed ID token names another subject", extra={"fields": {"provider": provider.name}}
-                )
-                return Refreshed(None, now)
-            id_token = answer.id_token
-        renewed = self._session_from(
-            answer, provider, id_token=id_token, started_at=session.started_at, now=now, scope=session.scope
-        )
-        if answer.refresh_token is None:
-            renewed = replace(
-                renewed, refresh_token=session.refresh_token
-            )  # RFC 6749 §6: kept when not rotated
-        return Refreshed(renewed, now)
-
-    def _session_from(
-        self,
-        tokens: Tokens,
-        provider: ProviderSettings,
-        *,
-        id_token: str,
-        started_at: int,
-        now: float,
-        scope: str,
-    ) -> Session:
-        assert provider.login is not None
-        if tokens.expires_in is not None:
-            expires = int(now + tokens.expires_in)
-        else:
-            exp = parse_token(id_token, self._max_token_bytes).claims.get("exp")
-            expires = int(exp) if isinstance(exp, int | float) and not isinstance(exp, bool) else int(now)
-        forward = provider.login.forward_access_token in _FORWARDING
-        return Session(
-            provider=provider.name,
-            id_token=id_token,
-            refresh_token=tokens.refresh_token,
-            access_token=tokens.access_token if forward else None,
-            tokens_expire_at=expires,
-            scope=tokens.scope if tokens.scope is not None else scope,
-            started_at=started_at,
-            sealed_at=int(now),
-        )
 
     # ---- the callback ----
 
@@ -581,7 +440,7 @@ class Browsers:
         try:
             answer = await on_loop(
                 self._client.token_request(provider, endpoints, form),
-                busy=errors.LoginUnavailable(retry_after_seconds=RETRY_AFTER_SECONDS),
+                busy=busy(),
             )
         except (LoginUnavailable, errors.KeysUnavailable) as exc:
             log.warning(
@@ -590,27 +449,10 @@ class Browsers:
             )
             return unavailable(ended)
         if isinstance(answer, TokenRefused):
-            log.info(
-                "sign-in: code refused", extra={"fields": {"provider": provider.name, "error": answer.error}}
-            )
-            return page(
-                403,
-                "sign_in_failed",
-                "Sign-in failed",
-                "The sign-in could not be completed: start again.",
-                set_cookies=ended,
-            )
+            why = f"code refused ({answer.error})"
+            return _sign_in_failed(provider, why, "The sign-in could not be completed: start again.", ended)
         if answer.id_token is None:
-            log.warning(
-                "sign-in: no ID token in the token response", extra={"fields": {"provider": provider.name}}
-            )
-            return page(
-                403,
-                "sign_in_failed",
-                "Sign-in failed",
-                "The identity provider sent no ID token.",
-                set_cookies=ended,
-            )
+            return _sign_in_failed(provider, "no ID token", "The identity provider sent no ID token.", ended)
         try:
             await self._verifier.verify_id_token(
                 answer.id_token, provider.name, client_id=provider.login.client_id, nonce=transaction.nonce
@@ -618,19 +460,10 @@ class Browsers:
         except errors.KeysUnavailable:
             return unavailable(ended)
         except errors.AuthError as error:
-            log.warning(
-                "sign-in: ID token refused",
-                extra={"fields": {"provider": provider.name, "reason": error.code}},
-            )
-            return page(
-                403,
-                "sign_in_failed",
-                "Sign-in failed",
-                "The identity provider's answer was refused.",
-                set_cookies=ended,
-            )
+            why = f"ID token refused ({error.code})"
+            return _sign_in_failed(provider, why, "The identity provider's answer was refused.", ended)
         now = self._clock()
-        session = self._session_from(
+        session = self._refresher.session_from(
             answer,
             provider,
             id_token=answer.id_token,
@@ -641,16 +474,8 @@ class Browsers:
         try:
             kept = await self._keep(session, jar, now, new=True)
         except SessionTooLarge:
-            log.warning(
-                "sign-in: the session is too large for cookies", extra={"fields": {"provider": provider.name}}
-            )
-            return page(
-                502,
-                "session_too_large",
-                "Sign-in failed",
-                "The identity provider's tokens are too large to keep in cookies (use the redis store).",
-                set_cookies=ended,
-            )
+            message = "The identity provider's tokens are too large to keep in cookies (use the redis store)."
+            return _sign_in_failed(provider, "session too large for cookies", message, ended, 502)
         except LoginUnavailable as exc:
             self._store_down(exc)
             return unavailable(ended)
@@ -698,5 +523,11 @@ class Browsers:
         return target
 
 
-def _busy() -> errors.LoginUnavailable:
-    return errors.LoginUnavailable(retry_after_seconds=RETRY_AFTER_SECONDS)
+def _sign_in_failed(
+    provider: ProviderSettings, why: str, message: str, ended: tuple[str, ...], status: int = 403
+) -> Deny:
+    """The callback's page for a sign-in that cannot complete (logged: the provider and why,
+    never a token or code)."""
+    log.warning("sign-in failed", extra={"fields": {"provider": provider.name, "why": why}})
+    code = "session_too_large" if status == 502 else "sign_in_failed"
+    return page(status, code, "Sign-in failed", message, set_cookies=ended)

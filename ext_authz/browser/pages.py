@@ -16,6 +16,11 @@ from ext_authz.model import Deny, Request
 RETRY_AFTER_SECONDS = 5
 
 
+def busy() -> errors.LoginUnavailable:
+    """What a request thread answers when too many wait for the loop already (handoff.on_loop)."""
+    return errors.LoginUnavailable(retry_after_seconds=RETRY_AFTER_SECONDS)
+
+
 def same_origin(request: Request, *, post: bool) -> bool:
     """CSRF defence for logout: a POST's ``Origin`` is this origin (or, without one, the browser
     says same-origin); a GET only when the browser says it is same-origin or typed by the user."""

@@ -16,7 +16,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from ext_authz import errors
+from ext_authz.browser.pages import busy
 from ext_authz.config.model import SessionSettings
 from ext_authz.handoff import on_loop
 from ext_authz.sessions import cookies
@@ -33,7 +33,6 @@ from ext_authz.sessions.session import (
 
 ID_PURPOSE = "session-id"
 RECORD_PURPOSE = "session-record"
-RETRY_AFTER_SECONDS = 5
 PEER_POLL_SECONDS = 0.05  # a replica waiting for another's refresh of the same session
 
 
@@ -65,10 +64,6 @@ class Backing(Protocol):
     async def refreshed(
         self, session: Session, value: str, refresh: Callable[[], Awaitable[Refreshed]], budget: float
     ) -> Refreshed: ...
-
-
-def _busy() -> errors.LoginUnavailable:
-    return errors.LoginUnavailable(retry_after_seconds=RETRY_AFTER_SECONDS)
 
 
 class _Sealed:
@@ -164,7 +159,7 @@ class RedisSessions(_Sealed):
         key = self._key_for(value, now)
         if key is None:
             return None
-        record = await on_loop(self.store.load(key, self._idle), busy=_busy())
+        record = await on_loop(self.store.load(key, self._idle), busy=busy())
         return self._session(key, record, now)
 
     async def _save(self, key: str, session: Session, now: float, expected: str | None = None) -> bool:
@@ -184,7 +179,7 @@ class RedisSessions(_Sealed):
     ) -> tuple[str, ...]:
         assert new, "a Redis session is renewed in refreshed(), in place"
         session_id = base64.urlsafe_b64encode(secrets.token_bytes(32)).rstrip(b"=").decode("ascii")
-        await on_loop(self._save(self.key_of(session_id), session, now), busy=_busy())
+        await on_loop(self._save(self.key_of(session_id), session, now), busy=busy())
         return self.cookies_for({"i": session_id}, jar, now, self.lifetime(session, now, idle=False))
 
     def reseal_due(self, session: Session, now: float) -> bool:
@@ -193,7 +188,7 @@ class RedisSessions(_Sealed):
     async def end(self, value: str) -> None:
         key = self._key_for(value, self.clock())
         if key is not None:
-            await on_loop(self.store.delete(key), busy=_busy())
+            await on_loop(self.store.delete(key), busy=busy())
 
     async def refreshed(
         self, session: Session, value: str, refresh: Callable[[], Awaitable[Refreshed]], budget: float

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import ssl
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Protocol
 from urllib.parse import urldefrag, urljoin
@@ -134,7 +135,7 @@ class HttpFetcher:
 
     async def _get(self, url: str, ssl_context: ssl.SSLContext) -> tuple[bytes, str | None, float | None]:
         """One request: the whole body, or where a redirect points (then the body is b"")."""
-        try:
+        with _as_fetch_errors():
             async with self._session.get(url, allow_redirects=False, ssl=ssl_context) as response:
                 if response.status in REDIRECT_STATUSES:
                     target = redirect_target(url, response.headers.get("Location"), response.status)
@@ -146,15 +147,6 @@ class HttpFetcher:
                     raise FetchError("invalid", f"document larger than {MAX_DOCUMENT_BYTES} bytes")
                 body = await _read_body(response.content)
                 return body, None, cache_max_age(response.headers.get("Cache-Control"))
-        except FetchError:
-            raise
-        except aiohttp.InvalidURL:
-            raise FetchError("invalid", "malformed URL") from None
-        except (aiohttp.ClientError, OSError, asyncio.IncompleteReadError) as exc:
-            # A body shorter than its Content-Length, or cut off, is a ClientPayloadError here.
-            raise FetchError("network_error", type(exc).__name__) from None
-        except ValueError:  # yarl: a URL it cannot represent (port out of range, ...)
-            raise FetchError("invalid", "malformed URL") from None
 
     async def post_form(
         self,
@@ -175,7 +167,7 @@ class HttpFetcher:
             problem = "must be an absolute http(s) URL"
         if problem:
             raise FetchError("invalid", f"URL {problem}")
-        try:
+        with _as_fetch_errors():
             async with self._session.post(
                 url, data=dict(form), headers=dict(headers), allow_redirects=False, ssl=ssl_context
             ) as response:
@@ -188,14 +180,6 @@ class HttpFetcher:
                 except FetchError:
                     decoded = None
                 return response.status, decoded
-        except FetchError:
-            raise
-        except aiohttp.InvalidURL:
-            raise FetchError("invalid", "malformed URL") from None
-        except (aiohttp.ClientError, OSError, asyncio.IncompleteReadError) as exc:
-            raise FetchError("network_error", type(exc).__name__) from None
-        except ValueError:
-            raise FetchError("invalid", "malformed URL") from None
 
     async def discover_jwks_uri(
         self, issuer: str, *, ssl_context: ssl.SSLContext, allow_insecure_http: bool
@@ -213,6 +197,22 @@ class HttpFetcher:
         if not isinstance(jwks_uri, str) or not jwks_uri:
             raise FetchError("invalid", "discovery document has no jwks_uri")
         return jwks_uri
+
+
+@contextlib.contextmanager
+def _as_fetch_errors() -> Iterator[None]:
+    """What aiohttp and the network raise, as FetchError (a stable outcome, a safe message)."""
+    try:
+        yield
+    except FetchError:
+        raise
+    except aiohttp.InvalidURL:
+        raise FetchError("invalid", "malformed URL") from None
+    except (aiohttp.ClientError, OSError, asyncio.IncompleteReadError) as exc:
+        # A body shorter than its Content-Length, or cut off, is a ClientPayloadError here.
+        raise FetchError("network_error", type(exc).__name__) from None
+    except ValueError:  # yarl: a URL it cannot represent (port out of range, ...)
+        raise FetchError("invalid", "malformed URL") from None
 
 
 async def _read_body(content: aiohttp.StreamReader) -> bytes:

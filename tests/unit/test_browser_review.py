@@ -20,45 +20,15 @@ from ext_authz.config.parse import parse
 from ext_authz.keys.static import StaticKeys
 from ext_authz.model import Allow, Deny, Request
 from ext_authz.pipeline import Pipeline
-from ext_authz.sessions.oidc import Endpoints, TokenRefused, Tokens
+from ext_authz.sessions.oidc import Tokens
+from tests.support.keystore import Clock
+from tests.support.signin_fakes import ENDPOINTS, FakeLogin
 from tests.support.tokens import ISSUER, NOW, Mint
 
 CLIENT_ID = "web-app"
 COOKIE = "__Host-ext-authz"
 HOST = "app.example.com"
 NAV = {"sec-fetch-mode": "navigate", "sec-fetch-site": "none", "accept": "text/html"}
-ENDPOINTS = Endpoints(
-    authorization="https://idp.example.com/authorize",
-    token="https://idp.example.com/token",
-    end_session="https://idp.example.com/logout",
-    iss_parameter=False,
-)
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = NOW
-
-    def __call__(self) -> float:
-        return self.now
-
-
-class FakeLogin:
-    """A LoginClient whose token endpoint answers what the test scripts."""
-
-    def __init__(self) -> None:
-        self.answers: list[Tokens | TokenRefused] = []
-        self.forms: list[Mapping[str, str]] = []
-
-    def endpoints_now(self, provider: str) -> Endpoints | None:
-        return ENDPOINTS
-
-    async def endpoints(self, provider: Any) -> Endpoints:
-        return ENDPOINTS
-
-    async def token_request(self, provider: Any, endpoints: Endpoints, form: Mapping[str, str]) -> Any:
-        self.forms.append(dict(form))
-        return self.answers.pop(0)
 
 
 def settings_doc(tmp_path: Path, forward: str = "x-forwarded-access-token", **sessions: Any) -> Any:

@@ -24,8 +24,10 @@ from ext_authz.keys.static import StaticKeys
 from ext_authz.model import Allow, Deny, Request
 from ext_authz.pipeline import Pipeline
 from ext_authz.sessions import cookies
-from ext_authz.sessions.oidc import Endpoints, LoginUnavailable, TokenRefused, Tokens
+from ext_authz.sessions.oidc import LoginUnavailable, Tokens
 from ext_authz.sessions.session import PREFIX, index_key
+from tests.support.keystore import Clock
+from tests.support.signin_fakes import FakeLogin
 from tests.support.tokens import ISSUER, NOW, Mint
 
 CLIENT_ID = "web-app"
@@ -34,42 +36,6 @@ HOST = "app.example.com"
 NAV = {"sec-fetch-mode": "navigate", "sec-fetch-site": "none", "accept": "text/html"}
 EVENT: dict[str, object] = {"http://schemas.openid.net/event/backchannel-logout": {}}
 LOGOUT_TYP = {"typ": "logout+jwt"}
-ENDPOINTS = Endpoints(
-    authorization="https://idp.example.com/authorize",
-    token="https://idp.example.com/token",
-    end_session="https://idp.example.com/logout",
-    iss_parameter=False,
-)
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = NOW
-
-    def __call__(self) -> float:
-        return self.now
-
-
-class FakeLogin:
-    """A LoginClient whose token endpoint answers what the test scripts; ``gate`` holds it."""
-
-    def __init__(self) -> None:
-        self.answers: list[Tokens | TokenRefused] = []
-        self.gate: asyncio.Event | None = None
-        self.entered = asyncio.Event()
-
-    def endpoints_now(self, provider: str) -> Endpoints | None:
-        return ENDPOINTS
-
-    async def endpoints(self, provider: Any) -> Endpoints:
-        return ENDPOINTS
-
-    async def token_request(self, provider: Any, endpoints: Endpoints, form: Mapping[str, str]) -> Any:
-        answer = self.answers.pop(0)
-        if form.get("grant_type") == "refresh_token" and self.gate is not None:
-            self.entered.set()
-            await self.gate.wait()
-        return answer
 
 
 class MemoryStore:
