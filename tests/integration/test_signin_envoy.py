@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import signal
 import time
 import urllib.parse
 from collections.abc import Iterator
@@ -283,3 +284,46 @@ def test_no_token_cookie_or_code_in_the_log_lines(stack: SigninStack) -> None:
     assert "sign_in_completed" in output  # the decision log is in there
     for secret in secrets:
         assert secret not in output
+
+
+def test_a_reload_that_rotates_the_session_secret_keeps_sessions(tmp_path: Path) -> None:
+    with signin_stack(tmp_path) as running:
+        browser = running.browser()
+        assert browser.sign_in().response.status == 200
+        old_cookie = browser.jar[COOKIE]
+        # A new key first (it seals from now on), the old one kept (it still opens).
+        keys = tmp_path / "session-keys"
+        keys.write_text("ef" * 32 + "\n" + keys.read_text())
+        reloads = sum("config reloaded" in line for line in running.authz.process.output_lines())
+        running.authz.process.popen.send_signal(signal.SIGHUP)
+        running.authz.process.wait_for_line(
+            lambda line: (
+                "config reloaded" in line
+                and sum("config reloaded" in seen for seen in running.authz.process.output_lines()) > reloads
+            ),
+            timeout=10,
+            what="the reload",
+        )
+        assert browser.get("/app/").response.status == 200  # the old key still opens it
+        fresh = running.browser()
+        assert fresh.sign_in().response.status == 200
+        new_sealer, old_sealer = (
+            cookies.Sealer([bytes.fromhex("ef" * 32)]),
+            cookies.Sealer([bytes.fromhex("ab" * 32)]),
+        )
+        now = time.time()
+        assert new_sealer.open("session", COOKIE, fresh.jar[COOKIE], now=now) is not None
+        assert old_sealer.open("session", COOKIE, old_cookie, now=now) is not None
+        assert old_sealer.open("session", COOKIE, fresh.jar[COOKIE], now=now) is None
+
+
+def test_tokens_that_have_expired_are_refreshed(tmp_path: Path) -> None:
+    with signin_stack(tmp_path, LoginSettings(token_lifetime=2), refresh_before_seconds=0) as short:
+        browser = short.browser()
+        assert browser.sign_in().response.status == 200
+        first = browser.jar[COOKIE]
+        time.sleep(2.5)  # the access and ID tokens have expired
+        page = browser.get("/app/")
+        assert page.response.status == 200, page.describe()
+        assert browser.jar[COOKIE] != first
+        assert page.backend is not None and page.backend.header_values("x-user-id") == ["alice"]
