@@ -83,16 +83,19 @@ class Pipeline:
 
     async def decide(self, request: Request, trace: Trace | None = None) -> Decision:
         """The decision for ``request``; each stage also records what it checked in ``trace``."""
+        # Without sessions, the rules' decision is the decision (no coroutine more per Check).
+        decide = self._decide_rules if self.browsers is None else self._decide_sessions
         if trace is None:
-            return await self._decide(request, None)
+            return await decide(request, None)
         trace.dry_run = self.settings.dry_run  # the matched rule's own mode replaces it
-        trace.decision = await self._decide(request, trace)
+        trace.decision = await decide(request, trace)
         return trace.decision
 
-    async def _decide(self, request: Request, trace: Trace | None) -> Decision:
-        decision = await self._decide_rules(request, trace)
+    async def _decide_sessions(self, request: Request, trace: Trace | None) -> Decision:
         browsers = self.browsers
-        if browsers is not None and isinstance(decision, Allow) and browsers.carries_session(request):
+        assert browsers is not None
+        decision = await self._decide_rules(request, trace)
+        if isinstance(decision, Allow) and browsers.carries_session(request):
             # The session cookie never reaches a backend (a session route's or any other).
             return browsers.strip(request, decision)
         return decision
