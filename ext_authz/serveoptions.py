@@ -40,6 +40,7 @@ class ServeOptions:
 
     config: str
     listen: str | None = None
+    listen_http: str | None = None
     log_level: str | None = None
     drain_seconds: float | None = None
     event_loop: EventLoop = "uvloop"
@@ -55,6 +56,9 @@ class ServeOptions:
     def add_arguments(parser: argparse.ArgumentParser) -> None:
         parser.add_argument("--config", required=True, metavar="FILE", help="the YAML config file")
         parser.add_argument("--listen", metavar="HOST:PORT", help="override the config's listen address")
+        parser.add_argument(
+            "--listen-http", metavar="HOST:PORT", help="override the config's listen_http (the HTTP listener)"
+        )
         parser.add_argument(
             "--log-level",
             choices=["debug", "info", "warning", "error"],
@@ -93,11 +97,12 @@ class ServeOptions:
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> ServeOptions:
         """The parsed arguments, checked (listen, drain, workers, threads, in order). Raises OptionError."""
-        if args.listen is not None:
-            try:
-                listen_address(args.listen, "--listen")
-            except ConfigError as exc:
-                raise OptionError(str(exc)) from None
+        for flag, value in (("--listen", args.listen), ("--listen-http", args.listen_http)):
+            if value is not None:
+                try:
+                    listen_address(value, flag)
+                except ConfigError as exc:
+                    raise OptionError(str(exc)) from None
         if args.drain_seconds is not None and not 0 <= args.drain_seconds <= MAX_DRAIN_SECONDS:
             raise OptionError(f"--drain-seconds: must be between 0 and {MAX_DRAIN_SECONDS}")
         try:
@@ -123,6 +128,8 @@ class ServeOptions:
         argv = [f"--config={self.config}"]
         if self.listen is not None:
             argv += [f"--listen={self.listen}"]
+        if self.listen_http is not None:
+            argv += [f"--listen-http={self.listen_http}"]
         if self.log_level is not None:
             argv += [f"--log-level={self.log_level}"]
         if self.drain_seconds is not None:

@@ -45,6 +45,7 @@ from ext_authz.tlsfiles import TlsFileError
 from ext_authz.tokencache import CacheCounters
 from ext_authz.tracing import Tracing
 from ext_authz.transport.health import Health
+from ext_authz.transport.http import HttpAuthorizer, HttpListener
 from ext_authz.transport.servicer import AuthorizationServicer, register
 
 log = logging.getLogger(__name__)
@@ -74,6 +75,7 @@ class Server:
         tracer_provider: object = None,
         reuse_port: bool = False,
         admin_listen: str | None = None,
+        listen_http: str | None = None,
         admin_address_file: str | None = None,
         admin_plaintext: bool = False,
         threads: int = DEFAULT_THREADS,
@@ -143,6 +145,19 @@ class Server:
             if admin_address
             else None
         )
+        # The HTTP authorization listener (listen_http), beside the gRPC one, same TLS settings.
+        http_address = listen_http or settings.listen_http
+        self.http: HttpListener | None = None
+        if http_address is not None:
+            http_context = None
+            if self.tls is not None:
+                try:
+                    http_context = self.tls.http_context()
+                except (OSError, ssl.SSLError) as exc:
+                    raise ServeError(f"tls: the HTTP listener cannot load the certificate: {exc}") from None
+            self.http = HttpListener(
+                http_address, HttpAuthorizer(self.servicer), ssl_context=http_context, reuse_port=reuse_port
+            )
         self._serving: bool | None = None
         self._draining = False
         self._background: set[asyncio.Task[object]] = set()
@@ -245,6 +260,15 @@ class Server:
                 await self._stop_grpc(0)
                 await self._close()
                 raise ServeError(f"cannot listen on {self.settings.admin} (admin): {exc.strerror}") from None
+        if self.http is not None:
+            try:
+                await self.http.start()
+            except OSError as exc:
+                await self._stop_grpc(0)
+                await self._close()
+                raise ServeError(
+                    f"cannot listen on {self.settings.listen_http} (listen_http): {exc.strerror}"
+                ) from None
         bound = f"{self._address.rpartition(':')[0]}:{port}"
         tls = "off" if self.tls is None else "mutual" if self.tls.mutual else "on"
         fields = {"address": bound, "providers": len(self.settings.providers), "tls": tls}
@@ -310,6 +334,8 @@ class Server:
         self.health.set_serving(False)
         if drain_seconds > 0:
             await asyncio.sleep(drain_seconds)
+        if self.http is not None:
+            await self.http.stop(grace_seconds)
         await self._stop_grpc(grace_seconds)
         # grpc has cancelled what was still in flight: Checks still waiting on the loop (for a key
         # fetch) stop waiting and end (as 500s nobody receives), their decision lines queued
@@ -366,6 +392,7 @@ async def serve(loaded: Settings, options: ServeOptions) -> None:
             drain_seconds=options.drain_seconds,
             reuse_port=options.reuse_port,
             admin_listen=options.admin_listen,
+            listen_http=options.listen_http,
             admin_address_file=options.admin_address_file,
             admin_plaintext=options.admin_plaintext,
             threads=options.threads,

@@ -45,6 +45,7 @@ class ServerTls:
         self._served_generation = 0
         self._rejected: object = None  # the last refused state of the files, logged once
         self._admin: ssl.SSLContext | None = None
+        self._http: ssl.SSLContext | None = None
         self._warn_if_expired(self.material)
 
     def state(self) -> tuple[float, int, int]:
@@ -89,15 +90,33 @@ class ServerTls:
         self._admin = context
         return context
 
-    def _ssl_context(self) -> ssl.SSLContext:
+    def http_context(self) -> ssl.SSLContext:
+        """The HTTP authorization listener's context: the Check listener's settings (client
+        certificates required with ``client_ca_file``); renewals reach it through its callback."""
+        context = self._ssl_context(mutual=self.mutual)
+        context.sni_callback = self._choose_http_context
+        self._http = context
+        return context
+
+    def _ssl_context(self, *, mutual: bool = False) -> ssl.SSLContext:
         context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         context.minimum_version = ssl.TLSVersion.TLSv1_2
         # The ssl module loads certificates from files only; load_cert_chain checks the pair matches.
         context.load_cert_chain(self.settings.cert_file, self.settings.key_file)
+        if mutual and self.settings.client_ca_file is not None:
+            context.verify_mode = ssl.CERT_REQUIRED
+            context.load_verify_locations(cafile=self.settings.client_ca_file)
         return context
 
     def _choose_context(self, connection: ssl.SSLObject, _name: str | None, context: ssl.SSLContext) -> None:
         current = self._admin
+        if current is not None and current is not context:
+            connection.context = current
+
+    def _choose_http_context(
+        self, connection: ssl.SSLObject, _name: str | None, context: ssl.SSLContext
+    ) -> None:
+        current = self._http
         if current is not None and current is not context:
             connection.context = current
 
@@ -118,12 +137,15 @@ class ServerTls:
         except TlsFileError as exc:
             self._reject(contents, exc.field, exc.message)
             return False
-        admin = None
-        if self._admin is not None:
+        admin = http = None
+        if self._admin is not None or self._http is not None:
             try:
-                admin = self._ssl_context()
+                admin = self._ssl_context() if self._admin is not None else None
+                http = self._ssl_context(mutual=self.mutual) if self._http is not None else None
             except (OSError, ssl.SSLError) as exc:
-                self._reject(f"admin: {exc}", "cert_file", f"the admin listener cannot load the files: {exc}")
+                self._reject(
+                    f"admin: {exc}", "cert_file", f"the admin or HTTP listener cannot load the files: {exc}"
+                )
                 return False
             try:
                 reread = read_contents(tls.cert_file, tls.key_file, tls.client_ca_file)
@@ -136,6 +158,9 @@ class ServerTls:
         self._config = (self._config[0] + 1, self._grpc_config(material))
         if admin is not None:
             self._admin = admin
+        if http is not None:
+            http.sni_callback = self._choose_http_context
+            self._http = http
         self.renewals += 1
         log.info(
             "TLS certificate renewed: new connections get it",

@@ -195,6 +195,24 @@ class TlsSettings:
     admin: bool = False  # the admin listener serves TLS too (same certificate, no client certificates)
 
 
+DIALECTS = ("envoy", "nginx", "forward_auth")
+
+
+@dataclass(frozen=True, slots=True)
+class HttpSettings:
+    """``http:``: the HTTP authorization listener's dialects (README: Gateways)."""
+
+    # (dialect, path prefix): which dialect a request speaks is the listener path it came to.
+    dialects: tuple[tuple[str, str], ...] = (
+        ("envoy", "/envoy"),
+        ("nginx", "/nginx"),
+        ("forward_auth", "/forward-auth"),
+    )
+    allow_plaintext: bool = False  # a non-loopback listen_http without tls
+    original_method_header: str = "x-original-method"  # nginx: the client request's method
+    original_uri_header: str = "x-original-uri"  # nginx: the client request's URI
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Settings:
     listen: str
@@ -217,6 +235,8 @@ class Settings:
     # "%00") must pick the same rule under every reading; "rfc3986": only the RFC 3986 reading is judged.
     path_readings: Literal["all", "rfc3986"] = "all"
     sessions: SessionSettings | None = None  # required when a provider has `login`
+    listen_http: str | None = None  # HOST:PORT of the HTTP authorization listener (None: off)
+    http: HttpSettings = HttpSettings()
 
 
 # ---- rules ----

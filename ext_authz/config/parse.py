@@ -11,6 +11,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Literal
 
+from ext_authz.config.http import http_settings
 from ext_authz.config.model import (
     DEFAULT_LISTEN,
     DEFAULT_MAX_TOKEN_BYTES,
@@ -41,7 +42,7 @@ def listen_address(value: object, path: str) -> str:
 _TOP_KEYS = (
     "listen", "realm", "providers", "rules", "max_token_bytes", "max_header_value_bytes", "readiness",
     "jwks_cache", "mode", "admin", "log", "shutdown", "tracing", "token_cache", "tls",
-    "path_readings", "sessions",
+    "path_readings", "sessions", "listen_http", "http",
 )  # fmt: skip
 
 
@@ -81,6 +82,11 @@ def parse(document: object, *, base_dir: Path = Path("."), source: str = "<confi
         number(top.get("max_header_value_bytes", 8192), "max_header_value_bytes", 64, 60 * 1024)
     )
     admin = listen_address(top["admin"], "admin") if top.get("admin") is not None else None
+    tls_settings = tls(top["tls"], base_dir, admin) if top.get("tls") is not None else None
+    listen_http = (
+        listen_address(top["listen_http"], "listen_http") if top.get("listen_http") is not None else None
+    )
+    http = http_settings(top.get("http", {}), listen_http, tls_settings)
     return Settings(
         listen=listen,
         realm=realm,
@@ -97,9 +103,11 @@ def parse(document: object, *, base_dir: Path = Path("."), source: str = "<confi
         tracing=_tracing(top.get("tracing", {})),
         token_cache_entries=_token_cache(top.get("token_cache", {})),
         source=source,
-        tls=tls(top["tls"], base_dir, admin) if top.get("tls") is not None else None,
+        tls=tls_settings,
         path_readings=_path_readings(top.get("path_readings", "all")),
         sessions=session_settings,
+        listen_http=listen_http,
+        http=http,
     )
 
 

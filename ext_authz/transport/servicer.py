@@ -95,34 +95,52 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):
         """What the server sends: the serialized CheckResponse (a repeated answer is built once)."""
         started = time.perf_counter()
         runtime = self.current()
-        pipeline = runtime.pipeline
-        adapted = EMPTY_REQUEST
-        request_id = ""
+        deadlines.start(context.time_remaining())
         try:
-            deadlines.start(context.time_remaining())
             adapted = to_request(request)
-            request_id = adapted.headers.get("x-request-id", "")
-            if self.tracing is None:
-                decision = await pipeline.decide(adapted)
-            else:
-                with self.tracing.check_span(adapted.headers) as span:
-                    decision = await pipeline.decide(adapted)
-                    span.record(decision)
+        except Exception:  # a bug in the adapter: fail closed, as below
+            log.exception("check failed")
+            denial = runtime.pipeline.answers.deny(InternalError())
+            self.recorded(runtime, EMPTY_REQUEST, "", denial, started)
+            return to_response(denial).SerializeToString()
+        request_id = adapted.headers.get("x-request-id", "")
+        decision = await self.decide(runtime, adapted)
+        try:
             response = serialized_response(decision, request_id)
         except Exception:
-            # A bug, not a denial reason: fail closed with a clean 500 rather than a gRPC error
-            # whose outcome would depend on Envoy's failure_mode_allow.
             log.exception("check failed")
-            decision = pipeline.answers.deny(InternalError())
+            decision = runtime.pipeline.answers.deny(InternalError())
             response = to_response(decision).SerializeToString()
+        self.recorded(runtime, adapted, request_id, decision, started)
+        return response
+
+    async def decide(self, runtime: Runtime, request: Request) -> Decision:
+        """``runtime``'s decision for ``request`` (traced when tracing is on). Never raises: a bug
+        is a clean 500 denial, not an error whose outcome would depend on the proxy's failure mode.
+        Every listener's transport (gRPC here, HTTP in ``transport.http``) decides through this."""
+        pipeline = runtime.pipeline
+        try:
+            if self.tracing is None:
+                return await pipeline.decide(request)
+            with self.tracing.check_span(request.headers) as span:
+                decision = await pipeline.decide(request)
+                span.record(decision)
+                return decision
+        except Exception:
+            log.exception("check failed")
+            return pipeline.answers.deny(InternalError())
+
+    def recorded(
+        self, runtime: Runtime, request: Request, request_id: str, decision: Decision, started: float
+    ) -> None:
+        """The decision into the metrics and ``runtime``'s decision log (never failing a Check)."""
         seconds = time.perf_counter() - started
         try:
             if self.observer is not None:
-                self.observer(adapted, request_id, decision, seconds)
-            runtime.record(adapted, request_id, decision, seconds)
+                self.observer(request, request_id, decision, seconds)
+            runtime.record(request, request_id, decision, seconds)
         except Exception:  # logging and metrics must never fail a Check
             log.exception("recording the decision failed")
-        return response
 
 
 SERVICE = "envoy.service.auth.v3.Authorization"
