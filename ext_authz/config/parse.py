@@ -87,6 +87,14 @@ def parse(document: object, *, base_dir: Path = Path("."), source: str = "<confi
         listen_address(top["listen_http"], "listen_http") if top.get("listen_http") is not None else None
     )
     http = http_settings(top.get("http", {}), listen_http, tls_settings)
+    if listen_http is not None:
+        for i, p in enumerate(providers):
+            if p.from_params and not p.forward_token:
+                fail(
+                    f"providers[{i}].forward_token",
+                    "false with from_params: the HTTP listener's gateways cannot remove a query "
+                    "parameter, so the token would reach the backend (use headers or cookies)",
+                )
     return Settings(
         listen=listen,
         realm=realm,

@@ -104,7 +104,8 @@ class HttpAuthorizer:
         return dialects.answer(dialect, decision)
 
 
-def encode(answer: Answer, *, keep_alive: bool, version: str) -> bytes:
+def encode(answer: Answer, *, keep_alive: bool, version: str, head: bool = False) -> bytes:
+    """The answer on the wire; to a HEAD, without the body (its length still said: RFC 9110 §9.3.2)."""
     reason = _REASONS.get(answer.status, "Status")
     lines = [f"HTTP/{version} {answer.status} {reason}"]
     for name, value in answer.headers:
@@ -114,7 +115,9 @@ def encode(answer: Answer, *, keep_alive: bool, version: str) -> bytes:
         lines.append("connection: close")
     elif version == "1.0":
         lines.append("connection: keep-alive")
-    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + answer.body
+    # Header values as UTF-8 (a claim may hold any text; HTTP carries it as opaque octets, as
+    # Envoy's gRPC answer does); names and the status line are ASCII.
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("utf-8", "surrogatepass") + (b"" if head else answer.body)
 
 
 class HttpProtocol(asyncio.Protocol):
@@ -182,8 +185,10 @@ class HttpProtocol(asyncio.Protocol):
             self._refuse(refused.answer)
         except httptools.HttpParserUpgrade:
             self._refuse(_plain(400, "no protocol upgrades here"))
-        except httptools.HttpParserError:
-            self._refuse(_plain(400, "malformed HTTP request"))
+        except httptools.HttpParserError as exc:
+            # A refusal raised in a callback reaches here wrapped by the parser.
+            cause = exc.__context__ if isinstance(exc.__context__, _Refused) else None
+            self._refuse(cause.answer if cause is not None else _plain(400, "malformed HTTP request"))
 
     def _refuse(self, answer: Answer) -> None:
         """Answer and close (after the answers already queued)."""
@@ -224,6 +229,8 @@ class HttpProtocol(asyncio.Protocol):
         assert current is not None
         current.method = self._parser.get_method().decode("latin-1")
         current.keep_alive = self._parser.should_keep_alive()
+        if self._parser.should_upgrade():
+            raise _Refused(_plain(400, "no protocol upgrades here"))
 
     def on_body(self, body: bytes) -> None:
         current = self._current
@@ -252,6 +259,7 @@ class HttpProtocol(asyncio.Protocol):
         try:
             while self._queue:
                 item, version = self._queue[0]
+                head = False
                 if isinstance(item, Answer):
                     answer, keep_alive = item, False
                 else:
@@ -260,11 +268,20 @@ class HttpProtocol(asyncio.Protocol):
                     except Exception:
                         log.exception("HTTP authorization request failed")
                         answer = _plain(500, "the authorization service failed")
+                    head = item.method == "HEAD"
                     keep_alive = item.keep_alive
                 self._queue.popleft()
                 keep_alive = keep_alive and not (self._closing and not self._queue)
                 version = version if version in ("1.0", "1.1") else "1.1"
-                transport.write(encode(answer, keep_alive=keep_alive, version=version))
+                try:
+                    wire = encode(answer, keep_alive=keep_alive, version=version, head=head)
+                except Exception:  # never an unanswered request
+                    log.exception("HTTP authorization answer failed")
+                    wire = encode(
+                        _plain(500, "the authorization service failed"), keep_alive=False, version=version
+                    )
+                    keep_alive = False
+                transport.write(wire)
                 if not keep_alive:
                     transport.close()
                     return
