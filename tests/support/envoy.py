@@ -109,6 +109,18 @@ def _route(
     return route
 
 
+# Envoy's HTTP mode forwards only the headers these lists name (README: Gateways): identity headers
+# and the rewritten Cookie/Authorization upstream; the denial's and the sign-in's to the client.
+HTTP_MODE_UPSTREAM = (
+    {"prefix": "x-user-"}, {"exact": "x-jwt-payload"}, {"exact": "x-forwarded-access-token"},
+    {"exact": "cookie"}, {"exact": "authorization"},
+)  # fmt: skip
+HTTP_MODE_CLIENT = (
+    {"exact": "www-authenticate"}, {"exact": "location"}, {"exact": "set-cookie"}, {"exact": "retry-after"},
+    {"exact": "content-type"}, {"exact": "cache-control"}, {"exact": "content-security-policy"},
+)  # fmt: skip
+
+
 def _body_route(path: str, headers_to_add: list[dict[str, Any]]) -> dict[str, Any]:
     """A route for exactly ``path`` whose Checks carry the whole body (up to 16 KiB), as the
     README tells operators to set up back-channel logout: per route, no other request waits."""
@@ -139,6 +151,7 @@ def envoy_config(
     headers_with_underscores_action: str = "DROP_HEADER",
     normalise_paths: bool = True,
     request_body_paths: Sequence[str] = (),
+    http_service: bool = False,
 ) -> dict[str, Any]:
     """The bootstrap config (as a dict) used by `start_envoy`.
 
@@ -154,6 +167,10 @@ def envoy_config(
 
     `request_body_paths`: exact paths routed with the whole request body in the Check
     (per-route `check_settings.with_request_body`, as for back-channel logout).
+
+    `http_service`: Envoy's HTTP ext_authz mode against ext-authz's HTTP listener at
+    `authz_address` (dialect `envoy`, path prefix /envoy), with the header lists the README's
+    Gateways section gives (HTTP_MODE_* below), instead of the gRPC Check.
 
     For header-hygiene tests: `allowed_headers` (exact names) sets the ext_authz filter's
     `allowed_headers`, so only those request headers reach ext-authz (Envoy adds a few of its
@@ -171,6 +188,22 @@ def envoy_config(
         "encode_raw_headers": encode_raw_headers,
         "decoder_header_mutation_rules": dict(DECODER_HEADER_MUTATION_RULES),
     }
+    if http_service:
+        del ext_authz["grpc_service"], ext_authz["encode_raw_headers"], ext_authz["transport_api_version"]
+        ext_authz["http_service"] = {
+            "server_uri": {
+                "uri": f"http://{authz_address}",
+                "cluster": AUTHZ_CLUSTER,
+                "timeout": authz_timeout,
+            },
+            "path_prefix": "/envoy",
+            "authorization_response": {
+                "allowed_upstream_headers": {"patterns": list(HTTP_MODE_UPSTREAM)},
+                "allowed_client_headers": {"patterns": list(HTTP_MODE_CLIENT)},
+                "allowed_client_headers_on_success": {"patterns": [{"exact": "set-cookie"}]},
+            },
+        }
+        ext_authz["allowed_headers"] = {"patterns": [{"safe_regex": {"regex": ".*"}}]}
     if allowed_headers is not None:
         ext_authz["allowed_headers"] = {"patterns": [{"exact": name} for name in allowed_headers]}
     # Shows the backend what ext-authz put in dynamic_metadata.
@@ -239,7 +272,7 @@ def envoy_config(
                 },
             }
         ]
-    authz_cluster = _static_cluster(AUTHZ_CLUSTER, authz_host, authz_port, http2=True)
+    authz_cluster = _static_cluster(AUTHZ_CLUSTER, authz_host, authz_port, http2=not http_service)
     if authz_transport_socket is not None:
         authz_cluster["transport_socket"] = dict(authz_transport_socket)
     return {
@@ -342,6 +375,7 @@ def start_envoy(
     headers_with_underscores_action: str = "DROP_HEADER",
     normalise_paths: bool = True,
     request_body_paths: Sequence[str] = (),
+    http_service: bool = False,
 ) -> EnvoyProcess:
     """Start Envoy and return once its listener accepts connections and the server is LIVE.
 
@@ -362,6 +396,7 @@ def start_envoy(
         headers_with_underscores_action=headers_with_underscores_action,
         normalise_paths=normalise_paths,
         request_body_paths=request_body_paths,
+        http_service=http_service,
     )
     admin_path = workdir / "admin-address"
     argv = [
