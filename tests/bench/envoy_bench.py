@@ -155,6 +155,51 @@ def ext_authz(authz_address: str, *, max_concurrent_streams: int | None = None) 
     return _bootstrap([{"name": "envoy.filters.http.ext_authz", "typed_config": filter_config}], [cluster])
 
 
+def ext_authz_http(authz_http: str) -> dict[str, Any]:
+    """H1: the ext_authz filter in HTTP mode (``http_service``) calling ext-authz's HTTP listener,
+    with the header lists of the README's Gateways section."""
+    host, _, port = authz_http.rpartition(":")
+    filter_config = {
+        "@type": "type.googleapis.com/envoy.extensions.filters.http.ext_authz.v3.ExtAuthz",
+        "http_service": {
+            "server_uri": {"uri": f"http://{authz_http}", "cluster": AUTHZ_CLUSTER, "timeout": "1s"},
+            "path_prefix": "/envoy",
+            "authorization_response": {
+                "allowed_upstream_headers": {"patterns": [{"prefix": "x-user-"}, {"exact": "x-jwt-payload"}]},
+                "allowed_client_headers": {
+                    "patterns": [{"exact": "www-authenticate"}, {"exact": "content-type"}]
+                },
+            },
+        },
+        "failure_mode_allow": False,
+        "status_on_error": {"code": "ServiceUnavailable"},
+        "clear_route_cache": False,
+        "decoder_header_mutation_rules": {"disallow_system": True},
+    }
+    cluster = {
+        "name": AUTHZ_CLUSTER,
+        "type": "STATIC",
+        "connect_timeout": "1s",
+        "load_assignment": {
+            "cluster_name": AUTHZ_CLUSTER,
+            "endpoints": [
+                {
+                    "lb_endpoints": [
+                        {
+                            "endpoint": {
+                                "address": {
+                                    "socket_address": {"address": host.strip("[]"), "port_value": int(port)}
+                                }
+                            }
+                        }
+                    ]
+                }
+            ],
+        },
+    }
+    return _bootstrap([{"name": "envoy.filters.http.ext_authz", "typed_config": filter_config}], [cluster])
+
+
 class BenchEnvoy:
     """A running Envoy with one worker thread; ``url`` is its listener."""
 

@@ -93,10 +93,13 @@ def authz_config(
 class ExtAuthz:
     """``python -m ext_authz serve`` (one process, or a supervisor and its workers)."""
 
-    def __init__(self, process: BenchProcess, address: str, admin: str | None) -> None:
+    def __init__(
+        self, process: BenchProcess, address: str, admin: str | None, http: str | None = None
+    ) -> None:
         self.process = process
         self.address = address
         self.admin = admin
+        self.http = http  # the HTTP listener (listen_http), when started with one
 
     @property
     def pid(self) -> int:
@@ -124,7 +127,13 @@ class ExtAuthz:
 
 
 def start_ext_authz(
-    config: dict[str, Any], workdir: Path, name: str, *, workers: int | None = None, extra: Sequence[str] = ()
+    config: dict[str, Any],
+    workdir: Path,
+    name: str,
+    *,
+    workers: int | None = None,
+    extra: Sequence[str] = (),
+    http: bool = False,
 ) -> ExtAuthz:
     """Start ext-authz and wait until every process is serving with its keys ready."""
     path = workdir / f"{name}-ext-authz.yaml"
@@ -133,6 +142,8 @@ def start_ext_authz(
     if workers is not None:
         argv += ["--workers", str(workers)]
     argv += list(extra)
+    if http:
+        argv += ["--listen-http", "127.0.0.1:0"]
     # Standard output is the decision log: written by ext-authz as usual, discarded here.
     process = BenchProcess(f"ext-authz ({name})", argv, workdir / f"{name}-ext-authz.log")
     expected = workers or 1
@@ -151,10 +162,14 @@ def start_ext_authz(
         if workers is None:
             listening = events(process.json_lines(), "admin listening")
             admin = str(listening[0]["address"]) if listening else None
+        http_address = None
+        if http:
+            found = events(process.json_lines(), "http listening")
+            http_address = str(found[0]["address"]) if found else None
     except BaseException:
         process.stop()
         raise
-    return ExtAuthz(process, address, admin)
+    return ExtAuthz(process, address, admin, http_address)
 
 
 def start_noop(workdir: Path, sync_threads: int = 0) -> tuple[BenchProcess, str]:

@@ -228,9 +228,15 @@ class Stack:
         return envoy
 
     def authz(
-        self, config: dict[str, Any], name: str, *, workers: int | None = None, extra: Sequence[str] = ()
+        self,
+        config: dict[str, Any],
+        name: str,
+        *,
+        workers: int | None = None,
+        extra: Sequence[str] = (),
+        http: bool = False,
     ) -> ExtAuthz:
-        authz = fixtures.start_ext_authz(config, self.workdir, name, workers=workers, extra=extra)
+        authz = fixtures.start_ext_authz(config, self.workdir, name, workers=workers, extra=extra, http=http)
         self._exit.callback(authz.stop)
         self.authz_by_pid[authz.pid] = authz
         return authz
@@ -278,6 +284,14 @@ def start_scenarios(
         "Envoy → ext-authz, one cached token",
         stack.envoy(envoy_bench.ext_authz(x1.address), "x1"),
         {"ext-authz": x1.pid},
+    )
+    h1 = stack.authz(config, "h1", http=True)
+    assert h1.http is not None
+    add(
+        "H1",
+        "Envoy → ext-authz's HTTP listener (http_service), one cached token",
+        stack.envoy(envoy_bench.ext_authz_http(h1.http), "h1"),
+        {"ext-authz": h1.pid},
     )
     for threads in OTHER_THREADS:
         variant = stack.authz(config, f"x1t{threads}", extra=[f"--threads={threads}"])
@@ -553,6 +567,18 @@ def targets(results: Results) -> list[tuple[str, str, str]]:
             )
         )
     _throughput(rows, s.get("X4"), x1, f"--workers {WORKERS} throughput ≥ 0.95 x X1", 0.95)
+    h1 = s.get("H1")
+    _throughput(rows, h1, e2, "H1 (HTTP listener) throughput ≥ 2.0 x E2", 2.0)
+    _throughput(rows, h1, e2s, "H1 throughput ≥ 1.3 x E2s", 1.3)
+    if h1 is not None and e2 is not None and h1.authz_cpu_us is not None and e2.authz_cpu_us is not None:
+        r = _ratio(h1.authz_cpu_us, e2.authz_cpu_us)
+        rows.append(
+            (
+                "H1 authorizer CPU per request ≤ 0.35 x E2's",
+                f"{r:.2f} x ({h1.authz_cpu_us:.0f} / {e2.authz_cpu_us:.0f} µs)",
+                _verdict(r <= 0.35),
+            )
+        )
     if results.micro:
         for alg in micro.ALGORITHMS:
             verify = micro.value(results.micro, f"verification stage, new token ({alg})")
