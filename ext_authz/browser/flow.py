@@ -257,10 +257,11 @@ class Browsers:
             now=now,
             lifetime_seconds=signin.TRANSACTION_SECONDS,
         )
+        # The cookie the flow needs first: a gateway that passes one Set-Cookie (nginx) passes it.
         set_cookies = [
+            cookies.set_cookie(name, sealed, max_age_seconds=signin.TRANSACTION_SECONDS),
             *found.set_cookies,
             *(cookies.expire_cookie(old) for old in signin.transactions_to_expire(self._cookie, jar)),
-            cookies.set_cookie(name, sealed, max_age_seconds=signin.TRANSACTION_SECONDS),
         ]
         location = signin.authorization_url(
             endpoints.authorization,
@@ -479,7 +480,8 @@ class Browsers:
         except LoginUnavailable as exc:
             self._store_down(exc)
             return unavailable(ended)
-        return redirect(transaction.return_to, [*ended, *kept], "sign_in_completed", "")
+        # The session first (nginx passes only the first Set-Cookie; the transaction's expires anyway).
+        return redirect(transaction.return_to, [*kept, *ended], "sign_in_completed", "")
 
     # ---- logout ----
 

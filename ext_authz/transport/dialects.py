@@ -10,7 +10,8 @@ request came to (configuration), never guessed from headers a client could send.
   ``x-envoy-auth-headers-to-remove``; any other status is the client's answer.
 - ``nginx`` (``auth_request``): the subrequest carries the client's method and URI in
   ``X-Original-Method`` / ``X-Original-URI`` (names configurable); 2xx allows (identity headers
-  for ``auth_request_set``), 401 and 403 go to the client, anything else is a 500 there.
+  for ``auth_request_set``, and the Cookie the backend must get), 401 and 403 go to the client,
+  anything else is a 500 there (``error_page`` brings it back).
 - ``forward_auth`` (Traefik ForwardAuth, Caddy ``forward_auth``): ``X-Forwarded-Method``,
   ``-Proto``, ``-Host``, ``-Uri``; 2xx allows (``authResponseHeaders`` / ``copy_headers``),
   anything else is the client's answer.
@@ -107,10 +108,17 @@ class Dialects:
         )
 
     @staticmethod
-    def answer(dialect: str, decision: Decision) -> Answer:
-        if isinstance(decision, Allow):
-            headers = [*decision.headers_to_set, *decision.response_headers]
-            if dialect == "envoy" and decision.headers_to_remove:
+    def answer(dialect: str, decision: Decision, request: Request) -> Answer:
+        if not isinstance(decision, Allow):
+            return Answer(decision.status, decision.headers, decision.body.encode("utf-8"))
+        headers = [*decision.headers_to_set, *decision.response_headers]
+        if dialect == "envoy":
+            if decision.headers_to_remove:
                 headers.append((REMOVE_HEADER, ",".join(decision.headers_to_remove)))
-            return Answer(200, tuple(headers), b"")
-        return Answer(decision.status, decision.headers, decision.body.encode("utf-8"))
+        elif "cookie" in request.headers and all(name != "cookie" for name, _ in decision.headers_to_set):
+            # nginx, Caddy and Traefik can only copy a header from the answer: the Cookie the
+            # backend gets is always in it when the client sent one (without the session's
+            # cookies, or empty when no other remains; the proxy then drops it).
+            kept = "" if "cookie" in decision.headers_to_remove else request.headers["cookie"]
+            headers.append(("cookie", kept))
+        return Answer(200, tuple(headers), b"")

@@ -101,7 +101,7 @@ class HttpAuthorizer:
             request = replace(request, body=bytes(parsed.body).decode("utf-8", "replace"))
         decision = await self.servicer.decide(runtime, request)
         self.servicer.recorded(runtime, request, request.headers.get("x-request-id", ""), decision, started)
-        return dialects.answer(dialect, decision)
+        return dialects.answer(dialect, decision, request)
 
 
 def encode(answer: Answer, *, keep_alive: bool, version: str, head: bool = False) -> bytes:

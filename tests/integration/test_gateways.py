@@ -23,6 +23,7 @@ from tests.support.processes import ExtAuthzProcess, start_ext_authz
 
 AUDIENCE = "gateways"
 IDENTITY = ("x-user-id", "x-user-email", "x-user-groups", "x-jwt-payload")
+COMPARED = (*IDENTITY, "cookie")  # and the client's other cookies, as they were
 
 
 def config(issuer: str) -> dict[str, Any]:
@@ -121,6 +122,7 @@ CASES: dict[str, tuple[str, Callable[[TestIssuer], list[tuple[str, str]]]]] = {
     "anonymous route": ("/public/page", lambda i: []),
     "traversal to a token route": ("/public/../orders", lambda i: []),
     "no rule": ("/elsewhere", lambda i: bearer(i.mint())),
+    "cookies pass untouched": ("/orders", lambda i: [*bearer(i.mint()), ("Cookie", "theme=dark; lang=en")]),
 }
 GATEWAYS = ("envoy-http", "nginx", "caddy")
 
@@ -150,6 +152,7 @@ def test_the_reference_answers_are_the_right_ones(gateways: Gateways) -> None:
         "anonymous route": 200,
         "traversal to a token route": 401,
         "no rule": 403,
+        "cookies pass untouched": 200,
     }
     for case, status in expected.items():
         path, headers_of = CASES[case]

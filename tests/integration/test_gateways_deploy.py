@@ -237,10 +237,12 @@ def test_traefik_clears_forged_identity_headers_and_never_trusts_forwarded_heade
     kinds = [next(iter(http["middlewares"][m])) for m in router["middlewares"]]
     assert kinds == ["headers", "forwardAuth"]  # strip first, then ask
     strip, auth = (http["middlewares"][m] for m in router["middlewares"])
-    assert strip["headers"]["customRequestHeaders"] == {
-        h: "" for h in auth["forwardAuth"]["authResponseHeaders"]
-    }
-    assert {h.lower() for h in auth["forwardAuth"]["authResponseHeaders"]} == set(IDENTITY_HEADERS)
+    # Cookie is copied back (ext-authz's answer without the session cookies), never stripped first:
+    # ext-authz must see the client's.
+    identity = [h for h in auth["forwardAuth"]["authResponseHeaders"] if h.lower() != "cookie"]
+    assert strip["headers"]["customRequestHeaders"] == {h: "" for h in identity}
+    assert {h.lower() for h in identity} == set(IDENTITY_HEADERS)
+    assert "Cookie" in auth["forwardAuth"]["authResponseHeaders"]
     assert auth["forwardAuth"]["trustForwardHeader"] is False
     assert auth["forwardAuth"]["address"].endswith("127.0.0.1:9003/forward-auth")
     assert "authRequestHeaders" not in auth["forwardAuth"]  # every client header reaches ext-authz
@@ -415,7 +417,7 @@ def test_caddy_2_6_without_the_placeholder_deletion_leaks_the_placeholder(
 
     def drop_the_fix(text: str) -> str:
         edited, count = without.subn("", text)
-        assert count == 2 * len(IDENTITY_HEADERS)
+        assert count == 2 * (len(IDENTITY_HEADERS) + 1)  # and Cookie
         return edited
 
     with start_caddy(authz_http, echo.port, identity_headers=IDENTITY_HEADERS, edit=drop_the_fix) as caddy:
