@@ -57,12 +57,21 @@ bench: $(STAMP)
 protos: $(STAMP)
 	$(PY) protos/generate.py .
 
-# The local stack: dev issuer, echo backend, ext-authz (deploy/local/ext-authz.yaml) and Envoy
-# (envoy.yaml); prints curl commands with fresh tokens; Ctrl-C stops it all. Ports default to
-# envoy.yaml's; override with RUN_HOST, RUN_ENVOY_PORT, RUN_ENVOY_ADMIN_PORT, RUN_AUTHZ_PORT,
-# RUN_BACKEND_PORT, RUN_ISSUER_PORT (and RUN_KEY_DIR), e.g. `make run RUN_ENVOY_PORT=18000`.
+# The local stack: dev issuer, echo backend, ext-authz (deploy/local/ext-authz.yaml) and a gateway in
+# front: GATEWAY=envoy (the default: Envoy, envoy.yaml, gRPC Check), envoy-http (Envoy,
+# deploy/envoy/envoy-http.yaml, http_service), nginx (deploy/nginx/nginx.conf) or caddy
+# (deploy/caddy/Caddyfile), the last two rendered with the stack's ports into a temporary directory
+# and installed if missing (Debian's nginx, caddy; root). With a gateway that asks over HTTP,
+# ext-authz also runs its HTTP listener (--listen-http). Prints curl commands with fresh tokens, sent
+# to the gateway; Ctrl-C stops it all. Ports default to the gateway config's; override with RUN_HOST,
+# RUN_ENVOY_PORT (the gateway's port, whichever it is), RUN_ENVOY_ADMIN_PORT, RUN_AUTHZ_PORT (gRPC),
+# RUN_AUTHZ_HTTP_PORT (HTTP, default 9003), RUN_BACKEND_PORT, RUN_ISSUER_PORT (and RUN_KEY_DIR),
+# e.g. `make run GATEWAY=nginx RUN_ENVOY_PORT=18000`.
+GATEWAY ?= envoy
 run: $(STAMP)
-	$(PY) -m ext_authz.dev stack --envoy-config envoy.yaml --config deploy/local/ext-authz.yaml
+	@case "$(GATEWAY)" in nginx|caddy) command -v $(GATEWAY) >/dev/null || test -x /usr/sbin/$(GATEWAY) || \
+		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive DEBCONF_NOWARNINGS=yes apt-get install -y -qq $(GATEWAY) >/dev/null; };; esac
+	$(PY) -m ext_authz.dev stack --gateway $(GATEWAY) --config deploy/local/ext-authz.yaml
 
 clean:
 	rm -rf $(VENV) ext_authz.egg-info  # caches live in $(VENV)/cache

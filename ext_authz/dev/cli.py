@@ -17,7 +17,7 @@ from ext_authz.dev.errors import DevIssuerError
 from ext_authz.dev.http import DEFAULT_HOST
 from ext_authz.dev.issuer import DEFAULT_PORT, ServeOptions, serve_issuer
 from ext_authz.dev.keys import ALGORITHMS, DEFAULT_ALG, DEFAULT_AUDIENCE, DEFAULT_KEY_DIR, KeyDir
-from ext_authz.dev.plan import ENV_PREFIX
+from ext_authz.dev.plan import DEFAULT_GATEWAY, ENV_PREFIX, ENVOY_CONFIGS, GATEWAYS
 from ext_authz.dev.stack import StackOptions, run_stack
 from ext_authz.dev.tokens import CLOCK_SKEW_SECONDS, DEFAULT_TTL, mint, parse_claim
 
@@ -155,7 +155,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         asyncio.run(serve_echo(host=args.host, port=args.port, allow_non_loopback=args.allow_non_loopback))
         return 0
     if command == "stack":
-        options = StackOptions(args.envoy_config, args.config, args.key_dir)
+        if args.envoy_config is not None and args.gateway not in ENVOY_CONFIGS:
+            raise DevIssuerError(f"--envoy-config is for an Envoy gateway, not --gateway {args.gateway}")
+        envoy_config = args.envoy_config or ENVOY_CONFIGS.get(args.gateway, ENVOY_CONFIGS[DEFAULT_GATEWAY])
+        options = StackOptions(envoy_config, args.config, args.key_dir, args.gateway)
         return asyncio.run(run_stack(options, os.environ, sys.stdout, sys.stderr))
     raise AssertionError(f"unknown command {command!r}")
 
@@ -171,8 +174,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     echo.add_argument("--host", default=DEFAULT_HOST, help=f"bind address (default {DEFAULT_HOST})")
     echo.add_argument("--port", type=int, default=DEFAULT_ECHO_PORT, help=f"default {DEFAULT_ECHO_PORT}")
     echo.add_argument("--allow-non-loopback", action="store_true", help="allow a --host beyond loopback")
-    stack = commands.add_parser("stack", help="issuer, echo backend, ext-authz and Envoy (make run)")
-    stack.add_argument("--envoy-config", type=Path, default=Path("envoy.yaml"), help="default envoy.yaml")
+    stack = commands.add_parser("stack", help="issuer, echo backend, ext-authz and a gateway (make run)")
+    stack.add_argument(
+        "--gateway",
+        choices=GATEWAYS,
+        default=DEFAULT_GATEWAY,
+        help="in front of ext-authz: envoy (gRPC, envoy.yaml), envoy-http (deploy/envoy/envoy-http.yaml), "
+        "nginx (deploy/nginx/nginx.conf), caddy (deploy/caddy/Caddyfile); default envoy",
+    )
+    stack.add_argument(
+        "--envoy-config",
+        type=Path,
+        default=None,
+        help="the Envoy gateways' config (default: envoy.yaml, or deploy/envoy/envoy-http.yaml)",
+    )
     stack.add_argument(
         "--config", type=Path, default=Path("deploy/local/ext-authz.yaml"), help="the ext-authz config"
     )

@@ -1,5 +1,7 @@
-"""Where each part of the `make run` stack listens, read from envoy.yaml and the ext-authz config
-(RUN_* variables win), and envoy.yaml rendered to listen and connect there."""
+"""Where each part of the `make run` stack listens, read from the gateway's config (envoy.yaml,
+deploy/envoy/envoy-http.yaml, or the addresses deploy/nginx and deploy/caddy document) and the
+ext-authz config (RUN_* variables win), and the gateway's config rendered to listen and connect
+there."""
 
 from __future__ import annotations
 
@@ -19,6 +21,20 @@ from ext_authz.dev.issuer import DEFAULT_PORT
 
 ENV_PREFIX = "RUN_"
 
+# `make run GATEWAY=...`: what stands in front of ext-authz. Envoy over gRPC (the default) or over
+# HTTP (http_service), or the shipped nginx / Caddy config.
+DEFAULT_GATEWAY = "envoy"
+ENVOY_CONFIGS = {"envoy": Path("envoy.yaml"), "envoy-http": Path("deploy/envoy/envoy-http.yaml")}
+SHIPPED_CONFIGS = {"nginx": Path("deploy/nginx/nginx.conf"), "caddy": Path("deploy/caddy/Caddyfile")}
+GATEWAYS = (*ENVOY_CONFIGS, *SHIPPED_CONFIGS)
+# The addresses deploy/nginx/nginx.conf and deploy/caddy/Caddyfile document (as
+# tests/support/gateways.py renders them): the gateway, ext-authz's HTTP listener, the backend.
+SHIPPED_LISTEN = ("127.0.0.1", 8000)
+SHIPPED_AUTHZ_HTTP = ("127.0.0.1", 9003)
+SHIPPED_BACKEND = ("127.0.0.1", 8080)
+DEFAULT_AUTHZ_PORT = 9001  # ext-authz's gRPC listener when the gateway does not name it
+DEFAULT_ADMIN_PORT = 9901  # Envoy's admin (no use to nginx and Caddy)
+
 
 @dataclass(frozen=True, slots=True)
 class StackPlan:
@@ -30,6 +46,10 @@ class StackPlan:
     authz_port: int
     backend_port: int
     issuer_port: int
+    # ext-authz's HTTP authorization listener (`--listen-http`), started when `http_authz`: the
+    # gateway asks over HTTP (Envoy's http_service, nginx, Caddy) rather than the gRPC Check.
+    authz_http_port: int = SHIPPED_AUTHZ_HTTP[1]
+    http_authz: bool = False
 
 
 def _socket_address(node: Mapping[str, Any], where: str) -> tuple[str, int]:
@@ -66,6 +86,33 @@ def _listener(config: Mapping[str, Any]) -> dict[str, Any]:
     return listener
 
 
+def _ext_authz_filter(config: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The typed_config of the listener's envoy.filters.http.ext_authz (None: none found)."""
+    try:
+        filters = _listener(config)["filter_chains"][0]["filters"]
+        http_filters = filters[0]["typed_config"]["http_filters"]
+    except (KeyError, IndexError, TypeError, DevIssuerError):
+        return None
+    for http_filter in http_filters:
+        if isinstance(http_filter, dict) and http_filter.get("name") == "envoy.filters.http.ext_authz":
+            typed: dict[str, Any] = http_filter.get("typed_config", {})
+            return typed
+    return None
+
+
+def _http_service(config: Mapping[str, Any]) -> dict[str, Any] | None:
+    ext_authz = _ext_authz_filter(config)
+    service = ext_authz.get("http_service") if ext_authz is not None else None
+    return service if isinstance(service, dict) else None
+
+
+def _authz_listen_port(authz_config: Mapping[str, Any], key: str, default: int) -> int:
+    """The port of the ext-authz config's `listen` / `listen_http` (HOST:PORT), else `default`."""
+    raw = authz_config.get(key)
+    port = str(raw).rpartition(":")[2] if raw is not None else ""
+    return int(port) if port.isdigit() else default
+
+
 def dev_provider(config: Mapping[str, Any]) -> dict[str, Any]:
     for provider in config.get("providers", []):
         if isinstance(provider, dict) and provider.get("name") == "dev":
@@ -87,16 +134,44 @@ def stack_plan(
 ) -> StackPlan:
     listener_host, envoy_port = _socket_address(_listener(envoy_config), "the listener")
     _, admin_port = _socket_address(envoy_config.get("admin", {}), "admin")
-    _, authz_port = _socket_address(_endpoint(_cluster(envoy_config, "ext_authz")), "cluster ext_authz")
+    _, cluster_port = _socket_address(_endpoint(_cluster(envoy_config, "ext_authz")), "cluster ext_authz")
     _, backend_port = _socket_address(_endpoint(_cluster(envoy_config, "backend")), "cluster backend")
-    issuer_port = urlsplit(str(dev_provider(authz_config).get("issuer", ""))).port or DEFAULT_PORT
+    http_authz = _http_service(envoy_config) is not None
+    if http_authz:  # the cluster is ext-authz's HTTP listener; the gRPC one is the config's
+        authz_port = _authz_listen_port(authz_config, "listen", DEFAULT_AUTHZ_PORT)
+        authz_http_port = cluster_port
+    else:
+        authz_port = cluster_port
+        authz_http_port = _authz_listen_port(authz_config, "listen_http", SHIPPED_AUTHZ_HTTP[1])
     return StackPlan(
         listener_host=env.get(ENV_PREFIX + "HOST") or listener_host,
         envoy_port=_env_port(env, "ENVOY_PORT", envoy_port),
         admin_port=_env_port(env, "ENVOY_ADMIN_PORT", admin_port),
         authz_port=_env_port(env, "AUTHZ_PORT", authz_port),
         backend_port=_env_port(env, "BACKEND_PORT", backend_port),
-        issuer_port=_env_port(env, "ISSUER_PORT", issuer_port),
+        issuer_port=_env_port(env, "ISSUER_PORT", _issuer_port(authz_config)),
+        authz_http_port=_env_port(env, "AUTHZ_HTTP_PORT", authz_http_port),
+        http_authz=http_authz,
+    )
+
+
+def _issuer_port(authz_config: Mapping[str, Any]) -> int:
+    return urlsplit(str(dev_provider(authz_config).get("issuer", ""))).port or DEFAULT_PORT
+
+
+def shipped_gateway_plan(authz_config: Mapping[str, Any], env: Mapping[str, str]) -> StackPlan:
+    """The plan for nginx or Caddy: the shipped files' documented addresses, RUN_* winning (the
+    gateway's port is RUN_ENVOY_PORT, as for Envoy: the printed commands go there)."""
+    grpc_port = _authz_listen_port(authz_config, "listen", DEFAULT_AUTHZ_PORT)
+    return StackPlan(
+        listener_host=env.get(ENV_PREFIX + "HOST") or SHIPPED_LISTEN[0],
+        envoy_port=_env_port(env, "ENVOY_PORT", SHIPPED_LISTEN[1]),
+        admin_port=_env_port(env, "ENVOY_ADMIN_PORT", DEFAULT_ADMIN_PORT),
+        authz_port=_env_port(env, "AUTHZ_PORT", grpc_port),
+        backend_port=_env_port(env, "BACKEND_PORT", SHIPPED_BACKEND[1]),
+        issuer_port=_env_port(env, "ISSUER_PORT", _issuer_port(authz_config)),
+        authz_http_port=_env_port(env, "AUTHZ_HTTP_PORT", SHIPPED_AUTHZ_HTTP[1]),
+        http_authz=True,
     )
 
 
@@ -106,9 +181,51 @@ def render_envoy_config(config: Mapping[str, Any], plan: StackPlan) -> dict[str,
     rendered["admin"]["address"]["socket_address"]["port_value"] = plan.admin_port
     listener = _listener(rendered)["address"]["socket_address"]
     listener.update({"address": plan.listener_host, "port_value": plan.envoy_port})
-    _endpoint(_cluster(rendered, "ext_authz"))["address"]["socket_address"]["port_value"] = plan.authz_port
+    service = _http_service(rendered)
+    authz_port = plan.authz_http_port if service is not None else plan.authz_port
+    authz_address = _endpoint(_cluster(rendered, "ext_authz"))["address"]["socket_address"]
+    authz_address["port_value"] = authz_port
+    if service is not None and isinstance(service.get("server_uri"), dict):
+        # Envoy connects to the cluster; the URI names the same place (it is the Host it sends).
+        service["server_uri"]["uri"] = f"http://{_host_port(str(authz_address['address']), authz_port)}"
     _endpoint(_cluster(rendered, "backend"))["address"]["socket_address"]["port_value"] = plan.backend_port
     return rendered
+
+
+def _host_port(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _replace_once(text: str, old: str, new: str, source: Path) -> str:
+    count = text.count(old)
+    if count != 1:
+        raise DevIssuerError(f"{source}: expected {old!r} exactly once, found it {count} times")
+    return text.replace(old, new)
+
+
+def render_shipped_config(gateway: str, text: str, plan: StackPlan, source: Path) -> str:
+    """The shipped nginx.conf or Caddyfile (`text`, read from `source`) with only its documented
+    addresses replaced by the plan's, as tests/support/gateways.py renders it for the tests: each
+    replaced text must be there exactly once, so the file run is the file shipped."""
+    authz = _host_port(*SHIPPED_AUTHZ_HTTP)
+    backend = _host_port(*SHIPPED_BACKEND)
+    if gateway == "nginx":
+        text = _replace_once(text, f"server {authz};", f"server 127.0.0.1:{plan.authz_http_port};", source)
+        text = _replace_once(text, f"server {backend};", f"server 127.0.0.1:{plan.backend_port};", source)
+        listen = _host_port(plan.listener_host, plan.envoy_port)
+        return _replace_once(text, f"listen {_host_port(*SHIPPED_LISTEN)};", f"listen {listen};", source)
+    if gateway == "caddy":
+        text = _replace_once(
+            text, f"forward_auth {authz} {{", f"forward_auth 127.0.0.1:{plan.authz_http_port} {{", source
+        )
+        text = _replace_once(
+            text, f"reverse_proxy {backend}\n", f"reverse_proxy 127.0.0.1:{plan.backend_port}\n", source
+        )
+        text = _replace_once(text, f"http://:{SHIPPED_LISTEN[1]} {{", f"http://:{plan.envoy_port} {{", source)
+        if plan.listener_host != SHIPPED_LISTEN[0]:
+            text = _replace_once(text, f"bind {SHIPPED_LISTEN[0]} ", f"bind {plan.listener_host} ", source)
+        return text
+    raise DevIssuerError(f"no shipped config for gateway {gateway!r} (one of {', '.join(SHIPPED_CONFIGS)})")
 
 
 def load_yaml(path: Path) -> dict[str, Any]:
@@ -119,6 +236,14 @@ def load_yaml(path: Path) -> dict[str, Any]:
     if not isinstance(document, dict):
         raise DevIssuerError(f"{path}: not a YAML mapping")
     return document
+
+
+def gateway_binary(name: str) -> str:
+    """nginx or caddy on PATH (or in /usr/sbin, where Debian puts nginx)."""
+    found = shutil.which(name) or shutil.which(name, path="/usr/sbin:/usr/local/sbin")
+    if found is None:
+        raise DevIssuerError(f"no {name} binary: `make run GATEWAY={name}` installs it (Debian's {name})")
+    return found
 
 
 def envoy_binary() -> str:

@@ -1,4 +1,5 @@
-"""`make run`: the issuer and the echo backend in this process, ext-authz and Envoy as children.
+"""`make run`: the issuer and the echo backend in this process, ext-authz and the gateway (Envoy
+over gRPC or HTTP, nginx or Caddy: `make run GATEWAY=...`) as children.
 
 Prints curl commands with fresh tokens once everything answers, and stops it all on
 SIGINT/SIGTERM/SIGHUP or when a child exits.
@@ -37,13 +38,18 @@ from ext_authz.dev.issuer import LoginConfig, issuer_app
 from ext_authz.dev.keys import DEFAULT_ALG, DEFAULT_AUDIENCE, DEFAULT_KEY_DIR, IssuerSettings, KeyDir
 from ext_authz.dev.login import LoginSettings
 from ext_authz.dev.plan import (
+    DEFAULT_GATEWAY,
     ENV_PREFIX,
+    SHIPPED_CONFIGS,
     SIGNED_OUT_PATH,
     StackPlan,
     envoy_binary,
+    gateway_binary,
     load_yaml,
     render_authz_config,
     render_envoy_config,
+    render_shipped_config,
+    shipped_gateway_plan,
     stack_plan,
 )
 from ext_authz.dev.tokens import mint
@@ -73,13 +79,15 @@ class Child:
         self._copier = copier
 
     @classmethod
-    async def start(cls, name: str, argv: Sequence[str], out: TextIO) -> Child:
+    async def start(
+        cls, name: str, argv: Sequence[str], out: TextIO, env: Mapping[str, str] | None = None
+    ) -> Child:
         process = await asyncio.create_subprocess_exec(
             *argv,
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.STDOUT,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
         )
         assert process.stdout is not None
         copier = asyncio.create_task(_copy_lines(name, process.stdout, out))
@@ -128,8 +136,9 @@ async def _first_of(
     return exited[0] if exited and not stop.is_set() else None
 
 
-async def _wait_ready(plan: StackPlan, deadline: float) -> None:
-    """ext-authz SERVING (keys fetched), Envoy LIVE, and one anonymous request through Envoy."""
+async def _wait_ready(plan: StackPlan, gateway: Gateway, deadline: float) -> None:
+    """ext-authz SERVING (keys fetched), Envoy LIVE, and one anonymous request through the gateway
+    (through ext-authz's HTTP listener too, when the gateway asks over HTTP)."""
     waiting_for = "ext-authz gRPC health SERVING (it has fetched the issuer's keys)"
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{plan.authz_port}") as channel:
@@ -142,11 +151,13 @@ async def _wait_ready(plan: StackPlan, deadline: float) -> None:
                 await _pause(deadline)
         timeout = aiohttp.ClientTimeout(total=2.0)
         async with aiohttp.ClientSession(timeout=timeout) as session:
-            waiting_for = "Envoy's admin /ready to answer LIVE"
-            while not await _get_ok(session, f"http://127.0.0.1:{plan.admin_port}/ready", b"LIVE"):
-                await _pause(deadline)
-            waiting_for = "an anonymous request through Envoy (GET /public/) to answer 200"
-            while not await _get_ok(session, f"http://127.0.0.1:{plan.envoy_port}/public/"):
+            if gateway.envoy:
+                waiting_for = "Envoy's admin /ready to answer LIVE"
+                while not await _get_ok(session, f"http://127.0.0.1:{plan.admin_port}/ready", b"LIVE"):
+                    await _pause(deadline)
+            waiting_for = f"an anonymous request through {gateway.title} (GET /public/) to answer 200"
+            base = f"http://{url_host(plan.listener_host)}:{plan.envoy_port}"
+            while not await _get_ok(session, f"{base}/public/"):
                 await _pause(deadline)
     except TimeoutError:
         raise DevIssuerError(f"not ready within {READY_TIMEOUT:g}s: waited for {waiting_for}") from None
@@ -169,9 +180,60 @@ async def _pause(deadline: float) -> None:
 
 @dataclass(frozen=True, slots=True)
 class StackOptions:
-    envoy_config: Path
+    envoy_config: Path  # the Envoy gateways' config (unused by nginx and caddy)
     authz_config: Path
     key_dir: Path
+    gateway: str = DEFAULT_GATEWAY  # plan.GATEWAYS
+
+
+@dataclass(frozen=True, slots=True)
+class Gateway:
+    """The gateway as it runs: its child's name, how it is called in the printed text, its config
+    file (rendered for the plan, or the source itself), its command line and its environment."""
+
+    name: str
+    title: str
+    config: Path
+    argv: list[str]
+    env: dict[str, str]
+
+    @property
+    def envoy(self) -> bool:
+        return self.name == "envoy"
+
+
+def _prepare_gateway(options: StackOptions, plan: StackPlan, workdir: Path) -> Gateway:
+    """Render the gateway's config into `workdir` (Envoy's only if the plan moved a port) and
+    return how to start it."""
+    if options.gateway in SHIPPED_CONFIGS:
+        source = SHIPPED_CONFIGS[options.gateway]
+        try:
+            text = source.read_text(encoding="utf-8")
+        except OSError as exc:
+            raise DevIssuerError(f"{source}: {exc}") from None
+        rendered = render_shipped_config(options.gateway, text, plan, source)
+        own = workdir / options.gateway
+        own.mkdir()
+        config = own / source.name
+        config.write_text(rendered, encoding="utf-8")
+        if options.gateway == "nginx":
+            # nginx's workers (`nobody` when it runs as root) keep their temporary files in their
+            # prefix: they must be able to get there. The directory lists nothing to them.
+            workdir.chmod(0o711)
+            argv = [gateway_binary("nginx"), "-p", str(own), "-c", str(config), "-e", "stderr"]
+            return Gateway("nginx", "nginx", config, [*argv, "-g", "daemon off;"], {})
+        # Caddy's state (autosave, storage) in its directory, never the user's home.
+        env = {"HOME": str(own), "XDG_CONFIG_HOME": str(own / "config"), "XDG_DATA_HOME": str(own / "data")}
+        argv = [gateway_binary("caddy"), "run", "--config", str(config), "--adapter", "caddyfile"]
+        return Gateway("caddy", "Caddy", config, argv, env)
+    envoy_config = load_yaml(options.envoy_config)
+    config = options.envoy_config
+    rendered_envoy = render_envoy_config(envoy_config, plan)
+    if rendered_envoy != envoy_config:
+        config = workdir / "envoy.yaml"
+        config.write_text(yaml.safe_dump(rendered_envoy, sort_keys=False), encoding="utf-8")
+    argv = [envoy_binary(), "-c", str(config), "--use-dynamic-base-id", "-l", "warning"]
+    return Gateway("envoy", "Envoy", config, argv, {})
 
 
 def _commands(plan: StackPlan, key_dir: KeyDir) -> list[str]:
@@ -204,9 +266,11 @@ async def run_stack(options: StackOptions, env: Mapping[str, str], out: TextIO, 
     stop = asyncio.Event()
     on_signals = contextlib.ExitStack()  # closed last: the previous handlers come back
     on_signals.enter_context(signals.handling(dict.fromkeys(STOP_SIGNALS, stop.set)))
-    envoy_config = load_yaml(options.envoy_config)
     authz_config = load_yaml(options.authz_config)
-    plan = stack_plan(envoy_config, authz_config, env)
+    if options.gateway in SHIPPED_CONFIGS:
+        plan = shipped_gateway_plan(authz_config, env)
+    else:
+        plan = stack_plan(load_yaml(options.envoy_config), authz_config, env)
     key_dir = KeyDir(options.key_dir)
     key_dir.ensure_key(DEFAULT_ALG)
     issuer_url = f"http://127.0.0.1:{plan.issuer_port}"
@@ -239,22 +303,19 @@ async def run_stack(options: StackOptions, env: Mapping[str, str], out: TextIO, 
         authz_file = workdir / "ext-authz.yaml"
         _write_authz_config(authz_file, authz_config, issuer_url)
         watcher = asyncio.create_task(_rerender_on_change(options.authz_config, authz_file, issuer_url, log))
-        envoy_file = options.envoy_config
-        rendered_envoy = render_envoy_config(envoy_config, plan)
-        if rendered_envoy != envoy_config:
-            envoy_file = workdir / "envoy.yaml"
-            envoy_file.write_text(yaml.safe_dump(rendered_envoy, sort_keys=False), encoding="utf-8")
+        gateway = _prepare_gateway(options, plan, workdir)
 
         authz_argv = [sys.executable, "-m", "ext_authz", "serve", "--config", str(authz_file)]
         authz_argv += ["--listen", f"127.0.0.1:{plan.authz_port}", "--drain-seconds", "0"]
+        if plan.http_authz:
+            authz_argv += ["--listen-http", f"127.0.0.1:{plan.authz_http_port}"]
         children.append(await Child.start("ext-authz", authz_argv, log))
-        envoy_argv = [envoy_binary(), "-c", str(envoy_file), "--use-dynamic-base-id", "-l", "warning"]
-        children.append(await Child.start("envoy", envoy_argv, log))
+        children.append(await Child.start(gateway.name, gateway.argv, log, gateway.env))
 
         deadline = time.monotonic() + READY_TIMEOUT
-        failed = await _first_of(stop, children, _wait_ready(plan, deadline))
+        failed = await _first_of(stop, children, _wait_ready(plan, gateway, deadline))
         if failed is None and not stop.is_set():
-            print(_ready_text(plan, options, key_dir, authz_file, envoy_file), file=out, flush=True)
+            print(_ready_text(plan, options, key_dir, authz_file, gateway), file=out, flush=True)
             failed = await _first_of(stop, children)
         if failed is not None:
             # A terminal's Ctrl-C reaches the children too; give our own signal a moment to land.
@@ -271,7 +332,7 @@ async def run_stack(options: StackOptions, env: Mapping[str, str], out: TextIO, 
             watcher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await watcher
-        for child in reversed(children):  # Envoy first: stop taking requests, then its authorizer
+        for child in reversed(children):  # the gateway first: stop taking requests, then its authorizer
             await child.stop()
         for runner in reversed(runners):
             await runner.cleanup()
@@ -321,15 +382,19 @@ def _stack_socket(port: int, variable: str) -> socket.socket:
 
 
 def _ready_text(
-    plan: StackPlan, options: StackOptions, key_dir: KeyDir, authz_file: Path, envoy_file: Path
+    plan: StackPlan, options: StackOptions, key_dir: KeyDir, authz_file: Path, gateway: Gateway
 ) -> str:
     key_dir_flag = "" if key_dir.path == DEFAULT_KEY_DIR else f" --key-dir {shlex.quote(str(key_dir.path))}"
+    admin = f" (admin 127.0.0.1:{plan.admin_port})" if gateway.envoy else ""
+    listeners = f"127.0.0.1:{plan.authz_port}"
+    if plan.http_authz:
+        listeners += f" (gRPC), 127.0.0.1:{plan.authz_http_port} (HTTP, asked by {gateway.title})"
     header = [
         "",
         "ext-authz local stack is up (DEVELOPMENT ONLY: the issuer mints any token asked of it).",
-        f"  Envoy       http://{url_host(plan.listener_host)}:{plan.envoy_port}   config {envoy_file}"
-        f" (admin 127.0.0.1:{plan.admin_port})",
-        f"  ext-authz   127.0.0.1:{plan.authz_port}   config {authz_file}"
+        f"  {gateway.title:<10}  http://{url_host(plan.listener_host)}:{plan.envoy_port}"
+        f"   config {gateway.config}{admin}",
+        f"  ext-authz   {listeners}   config {authz_file}"
         f" (from {options.authz_config}: edit that one, it reloads on save)",
         f"  dev issuer  http://127.0.0.1:{plan.issuer_port}   keys {key_dir.path}",
         f"  backend     http://127.0.0.1:{plan.backend_port}   echoes what reached it",
