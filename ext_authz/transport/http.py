@@ -36,6 +36,10 @@ IDLE_TIMEOUT_SECONDS = 60.0
 MAX_HEAD_BYTES = 64 * 1024  # a session's cookies may be ~30 KB; tokens up to max_token_bytes
 MAX_HEADERS = 128
 MAX_BODY_BYTES = 16 * 1024
+# A client that pipelines and never reads: at most this many requests wait per connection (then
+# the connection stops being read), and answers stop being made while its write buffer is full.
+MAX_PIPELINED = 32
+MAX_CONNECTIONS = 4096  # beyond it a new connection is closed at once (descriptors are finite)
 DEADLINE_SECONDS = 10.0  # a proxy's own auth timeout is shorter; this bounds our waits
 
 _REASONS = {
@@ -135,11 +139,17 @@ class HttpProtocol(asyncio.Protocol):
         self._worker: asyncio.Task[None] | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._closing = False
+        self._reading_paused = False
+        self._can_write = asyncio.Event()
+        self._can_write.set()
 
     # ---- the connection ----
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = transport  # type: ignore[assignment]  # a stream transport (uvloop's is no subclass)
+        if len(self._connections) >= MAX_CONNECTIONS:
+            transport.abort()  # type: ignore[attr-defined]
+            return
         self._connections.add(self)
         sock = transport.get_extra_info("socket")
         if sock is not None:
@@ -161,10 +171,33 @@ class HttpProtocol(asyncio.Protocol):
         self._timer = asyncio.get_running_loop().call_later(seconds, self._expire)
 
     def _expire(self) -> None:
-        if self._transport is not None and not self._queue and self._worker is None:
-            self._transport.close()  # idle, or a head that never finished
-        elif self._transport is not None:
+        transport = self._transport
+        if transport is None:
+            return
+        if transport.get_write_buffer_size() > 0:
+            transport.abort()  # answers nobody reads: close() would wait for them for ever
+        elif not self._queue and self._worker is None:
+            transport.close()  # idle, or a head that never finished
+        else:
             self._arm(IDLE_TIMEOUT_SECONDS)
+
+    # ---- flow control: a peer that sends faster than it reads is not read on ----
+
+    def pause_writing(self) -> None:
+        self._can_write.clear()
+
+    def resume_writing(self) -> None:
+        self._can_write.set()
+
+    def _pause_reading_if_full(self) -> None:
+        if len(self._queue) >= MAX_PIPELINED and not self._reading_paused and self._transport is not None:
+            self._transport.pause_reading()
+            self._reading_paused = True
+
+    def _resume_reading(self) -> None:
+        if self._reading_paused and self._transport is not None and len(self._queue) < MAX_PIPELINED // 2:
+            self._reading_paused = False
+            self._transport.resume_reading()
 
     def abort(self) -> None:
         if self._transport is not None:
@@ -229,6 +262,10 @@ class HttpProtocol(asyncio.Protocol):
         assert current is not None
         current.method = self._parser.get_method().decode("latin-1")
         current.keep_alive = self._parser.should_keep_alive()
+        expects = current.headers.get("expect", "").lower() == "100-continue"
+        idle = not self._queue and self._worker is None  # a 100 ahead of a queued answer would misorder
+        if expects and idle and self._transport is not None and self._parser.get_http_version() == "1.1":
+            self._transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")  # the body may come now
         if self._parser.should_upgrade():
             raise _Refused(_plain(400, "no protocol upgrades here"))
 
@@ -244,6 +281,7 @@ class HttpProtocol(asyncio.Protocol):
         assert current is not None
         self._queue.append((current, self._parser.get_http_version()))
         self._arm(IDLE_TIMEOUT_SECONDS)
+        self._pause_reading_if_full()
         self._start()
 
     # ---- answering, in order ----
@@ -271,6 +309,7 @@ class HttpProtocol(asyncio.Protocol):
                     head = item.method == "HEAD"
                     keep_alive = item.keep_alive
                 self._queue.popleft()
+                self._resume_reading()
                 keep_alive = keep_alive and not (self._closing and not self._queue)
                 version = version if version in ("1.0", "1.1") else "1.1"
                 try:
@@ -281,6 +320,7 @@ class HttpProtocol(asyncio.Protocol):
                         _plain(500, "the authorization service failed"), keep_alive=False, version=version
                     )
                     keep_alive = False
+                await self._can_write.wait()  # the peer reads its answers before it gets more
                 transport.write(wire)
                 if not keep_alive:
                     transport.close()

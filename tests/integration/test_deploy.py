@@ -642,10 +642,12 @@ def repository_envoy_configs() -> list[Path]:
 def make_run_configs() -> tuple[Path, Path]:
     """(ext-authz config, Envoy config) that the Makefile's `run` target starts the stack with."""
     makefile = (REPO_ROOT / "Makefile").read_text()
-    recipe = re.search(r"^run:.*\n\t(.+)$", makefile, re.MULTILINE)
+    recipe = re.search(r"^run:.*\n(?:\t.*\n)*?\t(.*ext_authz\.dev stack.*)$", makefile, re.MULTILINE)
     assert recipe is not None
     argv = shlex.split(recipe.group(1))
-    return REPO_ROOT / (_option(argv, "--config") or ""), REPO_ROOT / (_option(argv, "--envoy-config") or "")
+    # The default gateway (Envoy over gRPC) runs envoy.yaml unless --envoy-config says otherwise.
+    envoy = _option(argv, "--envoy-config") or "envoy.yaml"
+    return REPO_ROOT / (_option(argv, "--config") or ""), REPO_ROOT / envoy
 
 
 def test_every_envoy_config_in_the_repository_validates(tmp_path: Path) -> None:
