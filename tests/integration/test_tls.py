@@ -453,3 +453,72 @@ def https_text(port: int, path: str, ca: CertificateAuthority) -> str:
         f"https://{SERVER_NAME}:{port}{path}", timeout=5, context=context
     ) as response:
         return str(response.read().decode())
+
+
+# ---- the HTTP authorization listener: the same TLS settings ------------------------------------
+
+
+async def http_status(
+    address: str,
+    ca: CertificateAuthority,
+    directory: Path,
+    client: Issued | None = None,
+    token: str | None = None,
+) -> int:
+    """The status of one nginx-dialect request over TLS (raises ssl.SSLError / OSError on refusal)."""
+    context = ssl.create_default_context(cafile=str(write_pem(directory / "client-ca.pem", ca.cert_pem)))
+    if client is not None:
+        context.load_cert_chain(
+            str(write_pem(directory / "client.crt", client.cert_pem)),
+            str(write_pem(directory / "client.key", client.key_pem)),
+        )
+    host, _, port = address.rpartition(":")
+    reader, writer = await asyncio.open_connection(host, int(port), ssl=context, server_hostname=SERVER_NAME)
+    try:
+        auth = f"Authorization: Bearer {token}\r\n" if token else ""
+        writer.write(
+            f"GET /nginx HTTP/1.1\r\nHost: app\r\nX-Original-URI: /orders\r\nX-Original-Method: GET\r\n{auth}"
+            "Connection: close\r\n\r\n".encode()
+        )
+        raw = await asyncio.wait_for(reader.read(), 5)
+        return int(raw.split(b" ", 2)[1])
+    finally:
+        writer.close()
+
+
+def write_pem(path: Path, pem: bytes) -> Path:
+    path.write_bytes(pem)
+    return path
+
+
+async def test_the_http_listener_serves_tls_and_mutual_tls(
+    issuer: TestIssuer, ca: CertificateAuthority, other_ca: CertificateAuthority, tmp_path: Path
+) -> None:
+    write_files(tmp_path / "tls", ca.issue(), ca)
+    served = await serve(issuer, tmp_path, tls_section(mutual=True), listen_http="127.0.0.1:0")
+    try:
+        assert served.server.http is not None and served.server.http.bound is not None
+        address = served.server.http.bound
+        client = ca.issue("a proxy", client=True)
+        assert await http_status(address, ca, tmp_path, client, token=issuer.mint()) == 200
+        assert await http_status(address, ca, tmp_path, client) == 401
+        with pytest.raises((ssl.SSLError, OSError, IndexError)):
+            await http_status(address, ca, tmp_path)  # no client certificate: no answer
+        with pytest.raises((ssl.SSLError, OSError, IndexError)):
+            await http_status(address, ca, tmp_path, other_ca.issue("stranger", client=True))
+    finally:
+        await served.server.stop(0)
+
+
+async def test_a_non_loopback_http_listener_without_tls_is_a_config_error(
+    issuer: TestIssuer, tmp_path: Path
+) -> None:
+    from ext_authz.config.values import ConfigError
+
+    path = tmp_path / "ext-authz.yaml"
+    doc = document(issuer, {}, listen_http="0.0.0.0:9003")
+    del doc["tls"]
+    path.write_text(yaml.safe_dump(doc))
+    with pytest.raises(ConfigError) as caught:
+        load(path)
+    assert caught.value.key_path == "listen_http"

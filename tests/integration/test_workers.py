@@ -21,6 +21,7 @@ from ext_authz._proto.envoy.service.auth.v3 import (
 from ext_authz.supervisor import aggregate
 from tests.support.idp import TestIssuer
 from tests.support.processes import ExtAuthzProcess, json_log_line, start_ext_authz
+from tests.support.redis import free_port
 
 
 def children(pid: int) -> set[int]:
@@ -148,3 +149,41 @@ def test_aggregate_adds_counters_and_keeps_the_largest_age() -> None:
     text = aggregate([worker(2.0, 5.0), worker(3.0, 9.0)], workers=2).decode()
     assert 'ext_authz_checks_total{decision="allow"} 5.0' in text
     assert 'ext_authz_key_age_seconds{provider="p"} 9.0' in text
+
+
+def test_workers_share_the_http_listener(issuer: TestIssuer, tmp_path: Path) -> None:
+    port = free_port()
+    config = {
+        "listen": "127.0.0.1:0",
+        "admin": "127.0.0.1:0",
+        "listen_http": f"127.0.0.1:{port}",
+        "providers": [{"name": "test", "issuer": issuer.url, "audiences": ["api"], "jwks": issuer.jwks()}],
+    }
+    path = tmp_path / "ext-authz.yaml"
+    path.write_text(yaml.safe_dump(config))
+    with start_ext_authz(path, extra_args=["--workers", "2"]) as server:
+        listening = [0]
+
+        def both_listen(line: str) -> bool:
+            listening[0] += '"http listening"' in line
+            return listening[0] >= 2
+
+        server.process.wait_for_line(both_listen, timeout=20, what="two workers' HTTP listeners")
+        token = issuer.mint()
+        statuses = []
+        for i in range(20):  # a new connection each time: the kernel hands them to either worker
+            request = urllib.request.Request(
+                f"http://127.0.0.1:{port}/nginx",
+                headers={"X-Original-URI": "/x", "X-Original-Method": "GET"}
+                | ({"Authorization": f"Bearer {token}"} if i % 2 else {}),
+            )
+            statuses.append(get_request(request))
+        assert statuses.count(200) == 10 and statuses.count(401) == 10
+
+
+def get_request(request: urllib.request.Request) -> int:
+    try:
+        with urllib.request.urlopen(request, timeout=5) as response:
+            return int(response.status)
+    except urllib.error.HTTPError as error:
+        return error.code
