@@ -2,23 +2,18 @@
 
 from __future__ import annotations
 
-import ipaddress
 import re
 
 from ext_authz.config.model import DIALECTS, HttpSettings, TlsSettings
+from ext_authz.config.urls import is_loopback
 from ext_authz.config.values import boolean, fail, header_name, mapping, string
 
 _PREFIX = re.compile(r"/[A-Za-z0-9._~-]+(/[A-Za-z0-9._~-]+)*")
 
 
 def is_loopback_address(address: str) -> bool:
-    host = address.rpartition(":")[0].strip("[]")
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
+    """Whether HOST:PORT listens on loopback only."""
+    return is_loopback(address.rpartition(":")[0].strip("[]"))
 
 
 def http_settings(raw: object, listen_http: str | None, tls: TlsSettings | None) -> HttpSettings:

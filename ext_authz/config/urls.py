@@ -13,12 +13,13 @@ def url_problem(url: str, *, allow_insecure_http: bool) -> str | None:
         return "must be an absolute http(s) URL"
     if parts.fragment or parts.username or parts.password:
         return "must not contain a fragment or credentials"
-    if parts.scheme == "http" and not allow_insecure_http and not _is_loopback(parts.hostname):
+    if parts.scheme == "http" and not allow_insecure_http and not is_loopback(parts.hostname):
         return "must use https (plain http is allowed for loopback hosts, or with allow_insecure_http)"
     return None
 
 
-def _is_loopback(host: str) -> bool:
+def is_loopback(host: str) -> bool:
+    """localhost or a loopback IP address (IPv6 without brackets)."""
     if host == "localhost":
         return True
     try:

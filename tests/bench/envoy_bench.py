@@ -106,6 +106,20 @@ def jwt_authn(issuer: str, audience: str, jwks: dict[str, Any]) -> dict[str, Any
     return _bootstrap([{"name": "envoy.filters.http.jwt_authn", "typed_config": config}], [])
 
 
+def _authz_cluster(host: str, port: int) -> dict[str, Any]:
+    """The authorizer's cluster: one static endpoint."""
+    address = {"socket_address": {"address": host.strip("[]"), "port_value": port}}
+    return {
+        "name": AUTHZ_CLUSTER,
+        "type": "STATIC",
+        "connect_timeout": "1s",
+        "load_assignment": {
+            "cluster_name": AUTHZ_CLUSTER,
+            "endpoints": [{"lb_endpoints": [{"endpoint": {"address": address}}]}],
+        },
+    }
+
+
 def ext_authz(authz_address: str, *, max_concurrent_streams: int | None = None) -> dict[str, Any]:
     """E2 and X*: the ext_authz gRPC filter as envoy.yaml sets it, calling ``authz_address``.
 
@@ -125,32 +139,12 @@ def ext_authz(authz_address: str, *, max_concurrent_streams: int | None = None) 
     http2: dict[str, Any] = {}
     if max_concurrent_streams is not None:
         http2["max_concurrent_streams"] = max_concurrent_streams
-    cluster = {
-        "name": AUTHZ_CLUSTER,
-        "type": "STATIC",
-        "connect_timeout": "1s",
-        "typed_extension_protocol_options": {
-            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
-                "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
-                "explicit_http_config": {"http2_protocol_options": http2},
-            }
-        },
-        "load_assignment": {
-            "cluster_name": AUTHZ_CLUSTER,
-            "endpoints": [
-                {
-                    "lb_endpoints": [
-                        {
-                            "endpoint": {
-                                "address": {
-                                    "socket_address": {"address": host.strip("[]"), "port_value": int(port)}
-                                }
-                            }
-                        }
-                    ]
-                }
-            ],
-        },
+    cluster = _authz_cluster(host, int(port))
+    cluster["typed_extension_protocol_options"] = {
+        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+            "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+            "explicit_http_config": {"http2_protocol_options": http2},
+        }
     }
     return _bootstrap([{"name": "envoy.filters.http.ext_authz", "typed_config": filter_config}], [cluster])
 
@@ -176,27 +170,7 @@ def ext_authz_http(authz_http: str) -> dict[str, Any]:
         "clear_route_cache": False,
         "decoder_header_mutation_rules": {"disallow_system": True},
     }
-    cluster = {
-        "name": AUTHZ_CLUSTER,
-        "type": "STATIC",
-        "connect_timeout": "1s",
-        "load_assignment": {
-            "cluster_name": AUTHZ_CLUSTER,
-            "endpoints": [
-                {
-                    "lb_endpoints": [
-                        {
-                            "endpoint": {
-                                "address": {
-                                    "socket_address": {"address": host.strip("[]"), "port_value": int(port)}
-                                }
-                            }
-                        }
-                    ]
-                }
-            ],
-        },
-    }
+    cluster = _authz_cluster(host, int(port))  # HTTP/1.1
     return _bootstrap([{"name": "envoy.filters.http.ext_authz", "typed_config": filter_config}], [cluster])
 
 

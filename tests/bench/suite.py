@@ -537,6 +537,16 @@ def _throughput(
         )
 
 
+def _cpu(rows: list[tuple[str, str, str]], a: Any, b: Any, title: str, at_most: float) -> None:
+    """A row for "a's authorizer CPU per request ≤ at_most x b's", when both were measured."""
+    if a is None or b is None or a.authz_cpu_us is None or b.authz_cpu_us is None:
+        return
+    r = _ratio(a.authz_cpu_us, b.authz_cpu_us)
+    rows.append(
+        (title, f"{r:.2f} x ({a.authz_cpu_us:.0f} / {b.authz_cpu_us:.0f} µs)", _verdict(r <= at_most))
+    )
+
+
 def targets(results: Results) -> list[tuple[str, str, str]]:
     """Issue 13's targets, each a ratio measured in this run."""
     s = results.scenarios
@@ -544,15 +554,7 @@ def targets(results: Results) -> list[tuple[str, str, str]]:
     e2, e2s, x1 = s.get("E2"), s.get("E2s"), s.get("X1")
     _throughput(rows, x1, e2, "X1 throughput ≥ 1.10 x E2", 1.10)
     _throughput(rows, x1, e2s, "X1 throughput ≥ 0.80 x E2s", 0.80)
-    if x1 is not None and e2 is not None and x1.authz_cpu_us is not None and e2.authz_cpu_us is not None:
-        r = _ratio(x1.authz_cpu_us, e2.authz_cpu_us)
-        rows.append(
-            (
-                "X1 authorizer CPU per request ≤ 0.90 x E2's",
-                f"{r:.2f} x ({x1.authz_cpu_us:.0f} / {e2.authz_cpu_us:.0f} µs)",
-                _verdict(r <= 0.90),
-            )
-        )
+    _cpu(rows, x1, e2, "X1 authorizer CPU per request ≤ 0.90 x E2's", 0.90)
     _throughput(rows, s.get("X2"), e2, "X2 throughput ≥ 0.60 x E2", 0.60)
     _throughput(rows, s.get("X3"), x1, "X3 throughput ≥ 0.95 x X1", 0.95)
     c1, c2 = results.constant.get("X1"), results.constant.get("E2s")
@@ -570,15 +572,7 @@ def targets(results: Results) -> list[tuple[str, str, str]]:
     h1 = s.get("H1")
     _throughput(rows, h1, e2, "H1 (HTTP listener) throughput ≥ 2.0 x E2", 2.0)
     _throughput(rows, h1, e2s, "H1 throughput ≥ 1.3 x E2s", 1.3)
-    if h1 is not None and e2 is not None and h1.authz_cpu_us is not None and e2.authz_cpu_us is not None:
-        r = _ratio(h1.authz_cpu_us, e2.authz_cpu_us)
-        rows.append(
-            (
-                "H1 authorizer CPU per request ≤ 0.35 x E2's",
-                f"{r:.2f} x ({h1.authz_cpu_us:.0f} / {e2.authz_cpu_us:.0f} µs)",
-                _verdict(r <= 0.35),
-            )
-        )
+    _cpu(rows, h1, e2, "H1 authorizer CPU per request ≤ 0.35 x E2's", 0.35)
     if results.micro:
         for alg in micro.ALGORITHMS:
             verify = micro.value(results.micro, f"verification stage, new token ({alg})")

@@ -6,7 +6,6 @@ gRPC, Envoy's HTTP ext_authz (``http_service``), nginx ``auth_request`` and Cadd
 from __future__ import annotations
 
 import contextlib
-import json
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -17,38 +16,24 @@ import yaml
 
 from tests.support.echo import EchoBackend
 from tests.support.envoy import TRACE_HEADER, send, start_envoy
-from tests.support.gateways import start_caddy, start_nginx
+from tests.support.gateways import (
+    GATEWAY_AUDIENCE,
+    GATEWAY_IDENTITY,
+    gateway_authz_config,
+    http_listener_address,
+    start_caddy,
+    start_nginx,
+)
 from tests.support.idp import TestIssuer
 from tests.support.processes import ExtAuthzProcess, start_ext_authz
 
-AUDIENCE = "gateways"
-IDENTITY = ("x-user-id", "x-user-email", "x-user-groups", "x-jwt-payload")
+AUDIENCE = GATEWAY_AUDIENCE
+IDENTITY = GATEWAY_IDENTITY
 COMPARED = (*IDENTITY, "cookie")  # and the client's other cookies, as they were
 
 
 def config(issuer: str) -> dict[str, Any]:
-    return {
-        "listen": "127.0.0.1:0",
-        "listen_http": "127.0.0.1:0",
-        "providers": [
-            {
-                "name": "test",
-                "issuer": issuer,
-                "audiences": [AUDIENCE],
-                "claim_to_headers": [
-                    {"header": "x-user-id", "claim": "sub"},
-                    {"header": "x-user-email", "claim": "email"},
-                    {"header": "x-user-groups", "claim": "groups"},
-                ],
-                "payload_header": "x-jwt-payload",
-            }
-        ],
-        "rules": [
-            {"name": "public", "match": {"paths": ["/public/*"]}, "allow": "anonymous"},
-            {"name": "admin", "match": {"paths": ["/admin/*"]}, "require": {"scopes": ["admin"]}},
-            {"name": "orders", "match": {"paths": ["/orders", "/orders/*"]}, "require": {}},
-        ],
-    }
+    return gateway_authz_config(issuer)
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,8 +63,7 @@ class Gateways:
 
 
 def http_address(authz: ExtAuthzProcess) -> str:
-    line = authz.process.wait_for_line(lambda text: '"http listening"' in text, timeout=10, what="http")
-    return str(json.loads(line)["address"])
+    return http_listener_address(authz)
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import socket
 import uuid
 from collections.abc import Iterator
@@ -15,37 +14,25 @@ import pytest
 import yaml
 
 from tests.support.echo import EchoBackend, EchoRequest
-from tests.support.gateways import GatewayProcess, start_caddy, start_nginx
+from tests.support.gateways import (
+    GATEWAY_AUDIENCE,
+    GATEWAY_IDENTITY,
+    GatewayProcess,
+    gateway_authz_config,
+    http_listener_address,
+    start_caddy,
+    start_nginx,
+)
 from tests.support.idp import TestIssuer
 from tests.support.processes import ExtAuthzProcess, start_ext_authz
 
-AUDIENCE = "gateways"
-IDENTITY = ("x-user-id", "x-user-email", "x-user-groups", "x-jwt-payload")
+AUDIENCE = GATEWAY_AUDIENCE
+IDENTITY = GATEWAY_IDENTITY
 TRACE = "x-review-trace"
 
 
 def config(issuer: str) -> dict[str, Any]:
-    return {
-        "listen": "127.0.0.1:0",
-        "listen_http": "127.0.0.1:0",
-        "providers": [
-            {
-                "name": "test",
-                "issuer": issuer,
-                "audiences": [AUDIENCE],
-                "claim_to_headers": [
-                    {"header": "x-user-id", "claim": "sub"},
-                    {"header": "x-user-email", "claim": "email"},
-                    {"header": "x-user-groups", "claim": "groups"},
-                ],
-                "payload_header": "x-jwt-payload",
-            }
-        ],
-        "rules": [
-            {"name": "public", "match": {"paths": ["/public/*"]}, "allow": "anonymous"},
-            {"name": "orders", "match": {"paths": ["/orders", "/orders/*"]}, "require": {}},
-        ],
-    }
+    return gateway_authz_config(issuer, admin_rule=False)
 
 
 @dataclass
@@ -73,8 +60,7 @@ class Stack:
 
 
 def http_address(authz: ExtAuthzProcess) -> str:
-    line = authz.process.wait_for_line(lambda text: '"http listening"' in text, timeout=10, what="http")
-    return str(json.loads(line)["address"])
+    return http_listener_address(authz)
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,6 @@ http_service, nginx auth_request and Caddy forward_auth (real binaries), with th
 from __future__ import annotations
 
 import contextlib
-import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -16,16 +15,11 @@ import yaml
 from ext_authz.dev.login import LoginSettings
 from tests.support.echo import EchoBackend
 from tests.support.envoy import start_envoy
-from tests.support.gateways import start_caddy, start_nginx
-from tests.support.processes import ExtAuthzProcess, start_ext_authz
+from tests.support.gateways import http_listener_address, start_caddy, start_nginx
+from tests.support.processes import start_ext_authz
 from tests.support.signin import COOKIE, CookieBrowser, signin_config, threaded_issuer
 
 IDENTITY = ("x-user-id", "x-user-groups")
-
-
-def http_address(authz: ExtAuthzProcess) -> str:
-    line = authz.process.wait_for_line(lambda text: '"http listening"' in text, timeout=10, what="http")
-    return str(json.loads(line)["address"])
 
 
 @contextlib.contextmanager
@@ -38,7 +32,7 @@ def gateway_stack(tmp_path: Path, gateway: str) -> Iterator[tuple[CookieBrowser,
         document["listen_http"] = "127.0.0.1:0"
         path.write_text(yaml.safe_dump(document, sort_keys=False))
         authz = stack.enter_context(start_ext_authz(path))
-        http = http_address(authz)
+        http = http_listener_address(authz)
         if gateway == "envoy-http":
             base = stack.enter_context(start_envoy(http, echo.port, http_service=True)).base_url
         elif gateway == "nginx":

@@ -244,3 +244,42 @@ def start_caddy(
     config.write_text(edit(text) if edit is not None else text)
     argv = ["caddy", "run", "--config", str(config), "--adapter", "caddyfile"]
     return _start("caddy", argv, workdir, port, caddy_env(workdir))
+
+
+GATEWAY_AUDIENCE = "gateways"
+GATEWAY_IDENTITY = ("x-user-id", "x-user-email", "x-user-groups", "x-jwt-payload")
+
+
+def gateway_authz_config(issuer: str, *, admin_rule: bool = True) -> dict[str, Any]:
+    """The ext-authz config the gateway tests put behind every proxy: both listeners, the identity
+    headers the shipped proxy configs carry, an anonymous route, a scoped one and a token one."""
+    rules: list[dict[str, Any]] = [
+        {"name": "public", "match": {"paths": ["/public/*"]}, "allow": "anonymous"}
+    ]
+    if admin_rule:
+        rules.append({"name": "admin", "match": {"paths": ["/admin/*"]}, "require": {"scopes": ["admin"]}})
+    rules.append({"name": "orders", "match": {"paths": ["/orders", "/orders/*"]}, "require": {}})
+    return {
+        "listen": "127.0.0.1:0",
+        "listen_http": "127.0.0.1:0",
+        "providers": [
+            {
+                "name": "test",
+                "issuer": issuer,
+                "audiences": [GATEWAY_AUDIENCE],
+                "claim_to_headers": [
+                    {"header": "x-user-id", "claim": "sub"},
+                    {"header": "x-user-email", "claim": "email"},
+                    {"header": "x-user-groups", "claim": "groups"},
+                ],
+                "payload_header": "x-jwt-payload",
+            }
+        ],
+        "rules": rules,
+    }
+
+
+def http_listener_address(authz: Any) -> str:
+    """The bound address from an ext-authz process's `http listening` log line."""
+    line = authz.process.wait_for_line(lambda text: '"http listening"' in text, timeout=10, what="http")
+    return str(json.loads(line)["address"])
