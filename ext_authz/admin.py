@@ -17,6 +17,7 @@ from ext_authz.metrics import CONTENT_TYPE
 log = logging.getLogger(__name__)
 
 BACKCHANNEL_LOGOUT_PATH = "/backchannel_logout"
+PROVIDERS_PATH = "/debug/providers"
 MAX_LOGOUT_BODY = 16 * 1024
 
 
@@ -30,6 +31,7 @@ class AdminServer:
         address_file: str | None = None,
         ssl_context: ssl.SSLContext | None = None,
         backchannel_logout: Callable[[str], Awaitable[tuple[int, str]]] | None = None,
+        providers: Callable[[], Awaitable[object] | object] | None = None,
     ) -> None:
         self._address_file = address_file
         self._ssl_context = ssl_context
@@ -41,6 +43,8 @@ class AdminServer:
         app.router.add_get("/readyz", self._readyz)
         app.router.add_get("/metrics", self._metrics_handler)
         self._backchannel_logout = backchannel_logout
+        self._providers = providers
+        app.router.add_get(PROVIDERS_PATH, self._providers_handler)
         app.router.add_post(BACKCHANNEL_LOGOUT_PATH, self._backchannel)
         self._runner = web.AppRunner(app, access_log=None)
         self.bound: str | None = None
@@ -91,6 +95,15 @@ class AdminServer:
             return web.json_response({"error": "invalid_request"}, status=400, headers=headers)
         status, answer = await self._backchannel_logout(body.decode("utf-8", "replace"))
         return web.Response(status=status, text=answer, content_type="application/json", headers=headers)
+
+    async def _providers_handler(self, _: web.Request) -> web.Response:
+        """Each provider's keys (ids and algorithms only), last fetch, age, staleness, readiness."""
+        if self._providers is None:
+            return web.json_response({"error": "not_found"}, status=404)
+        status = self._providers()
+        if inspect.isawaitable(status):
+            status = await status
+        return web.json_response(status, headers={"Cache-Control": "no-store"})
 
     async def _metrics_handler(self, _: web.Request) -> web.Response:
         body = self._metrics()

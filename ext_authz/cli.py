@@ -15,7 +15,7 @@ from typing import Any
 
 import uvloop
 
-from ext_authz import __version__, explain, logs, policytest, supervisor
+from ext_authz import __version__, explain, logs, policytest, status, supervisor
 from ext_authz.config.model import Settings
 from ext_authz.config.parse import load
 from ext_authz.config.values import ConfigError
@@ -61,6 +61,18 @@ def _parser() -> argparse.ArgumentParser:
     test_cmd = commands.add_parser("test", help="run policy test cases against a config (for CI)")
     test_cmd.add_argument("cases", metavar="CASES.yaml", help="the case file")
     test_cmd.add_argument("--config", required=True, metavar="FILE", help="the YAML config file")
+
+    status_cmd = commands.add_parser(
+        "status", help="a running server's providers: keys, age, last fetch, staleness, readiness"
+    )
+    status_cmd.add_argument(
+        "--admin",
+        default=status.DEFAULT_ADMIN,
+        metavar="HOST:PORT",
+        help=f"its admin listener (default {status.DEFAULT_ADMIN})",
+    )
+    status_cmd.add_argument("--json", action="store_true", help="print the admin listener's JSON")
+    status_cmd.add_argument("--ca-file", metavar="FILE", help="the admin listener serves TLS: trust this CA")
 
     from ext_authz.dev import cli as dev_cli  # the one product module that loads the dev tools
 
@@ -130,6 +142,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _explain(args)
     if args.command == "test":
         return _test(args)
+    if args.command == "status":
+        return status.run(args.admin, as_json=args.json, ca_file=args.ca_file, out=sys.stdout, err=sys.stderr)
     if args.command == "dev-issuer":
         from ext_authz.dev import cli as dev_cli
 

@@ -139,6 +139,7 @@ class Server:
                 ready=self.ready,
                 metrics=self.metrics.exposition,
                 backchannel_logout=self._backchannel_logout,
+                providers=self.provider_status,
                 address_file=admin_address_file,
                 ssl_context=admin_context,
             )
@@ -224,6 +225,16 @@ class Server:
                 with contextlib.suppress(LoginUnavailable):
                     self._session_events.active = await store.count()
             await asyncio.sleep(SESSION_COUNT_SECONDS)
+
+    def provider_status(self) -> dict[str, object]:
+        """`GET /debug/providers`: the config in force's providers and readiness."""
+        providers = self.keys.status()
+        known = {p.name: p for p in self.settings.providers}
+        for entry in providers:
+            provider = known.get(str(entry["name"]))
+            if provider is not None and provider.login is not None:
+                entry["login_endpoints"] = self._login.endpoints_now(provider.name) is not None
+        return {"ready": self.ready(), "readiness": self.settings.readiness, "providers": providers}
 
     async def _backchannel_logout(self, body: str) -> tuple[int, str]:
         """The admin listener's back-channel logout: the config in force answers it."""

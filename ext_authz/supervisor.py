@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import dataclasses
 import functools
+import json
 import logging
 import shutil
 import signal
@@ -149,6 +150,7 @@ class Supervisor:
                         ready=self._ready,
                         metrics=self._metrics,
                         ssl_context=admin_context,
+                        providers=self._providers,
                     )
                     await admin.start()
                     if admin_tls is not None:
@@ -238,6 +240,23 @@ class Supervisor:
             return False
         statuses = await asyncio.gather(*(self._fetch(a, "/readyz") for a in addresses if a))
         return all(status == 200 for status, _ in statuses)
+
+    async def _providers(self) -> object:
+        """Each worker's provider status (they fetch keys on their own)."""
+        addresses = [a for a in (w.admin_address() for w in self._workers) if a]
+        answers = await asyncio.gather(*(self._fetch(a, "/debug/providers") for a in addresses))
+        workers = []
+        for index, (status, text) in enumerate(answers):
+            try:
+                workers.append(
+                    {"worker": index, **json.loads(text)}
+                    if status == 200
+                    else {"worker": index, "ready": False}
+                )
+            except ValueError:
+                workers.append({"worker": index, "ready": False})
+        ready = bool(workers) and all(w.get("ready") for w in workers) and len(workers) == len(self._workers)
+        return {"ready": ready, "workers": workers}
 
     async def _metrics(self) -> bytes:
         addresses = [a for a in (w.admin_address() for w in self._workers) if a]

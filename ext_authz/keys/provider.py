@@ -44,6 +44,8 @@ class KeyStats:
     kid_refetches: Counter[str] = field(default_factory=Counter)  # fetched | suppressed
     fetched_at: float | None = None  # when the keys in use were fetched from the IdP
     key_count: int = 0
+    last_outcome: str | None = None  # of the last fetch (or shared-cache adoption), for status
+    last_attempt_at: float | None = None
 
 
 class ProviderKeys:
@@ -163,6 +165,31 @@ class ProviderKeys:
         if waited.verdict in ("fetched", "unknown"):
             raise UnknownKey()
         raise KeyPending(retry_after_seconds=waited.retry_after_seconds)
+
+    def status(self) -> dict[str, object]:
+        """What `GET /debug/providers` shows of this provider: key ids and algorithms (never
+        material), where the keys come from, the last fetch, age, next refresh, stale, ready."""
+        now = self._clock()
+        provider, stats, keys = self.provider, self.stats, self._keys
+        source = "inline" if self._static else "jwks_uri" if provider.jwks_uri else "discovery"
+        age = now - stats.fetched_at if stats.fetched_at is not None else None
+        return {
+            "name": provider.name,
+            "issuer": provider.issuer,
+            "source": source,
+            "ready": self.usable(),
+            "stale": self._stale(now),
+            "keys": [
+                {"kid": key.kid, "algorithms": sorted(key.algorithms)} for key in (keys.keys if keys else ())
+            ],
+            "fetched_at": stats.fetched_at,
+            "age_seconds": round(age, 1) if age is not None else None,
+            "max_stale_seconds": self.policy.max_stale_seconds,
+            "next_refresh_at": self._next_refresh_at or None,
+            "last_fetch": {"outcome": stats.last_outcome, "at": stats.last_attempt_at},
+            "fetches": dict(stats.fetches),
+            "kid_refetches": dict(stats.kid_refetches),
+        }
 
     def _count_kid_fetch(self, outcome: str) -> None:
         self.stats.kid_refetches[outcome] += 1
@@ -332,6 +359,10 @@ class ProviderKeys:
         # Up to 10% early, so that a fleet started together does not refresh in lockstep.
         self._next_refresh_at = fetched_at + self._interval(max_age) * self._jitter(0.9, 1.0)
         self.stats.fetches["ok" if source == "idp" else "shared"] += 1
+        self.stats.last_outcome, self.stats.last_attempt_at = (
+            ("ok" if source == "idp" else "shared"),
+            self._clock(),
+        )
         self.stats.fetched_at = fetched_at
         self.stats.key_count = len(keys)
         log.info(
@@ -352,6 +383,7 @@ class ProviderKeys:
 
     def _failed(self, outcome: str, error: str, started: float) -> None:
         self.stats.fetches[outcome] += 1
+        self.stats.last_outcome, self.stats.last_attempt_at = outcome, self._clock()
         age = None if self._fetched_at is None else round(self._clock() - self._fetched_at)
         log.warning(
             "key fetch failed",

@@ -108,6 +108,10 @@ class KeyStore:
         usable = [p.usable() for p in self._providers.values()]
         return all(usable) if self._readiness == "all" else any(usable)
 
+    def status(self) -> list[dict[str, object]]:
+        """Every provider's status (`GET /debug/providers`), in config order."""
+        return [p.status() for p in self._providers.values()]
+
     def stats(self) -> Mapping[str, KeyStats]:
         return {name: p.stats for name, p in self._providers.items()}
 
