@@ -41,8 +41,20 @@ class KeyCollector(Collector):
         age = GaugeMetricFamily(
             "ext_authz_key_age_seconds", "Seconds since the keys in use were fetched", labels=["provider"]
         )
+        max_stale = GaugeMetricFamily(
+            "ext_authz_key_max_stale_seconds",
+            "The provider's max_stale_seconds: key age beyond it means no usable keys",
+            labels=["provider"],
+        )
+        ready = GaugeMetricFamily(
+            "ext_authz_provider_ready",
+            "1 when the provider has usable keys (not stale), else 0",
+            labels=["provider"],
+        )
         now = self._clock()
         for provider, stats in self._stats().items():
+            max_stale.add_metric([provider], stats.max_stale_seconds)
+            ready.add_metric([provider], 1.0 if stats.ready(now) else 0.0)
             for outcome, count in stats.fetches.items():
                 fetches.add_metric([provider, outcome], count)
             for outcome in ("fetched", "suppressed"):
@@ -52,6 +64,8 @@ class KeyCollector(Collector):
         yield fetches
         yield refetches
         yield age
+        yield max_stale
+        yield ready
 
 
 class TokenCacheCollector(Collector):

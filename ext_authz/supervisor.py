@@ -48,7 +48,10 @@ _MAX_ACROSS_WORKERS = {
     "ext_authz_key_age_seconds",
     "ext_authz_build_info",
     "ext_authz_tls_certificate_expiry_timestamp_seconds",  # one file: the same in every worker
+    "ext_authz_key_max_stale_seconds",  # one config: the same in every worker
 }
+# Gauges where the fleet is only as good as its worst worker.
+_MIN_ACROSS_WORKERS = {"ext_authz_provider_ready"}
 
 
 def reserve_port(address: str) -> tuple[str, socket.socket | None]:
@@ -279,6 +282,8 @@ def aggregate(texts: Sequence[str], *, workers: int) -> bytes:
                     values[key] = sample.value
                 elif family.name in _MAX_ACROSS_WORKERS:
                     values[key] = max(values[key], sample.value)
+                elif family.name in _MIN_ACROSS_WORKERS:
+                    values[key] = min(values[key], sample.value)
                 else:
                     values[key] += sample.value
     lines = [

@@ -46,6 +46,14 @@ class KeyStats:
     key_count: int = 0
     last_outcome: str | None = None  # of the last fetch (or shared-cache adoption), for status
     last_attempt_at: float | None = None
+    max_stale_seconds: float = 86400.0  # the provider's (metrics: key age against it)
+    static: bool = False  # inline keys: never stale
+
+    def ready(self, now: float) -> bool:
+        """Usable keys in hand, not past max_stale_seconds (as ProviderKeys.usable)."""
+        if self.key_count == 0:
+            return False
+        return self.static or self.fetched_at is None or now - self.fetched_at <= self.max_stale_seconds
 
 
 class ProviderKeys:
@@ -85,7 +93,11 @@ class ProviderKeys:
         # A slow shared cache may take at most this much of a fetch's time budget per operation,
         # so that a frozen Redis cannot turn a refetch a request waits on into a 503.
         self._cache_budget = self.policy.fetch_timeout_seconds / 8
-        self.stats = KeyStats(key_count=len(self._keys) if self._keys else 0)
+        self.stats = KeyStats(
+            key_count=len(self._keys) if self._keys else 0,
+            max_stale_seconds=self.policy.max_stale_seconds,
+            static=self._static,
+        )
         self._task: asyncio.Task[None] | None = None
         self.first_attempt = asyncio.Event()  # set once the first fetch has succeeded or failed
         if self._static:
