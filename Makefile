@@ -21,7 +21,7 @@ test: $(STAMP) tools lint typecheck imports unit
 # command:package pairs; only the packages of missing commands are installed. faketime moves the
 # machine's clock for tests/unit/test_fixed_clock.py; chromium and chromedriver drive a headless
 # browser (tests/support/browser.py).
-TOOLS := faketime:faketime chromium:chromium chromedriver:chromium-driver nginx:nginx caddy:caddy
+TOOLS := faketime:faketime chromium:chromium chromedriver:chromium-driver nginx:nginx caddy:caddy promtool:prometheus
 tools:
 	@missing=""; for t in $(TOOLS); do command -v $${t%%:*} >/dev/null || missing="$$missing $${t#*:}"; done; \
 	if [ -n "$$missing" ]; then \
