@@ -159,3 +159,20 @@ def test_every_metric_in_an_expression_is_exported(exposition: str) -> None:
     assert "ext_authz_tls_certificate_expiry_timestamp_seconds" in exported  # TLS is on
     assert len(used) >= 10
     assert used <= exported, sorted(used - exported)
+
+
+def test_every_runbook_url_names_a_readme_heading() -> None:
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    anchors = {
+        re.sub(r"[^a-z0-9 -]", "", line.lstrip("#").strip().lower()).replace(" ", "-")
+        for line in readme.splitlines()
+        if line.startswith("#")
+    }
+    document = yaml.safe_load(
+        (Path(__file__).resolve().parents[2] / "deploy/prometheus/ext-authz-rules.yaml").read_text()
+    )
+    for group in document["groups"]:
+        for rule in group["rules"]:
+            if "alert" in rule:
+                url = rule["annotations"]["runbook_url"]
+                assert url.startswith("README.md#") and url.partition("#")[2] in anchors, url
