@@ -44,7 +44,7 @@ import yaml
 
 from ext_authz.dev.plan import envoy_binary
 from ext_authz.serveoptions import DEFAULT_THREADS
-from tests.bench import bench_rules, envoy_bench, fixtures, load, micro, profiling
+from tests.bench import bench_rules, envoy_bench, fixtures, load, micro, plots, profiling
 from tests.bench.envoy_bench import BenchEnvoy
 from tests.bench.fixtures import ExtAuthz
 from tests.bench.load import LoadResult
@@ -346,7 +346,7 @@ def constant_rate(
     options: Options, scenarios: Mapping[str, Scenario], rate: float, token: str, results: Results
 ) -> None:
     """X1, E2 and E2s at the same constant rate, alternating in two rounds each; latencies merged."""
-    keys = ("X1", "E2", "E2s")
+    keys = tuple(k for k in ("X1", "H1", "E2", "E2s") if k in scenarios)
     if shutil.which("h2load") is None:
         # Without a constant-rate tool: latency with few connections, far from saturation.
         for key in keys:
@@ -876,6 +876,37 @@ def parse_args(argv: list[str] | None) -> Options:
     )
 
 
+def _plots(directory: Path, results: Results) -> str:
+    """SVG plots beside the report (tests/bench/plots.py), and the section that embeds them."""
+    directory.mkdir(parents=True, exist_ok=True)
+    measured = results.scenarios
+    floors = {key: measured[key] for key in ("E2", "E2s") if key in measured}
+    throughput = {key: m.load.rate for key, m in measured.items()}
+    cpu = {key: m.authz_cpu_us for key, m in measured.items() if m.authz_cpu_us is not None}
+    embedded = plots.write(
+        directory,
+        {
+            "throughput": plots.bars(
+                "Throughput per scenario (req/s; dashed: the floors E2, E2s)",
+                "req/s",
+                throughput,
+                {k: m.load.rate for k, m in floors.items()},
+            ),
+            "cpu": plots.bars(
+                "Authorizer CPU per request (µs; dashed: the floors)",
+                "µs",
+                cpu,
+                {k: m.authz_cpu_us for k, m in floors.items() if m.authz_cpu_us is not None},
+            ),
+            "latency": plots.cdf(
+                "Latency CDF at the same constant rate (log scale)",
+                {key: r.samples for key, r in results.constant.items()},
+            ),
+        },
+    )
+    return "\n## Plots\n\n" + "\n\n".join(embedded) + "\n"
+
+
 def main(argv: list[str] | None = None) -> None:
     options = parse_args(argv)
     require("wrk", "`make bench` installs it: apt-get install wrk")
@@ -884,7 +915,7 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory(prefix="ext-authz-bench-") as tmp:
         results = run(options, Path(tmp))
     elapsed = time.monotonic() - started
-    report = render(options, results, elapsed)
+    report = render(options, results, elapsed) + _plots(options.report.parent, results)
     options.report.parent.mkdir(parents=True, exist_ok=True)
     options.report.write_text(report)
     print(report)
