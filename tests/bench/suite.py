@@ -13,7 +13,7 @@ Every Envoy and authorizer is started first and stays up; each scenario is warme
 scenarios take turns in rounds of wrk load (fixed connections; the duration split into rounds), so
 that a slow spell of the shared machine touches all of them alike. CPU time per request comes from
 /proc/PID/stat (utime + stime of every thread; a supervisor and each of its workers) over the
-rounds. Then X2's token cache is filled and the resident sizes read, X1, E2 and E2s run at the same
+rounds. Then X2's token cache is filled and the resident sizes read, X1, H1, E2 and E2s run at the same
 constant rate (half of X1's maximum), and ext-authz is profiled with py-spy under X1's load. The
 in-process micro-benchmarks (micro.py) and bench_rules.py run first, before any load.
 
@@ -345,7 +345,7 @@ def start_scenarios(
 def constant_rate(
     options: Options, scenarios: Mapping[str, Scenario], rate: float, token: str, results: Results
 ) -> None:
-    """X1, E2 and E2s at the same constant rate, alternating in two rounds each; latencies merged."""
+    """X1, H1, E2 and E2s at the same constant rate, alternating in two rounds each; latencies merged."""
     keys = tuple(k for k in ("X1", "H1", "E2", "E2s") if k in scenarios)
     if shutil.which("h2load") is None:
         # Without a constant-rate tool: latency with few connections, far from saturation.
@@ -371,8 +371,8 @@ def constant_rate(
         results.constant[key] = load.merged(runs[key])
     results.constant_method = (
         f"h2load --rps, HTTP/1.1, {options.connections} connections paced to {rate:,.0f} req/s in total "
-        f"(half of X1's maximum), X1, E2 and E2s alternating, 2 x {options.rate_seconds / 2:g} s each after "
-        "1 s of warm-up; percentiles over every request"
+        f"(half of X1's maximum), {', '.join(keys)} alternating, 2 x {options.rate_seconds / 2:g} s each "
+        "after 1 s of warm-up; percentiles over every request"
     )
 
 
