@@ -257,6 +257,8 @@ class Metrics:
             ["outcome"],
             registry=self.registry,
         )
+        for outcome in ("ok", "invalid"):  # at zero from the start: a first failure shows as a rise
+            self.reloads.labels(outcome)
         build = Gauge("ext_authz_build_info", "Build information", ["version"], registry=self.registry)
         build.labels(__version__).set(1)
         self.registry.register(KeyCollector(key_stats, clock))

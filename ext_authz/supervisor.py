@@ -100,6 +100,7 @@ class Supervisor:
         self._listen = options.listen or settings.listen
         self._workers: list[Worker] = []
         self._stopping = False
+        self.worker_restarts = 0  # for ext_authz_worker_restarts_total
         self._rundir = Path(tempfile.mkdtemp(prefix="ext-authz-"))
         self._session: aiohttp.ClientSession | None = None
 
@@ -203,6 +204,7 @@ class Supervisor:
                     log.error("workers keep dying; stopping", extra={"fields": {"restarts": len(restarts)}})
                     await self._stop_all()
                     return 1
+                self.worker_restarts += 1
                 await worker.start()
 
     async def _stop_all(self) -> int:
@@ -264,10 +266,14 @@ class Supervisor:
     async def _metrics(self) -> bytes:
         addresses = [a for a in (w.admin_address() for w in self._workers) if a]
         texts = await asyncio.gather(*(self._fetch(a, "/metrics") for a in addresses))
-        return aggregate([text for status, text in texts if status == 200], workers=len(self._workers))
+        return aggregate(
+            [text for status, text in texts if status == 200],
+            workers=len(self._workers),
+            restarts=self.worker_restarts,
+        )
 
 
-def aggregate(texts: Sequence[str], *, workers: int) -> bytes:
+def aggregate(texts: Sequence[str], *, workers: int, restarts: int = 0) -> bytes:
     """The workers' Prometheus texts as one: samples with equal names and labels add up."""
     kinds: dict[str, tuple[str, str]] = {}
     values: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
@@ -290,6 +296,9 @@ def aggregate(texts: Sequence[str], *, workers: int) -> bytes:
         "# HELP ext_authz_workers Worker processes",
         "# TYPE ext_authz_workers gauge",
         f"ext_authz_workers {workers}",
+        "# HELP ext_authz_worker_restarts_total Workers that exited and were started again",
+        "# TYPE ext_authz_worker_restarts_total counter",
+        f"ext_authz_worker_restarts_total {restarts}",
     ]
     for name, (kind, doc) in kinds.items():
         lines.append(f"# HELP {name} {doc}")

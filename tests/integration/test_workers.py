@@ -105,6 +105,7 @@ def test_workers_share_the_port_and_metrics_add_up(
     status, text = get(f"http://{admin}/metrics")
     assert status == 200
     assert "ext_authz_workers 2" in text
+    assert "ext_authz_worker_restarts_total 0" in text
 
     def total(decision: str) -> float:
         prefix = f'ext_authz_checks_total{{decision="{decision}"'
@@ -129,6 +130,7 @@ def test_a_dead_worker_is_replaced(fleet: tuple[ExtAuthzProcess, str], issuer: T
         time.sleep(0.1)
     wait_ready(admin)
     assert all(check(server.address, issuer.mint()) == 0 for _ in range(10))
+    assert "ext_authz_worker_restarts_total 1" in get(f"http://{admin}/metrics")[1]
 
 
 def test_sigterm_stops_every_worker_and_exits_0(fleet: tuple[ExtAuthzProcess, str]) -> None:
