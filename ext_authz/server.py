@@ -14,9 +14,9 @@ import logging
 import signal
 import ssl
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import grpc
 
@@ -125,7 +125,7 @@ class Server:
             raise ServeError(f"tls.{exc.field}: {exc.message}") from None
         if self.tls is not None:
             self.metrics.registry.register(TlsCollector(self.tls.state))
-        admin_address = admin_listen or settings.admin
+        admin_address = self._admin_address = admin_listen or settings.admin
         # A supervisor's workers serve their admin listener to the supervisor alone, on loopback.
         admin_context = None
         if self.tls is not None and self.tls.settings.admin and admin_address and not admin_plaintext:
@@ -147,7 +147,7 @@ class Server:
             else None
         )
         # The HTTP authorization listener (listen_http), beside the gRPC one, same TLS settings.
-        http_address = listen_http or settings.listen_http
+        http_address = self._http_address = listen_http or settings.listen_http
         self.http: HttpListener | None = None
         if http_address is not None:
             http_context = None
@@ -265,21 +265,9 @@ class Server:
         self.servicer.serve_from(asyncio.get_running_loop(), self._threads)
         self._grpc.start()
         if self.admin is not None:
-            try:
-                await self.admin.start()
-            except OSError as exc:
-                await self._stop_grpc(0)
-                await self._close()
-                raise ServeError(f"cannot listen on {self.settings.admin} (admin): {exc.strerror}") from None
+            await self._start_listener(self.admin.start(), self._admin_address, "admin")
         if self.http is not None:
-            try:
-                await self.http.start()
-            except OSError as exc:
-                await self._stop_grpc(0)
-                await self._close()
-                raise ServeError(
-                    f"cannot listen on {self.settings.listen_http} (listen_http): {exc.strerror}"
-                ) from None
+            await self._start_listener(self.http.start(), self._http_address, "listen_http")
         bound = f"{self._address.rpartition(':')[0]}:{port}"
         tls = "off" if self.tls is None else "mutual" if self.tls.mutual else "on"
         fields = {"address": bound, "providers": len(self.settings.providers), "tls": tls}
@@ -294,6 +282,15 @@ class Server:
         if self._reloader.path is not None:
             self._spawn(self._reloader.watch(), "config-watch")
         return bound
+
+    async def _start_listener(self, start: Coroutine[Any, Any, str], address: str | None, what: str) -> None:
+        """Start one of the listeners beside gRPC; if it cannot bind, stop what is running."""
+        try:
+            await start
+        except OSError as exc:
+            await self._stop_grpc(0)
+            await self._close()
+            raise ServeError(f"cannot listen on {address} ({what}): {exc.strerror}") from None
 
     def ready(self) -> bool:
         return not self._draining and self.keys.ready() and self._login.ready(self.settings.providers)

@@ -12,6 +12,7 @@ from urllib.parse import parse_qs
 
 from ext_authz import errors
 from ext_authz.browser.pages import busy
+from ext_authz.browser.stores import log_store_down
 from ext_authz.config.model import ProviderSettings
 from ext_authz.handoff import on_loop
 from ext_authz.identity import Verifier, parse_token
@@ -21,10 +22,6 @@ from ext_authz.sessions.session import SessionEvents, SessionStore, index_key
 log = logging.getLogger("ext_authz.browser.flow")
 
 MAX_LOGOUT_BODY = 16 * 1024
-
-
-def store_down(exc: LoginUnavailable) -> None:
-    log.warning("session store unavailable", extra={"fields": {"outcome": exc.outcome}})
 
 
 async def backchannel_logout(
@@ -77,7 +74,7 @@ async def backchannel_logout(
             return refused
         ended = await on_loop(store.end(index_key(kind, provider.name, value)), busy=busy())
     except LoginUnavailable as exc:
-        store_down(exc)
+        log_store_down(exc)
         return 503, json.dumps({"error": "temporarily_unavailable"})
     log.info("back-channel logout", extra={"fields": {"provider": provider.name, "by": kind, "ended": ended}})
     events.count("logout", "backchannel")

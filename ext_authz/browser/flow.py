@@ -46,6 +46,7 @@ from ext_authz.browser.stores import (
     NoStore,
     RedisSessions,
     SessionTooLarge,
+    log_store_down,
 )
 from ext_authz.config.model import FORWARDED_ACCESS_TOKEN, ProviderSettings, RuleSettings, Settings
 from ext_authz.handoff import on_loop
@@ -221,7 +222,7 @@ class Browsers:
 
     @staticmethod
     def _store_down(exc: LoginUnavailable) -> Found:
-        log.warning("session store unavailable", extra={"fields": {"outcome": exc.outcome}})
+        log_store_down(exc)
         return Found(unavailable=errors.LoginUnavailable(RETRY_AFTER_SECONDS), reason="login_unavailable")
 
     def sign_in(self, request: Request, rule: RuleSettings, found: Found) -> Deny | None:
@@ -274,9 +275,9 @@ class Browsers:
         return redirect(location, set_cookies, "sign_in_started", rule.name)
 
     def finish(self, request: Request, allow: Allow, found: Found) -> Allow:
-        """An allowed session request: the session's cookies out, its access token in (when the
-        provider forwards it), a renewed cookie on the response."""
-        allow = self.strip(request, allow)
+        """An allowed session request: its access token in (when the provider forwards it), a
+        renewed cookie on the response. (The session's cookies come out of every allowed request
+        in Pipeline._decide_sessions, this one too.)"""
         session = found.session
         assert session is not None
         login = self._providers[session.provider].login
@@ -478,7 +479,7 @@ class Browsers:
             message = "The identity provider's tokens are too large to keep in cookies (use the redis store)."
             return _sign_in_failed(provider, "session too large for cookies", message, ended, 502)
         except LoginUnavailable as exc:
-            self._store_down(exc)
+            log_store_down(exc)
             return unavailable(ended)
         # The session first (nginx passes only the first Set-Cookie; the transaction's expires anyway).
         return redirect(transaction.return_to, [*kept, *ended], "sign_in_completed", "")
@@ -500,7 +501,7 @@ class Browsers:
                 session = await self._backing.open(value, self._clock())
                 await self._backing.end(value)
             except LoginUnavailable as exc:
-                self._store_down(exc)
+                log_store_down(exc)
                 return unavailable(())  # not ended: say so, rather than pretend
         ended = self._expire_session(jar)
         target = self._post_logout_url(request)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
+import logging
 import math
 import secrets
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -31,9 +32,16 @@ from ext_authz.sessions.session import (
     to_data,
 )
 
+log = logging.getLogger("ext_authz.browser.flow")
+
 ID_PURPOSE = "session-id"
 RECORD_PURPOSE = "session-record"
 PEER_POLL_SECONDS = 0.05  # a replica waiting for another's refresh of the same session
+
+
+def log_store_down(exc: LoginUnavailable) -> None:
+    """The one log line of a session store that cannot be asked (the caller answers 503)."""
+    log.warning("session store unavailable", extra={"fields": {"outcome": exc.outcome}})
 
 
 class SessionTooLarge(ValueError):
@@ -67,6 +75,8 @@ class Backing(Protocol):
 
 
 class _Sealed:
+    cookie_purpose: str  # what the session cookie's sealed value is (the session, or its id)
+
     def __init__(self, settings: SessionSettings, sealer: cookies.Sealer) -> None:
         self.settings = settings
         self.sealer = sealer
@@ -79,9 +89,7 @@ class _Sealed:
     def cookies_for(
         self, data: object, jar: Mapping[str, str], now: float, lifetime: float
     ) -> tuple[str, ...]:
-        sealed = self.sealer.seal(
-            PURPOSE_OF[type(self)], self.cookie, data, now=now, lifetime_seconds=lifetime
-        )
+        sealed = self.sealer.seal(self.cookie_purpose, self.cookie, data, now=now, lifetime_seconds=lifetime)
         max_age = max(1, math.floor(lifetime))
         try:
             return tuple(cookies.set_cookies(self.cookie, sealed, max_age_seconds=max_age, present=jar))
@@ -94,6 +102,7 @@ class CookieSessions(_Sealed):
     Activity re-seals it now and then, so the idle timeout slides."""
 
     remembers = True
+    cookie_purpose = PURPOSE
 
     async def open(self, value: str, now: float) -> Session | None:
         return from_data(self.sealer.open(PURPOSE, self.cookie, value, now=now))
@@ -121,6 +130,7 @@ class RedisSessions(_Sealed):
     lock per session) and stored in one write, so replicas never both present a refresh token."""
 
     remembers = False
+    cookie_purpose = ID_PURPOSE
 
     def __init__(
         self,
@@ -267,6 +277,3 @@ class NoStore:
 
     async def count(self) -> int:
         raise self._no()
-
-
-PURPOSE_OF: Mapping[type, str] = {CookieSessions: PURPOSE, RedisSessions: ID_PURPOSE}

@@ -49,11 +49,15 @@ class KeyStats:
     max_stale_seconds: float = 86400.0  # the provider's (metrics: key age against it)
     static: bool = False  # inline keys: never stale
 
-    def ready(self, now: float) -> bool:
-        """Usable keys in hand, not past max_stale_seconds (as ProviderKeys.usable)."""
-        if self.key_count == 0:
+    def stale(self, now: float) -> bool:
+        """The keys in use are past max_stale_seconds (inline keys never are)."""
+        if self.static or self.fetched_at is None:
             return False
-        return self.static or self.fetched_at is None or now - self.fetched_at <= self.max_stale_seconds
+        return now - self.fetched_at > self.max_stale_seconds
+
+    def ready(self, now: float) -> bool:
+        """Usable keys in hand, not stale: what ProviderKeys.usable answers, and the metrics show."""
+        return self.key_count > 0 and not self.stale(now)
 
 
 class ProviderKeys:
@@ -127,12 +131,10 @@ class ProviderKeys:
     # ---- the request path ----
 
     def usable(self) -> bool:
-        return self._keys is not None and not self._stale(self._clock())
+        return self.stats.ready(self._clock())
 
     def _stale(self, now: float) -> bool:
-        if self._static or self._fetched_at is None:
-            return False
-        return now - self._fetched_at > self.policy.max_stale_seconds
+        return self.stats.stale(now)
 
     def _retry_after(self) -> int:
         wait = self._next_attempt_at - self._clock()

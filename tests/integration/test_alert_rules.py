@@ -19,7 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.support.deploy import DEPLOY, document
 from tests.support.idp import TestIssuer
-from tests.support.processes import json_log_line, start_ext_authz
+from tests.support.processes import start_ext_authz
 from tests.support.tls import CertificateAuthority, write_files
 
 PROMETHEUS = DEPLOY / "prometheus"
@@ -142,12 +142,8 @@ def exposition(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         path = directory / "ext-authz.yaml"
         path.write_text(yaml.safe_dump(config))
         with start_ext_authz(path, extra_args=["--workers", "2"]) as server:
-            line = server.process.wait_for_line(
-                lambda text: '"event": "supervising"' in text, timeout=20, what="supervising"
-            )
-            record = json_log_line(line)
-            assert record is not None and isinstance(record["admin"], str)
-            with urllib.request.urlopen(f"http://{record['admin']}/metrics", timeout=10) as response:
+            admin = server.logged_address("supervising", "admin")
+            with urllib.request.urlopen(f"http://{admin}/metrics", timeout=10) as response:
                 yield response.read().decode()
 
 

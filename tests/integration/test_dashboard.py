@@ -26,7 +26,7 @@ from ext_authz._proto.envoy.service.auth.v3 import (
     external_auth_pb2_grpc,
 )
 from tests.support.idp import TestIssuer
-from tests.support.processes import ExtAuthzProcess, json_log_line, start_ext_authz
+from tests.support.processes import ExtAuthzProcess, start_ext_authz
 from tests.support.prometheus import Prometheus
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -113,12 +113,7 @@ def server(issuer: TestIssuer, tmp_path: Path) -> Iterator[tuple[ExtAuthzProcess
     path = tmp_path / "ext-authz.yaml"
     path.write_text(yaml.safe_dump(config))
     with start_ext_authz(path) as running:
-        line = running.process.wait_for_line(
-            lambda text: '"admin listening"' in text, timeout=20, what="admin listening"
-        )
-        record = json_log_line(line)
-        assert record is not None and isinstance(record["address"], str)
-        yield running, record["address"]
+        yield running, running.logged_address("admin listening")
 
 
 def test_the_configmap_embeds_exactly_the_dashboard_json() -> None:

@@ -25,7 +25,7 @@ from tests.support.gateways import (
     start_nginx,
 )
 from tests.support.idp import TestIssuer
-from tests.support.processes import ExtAuthzProcess, start_ext_authz
+from tests.support.processes import start_ext_authz
 
 AUDIENCE = GATEWAY_AUDIENCE
 IDENTITY = GATEWAY_IDENTITY
@@ -62,10 +62,6 @@ class Gateways:
         return Seen(response.status, identity, bool(reached), response.header("www-authenticate"))
 
 
-def http_address(authz: ExtAuthzProcess) -> str:
-    return http_listener_address(authz)
-
-
 @pytest.fixture(scope="module")
 def gateways(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateways]:
     directory = tmp_path_factory.mktemp("gateways")
@@ -75,7 +71,7 @@ def gateways(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateways]:
         path = directory / "ext-authz.yaml"
         path.write_text(yaml.safe_dump(config(issuer.url), sort_keys=False))
         authz = stack.enter_context(start_ext_authz(path))
-        http = http_address(authz)
+        http = http_listener_address(authz)
         urls = {
             "envoy-grpc": stack.enter_context(start_envoy(authz.address, echo.port)).base_url,
             "envoy-http": stack.enter_context(start_envoy(http, echo.port, http_service=True)).base_url,

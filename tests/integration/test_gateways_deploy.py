@@ -43,7 +43,7 @@ from tests.support.gateways import (
 )
 from tests.support.httpserver import LoopbackHTTPServer
 from tests.support.idp import TestIssuer
-from tests.support.processes import ExtAuthzProcess, json_log_line, start_ext_authz
+from tests.support.processes import ExtAuthzProcess, start_ext_authz
 
 # What deploy/local/ext-authz.yaml's claim_to_headers name, plus the payload header.
 IDENTITY_HEADERS = ("x-user-id", "x-user-email", "x-user-groups", "x-user-scopes", "x-jwt-payload")
@@ -314,18 +314,8 @@ def authz_http(issuer: TestIssuer) -> Iterator[str]:
         path.write_text(yaml.safe_dump(config, sort_keys=False))
         server: ExtAuthzProcess = start_ext_authz(path, extra_args=["--listen-http", "127.0.0.1:0"])
         with server:
-            line = server.process.wait_for_line(_is_http_listening, timeout=20, what="http listening")
-            record = json_log_line(line)
-            assert record is not None
-            address = record["address"]
-            assert isinstance(address, str)
-            yield address
+            yield server.logged_address("http listening")
             server.process.check_alive()
-
-
-def _is_http_listening(line: str) -> bool:
-    record = json_log_line(line)
-    return record is not None and record.get("event") == "http listening"
 
 
 GATEWAYS: dict[str, Callable[..., GatewayProcess]] = {"nginx": start_nginx, "caddy": start_caddy}

@@ -24,7 +24,7 @@ from tests.support.gateways import (
     start_nginx,
 )
 from tests.support.idp import TestIssuer
-from tests.support.processes import ExtAuthzProcess, start_ext_authz
+from tests.support.processes import start_ext_authz
 
 AUDIENCE = GATEWAY_AUDIENCE
 IDENTITY = GATEWAY_IDENTITY
@@ -59,10 +59,6 @@ class Stack:
         return b"".join(chunks), reached
 
 
-def http_address(authz: ExtAuthzProcess) -> str:
-    return http_listener_address(authz)
-
-
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     directory = tmp_path_factory.mktemp("gateways-review")
@@ -72,7 +68,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         path = directory / "ext-authz.yaml"
         path.write_text(yaml.safe_dump(config(issuer.url), sort_keys=False))
         authz = stack.enter_context(start_ext_authz(path))
-        http = http_address(authz)
+        http = http_listener_address(authz)
         nginx = stack.enter_context(start_nginx(http, echo.port, identity_headers=IDENTITY))
         caddy = stack.enter_context(start_caddy(http, echo.port, identity_headers=IDENTITY))
         yield Stack(issuer, echo, nginx, caddy)

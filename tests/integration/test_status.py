@@ -15,9 +15,7 @@ from tests.support.processes import ExtAuthzProcess, start_ext_authz
 
 
 def admin_of(server: ExtAuthzProcess, event: str = "admin listening") -> str:
-    line = server.process.wait_for_line(lambda text: f'"{event}"' in text, timeout=20, what=event)
-    record = json.loads(line)
-    return str(record["address"] if event == "admin listening" else record["admin"])
+    return server.logged_address(event, "address" if event == "admin listening" else "admin")
 
 
 def status(*args: str) -> subprocess.CompletedProcess[str]:

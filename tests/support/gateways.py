@@ -27,7 +27,7 @@ from typing import Any
 
 from tests.support.deploy import DEPLOY
 from tests.support.lifecycle import StopOnExit
-from tests.support.processes import ManagedProcess, ProcessError
+from tests.support.processes import ExtAuthzProcess, ManagedProcess, ProcessError
 
 NGINX_CONF = DEPLOY / "nginx" / "nginx.conf"
 CADDYFILE = DEPLOY / "caddy" / "Caddyfile"
@@ -279,7 +279,6 @@ def gateway_authz_config(issuer: str, *, admin_rule: bool = True) -> dict[str, A
     }
 
 
-def http_listener_address(authz: Any) -> str:
-    """The bound address from an ext-authz process's `http listening` log line."""
-    line = authz.process.wait_for_line(lambda text: '"http listening"' in text, timeout=10, what="http")
-    return str(json.loads(line)["address"])
+def http_listener_address(authz: ExtAuthzProcess) -> str:
+    """The bound address of an ext-authz process's HTTP listener."""
+    return authz.logged_address("http listening")

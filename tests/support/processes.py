@@ -249,6 +249,15 @@ class ExtAuthzProcess(StopOnExit):
     def port(self) -> int:
         return int(self.address.rsplit(":", 1)[1])
 
+    def logged_address(self, event: str, key: str = "address", *, timeout: float = 20.0) -> str:
+        """An address the server logged: ``key`` of its first ``event`` line ("admin listening",
+        "http listening"; a supervisor's "supervising" line has its ``admin``)."""
+        marker = f'"event": "{event}"'
+        line = self.process.wait_for_line(lambda text: marker in text, timeout=timeout, what=event)
+        record = json_log_line(line)
+        assert record is not None and isinstance(record.get(key), str), line
+        return str(record[key])
+
     def stop(self) -> int:
         return self.process.stop()
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import html
-import json
 import re
 import threading
 import time
@@ -144,8 +143,7 @@ def signin_config(issuer: str, path: Path, *, admin: bool | str = False, **sessi
 
 def admin_address(authz: ExtAuthzProcess) -> str:
     """The bound admin address from the server's `admin listening` log line."""
-    line = authz.process.wait_for_line(lambda text: '"admin listening"' in text, timeout=10, what="admin")
-    return str(json.loads(line)["address"])
+    return authz.logged_address("admin listening")
 
 
 @dataclass(frozen=True, slots=True)

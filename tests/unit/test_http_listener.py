@@ -9,34 +9,17 @@ from typing import Any
 
 import pytest
 
-from ext_authz.compiled import compile
 from ext_authz.keys.static import StaticKeys
-from ext_authz.pipeline import Pipeline
 from ext_authz.transport import http as listener_module
-from ext_authz.transport.http import HttpAuthorizer, HttpListener
-from ext_authz.transport.servicer import AuthorizationServicer
-from tests.support.tokens import Mint, clock, make_settings
-
-RULES = [
-    {"name": "public", "match": {"paths": ["/public/*"]}, "allow": "anonymous"},
-    {"name": "api", "match": {"paths": ["/*"]}, "require": {}},
-]
+from tests.support.httplistener import running_listener
+from tests.support.tokens import Mint
 
 
 @pytest.fixture
 async def listener(resolver: StaticKeys) -> AsyncIterator[str]:
-    settings = make_settings(
-        provider={"claim_to_headers": [{"header": "x-user-id", "claim": "sub"}]},
-        rules=RULES,
-        listen_http="127.0.0.1:0",
-    )
-    pipeline = Pipeline(compile(settings), resolver, clock=clock)
-    server = HttpListener("127.0.0.1:0", HttpAuthorizer(AuthorizationServicer(pipeline)))
-    address = await server.start()
-    try:
-        yield address
-    finally:
-        await server.stop(1.0)
+    async with running_listener(resolver) as running:
+        assert running.bound is not None
+        yield running.bound
 
 
 async def exchange(address: str, *chunks: bytes, pause: float = 0.0, read_until_close: bool = True) -> bytes:

@@ -10,34 +10,17 @@ from typing import Any
 
 import pytest
 
-from ext_authz.compiled import compile
 from ext_authz.keys.static import StaticKeys
-from ext_authz.pipeline import Pipeline
 from ext_authz.transport import http as listener_module
-from ext_authz.transport.http import HttpAuthorizer, HttpListener
-from ext_authz.transport.servicer import AuthorizationServicer
-from tests.support.tokens import Mint, clock, make_settings
-
-RULES = [
-    {"name": "public", "match": {"paths": ["/public/*"]}, "allow": "anonymous"},
-    {"name": "api", "match": {"paths": ["/*"]}, "require": {}},
-]
+from ext_authz.transport.http import HttpListener
+from tests.support.httplistener import running_listener
+from tests.support.tokens import Mint
 
 
 @pytest.fixture
 async def server(resolver: StaticKeys) -> AsyncIterator[HttpListener]:
-    settings = make_settings(
-        provider={"claim_to_headers": [{"header": "x-user-id", "claim": "sub"}]},
-        rules=RULES,
-        listen_http="127.0.0.1:0",
-    )
-    pipeline = Pipeline(compile(settings), resolver, clock=clock)
-    listener = HttpListener("127.0.0.1:0", HttpAuthorizer(AuthorizationServicer(pipeline)))
-    await listener.start()
-    try:
-        yield listener
-    finally:
-        await listener.stop(1.0)
+    async with running_listener(resolver) as running:
+        yield running
 
 
 async def exchange(address: str, raw: bytes) -> bytes:
