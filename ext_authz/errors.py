@@ -32,6 +32,8 @@ class AuthError(Exception):
     description: ClassVar[str] = "the request is not authorized"
     # The `error` member of the JSON body where RFC 6750 has no code (RFC 6749 §4.1.2.1 names).
     body_code: ClassVar[str | None] = None
+    # The authentication scheme of the challenge (RFC 9449 §7.1: "DPoP" for DPoP's denials).
+    scheme: ClassVar[str] = "Bearer"
 
     def __init__(self, description: str | None = None) -> None:
         # A subclass may pass a more precise fixed description; never pass token content.
@@ -191,6 +193,73 @@ class AudienceMismatch(InvalidToken):
     description = "the token audience is not accepted"
 
 
+class TenantNotAllowed(InvalidToken):
+    """The token's issuer fits the provider's issuer template, for a tenant not in ``tenants``
+    (or its ``tid`` claim names another tenant than its issuer)."""
+
+    code = "tenant_not_allowed"
+    description = "the token tenant is not accepted"
+
+
+class TokenInactive(InvalidToken):
+    """The issuer's introspection endpoint says the token is not active (RFC 7662 §2.2)."""
+
+    code = "token_inactive"
+    description = "the token is not active"
+
+
+class IntrospectionUnavailable(AuthError):
+    """No introspection endpoint could answer in time: the token may be fine, so not a 401."""
+
+    status = 503
+    grpc_code = GRPC_UNAVAILABLE
+    code = "introspection_unavailable"
+    body_code = "temporarily_unavailable"
+    description = "the token issuer cannot check the token right now"
+
+    def __init__(self, retry_after_seconds: int = 5) -> None:
+        super().__init__()
+        self.retry_after_seconds = retry_after_seconds
+
+
+class InvalidDPoPProof(AuthError):
+    """The DPoP proof is missing, malformed, or does not fit this request or token (RFC 9449 §7.1)."""
+
+    rfc6750_error = "invalid_dpop_proof"
+    code = "invalid_dpop_proof"
+    description = "the DPoP proof is invalid"
+    scheme = "DPoP"
+
+
+class UseDPoPNonce(InvalidDPoPProof):
+    """The proof lacks the server's current nonce (RFC 9449 §9): the answer carries a fresh one."""
+
+    rfc6750_error = "use_dpop_nonce"
+    code = "use_dpop_nonce"
+    description = "the DPoP proof must carry the server nonce"
+
+    def __init__(self, nonce: str) -> None:
+        super().__init__()
+        self.nonce = nonce
+
+
+class DPoPBindingMismatch(InvalidToken):
+    """A DPoP-bound token sent without its proof (as a bearer token), a bound token whose
+    ``cnf.jkt`` is not the proof key's thumbprint, or an unbound token sent with the DPoP scheme."""
+
+    code = "dpop_binding_mismatch"
+    description = "the token is not bound to the DPoP proof key"
+    scheme = "DPoP"
+
+
+class CertificateBindingMismatch(InvalidToken):
+    """A certificate-bound token (``cnf["x5t#S256"]``, RFC 8705 §3) without the client certificate
+    it is bound to: none was presented, or another one was."""
+
+    code = "certificate_binding_mismatch"
+    description = "the token is not bound to the client certificate"
+
+
 class InsufficientScope(AuthError):
     """Valid token, but a required scope is missing (RFC 6750 §3.1 insufficient_scope)."""
 
@@ -203,6 +272,20 @@ class InsufficientScope(AuthError):
     def __init__(self, scopes: tuple[str, ...]) -> None:
         super().__init__()
         self.scopes = scopes
+
+
+class InsufficientUserAuthentication(AuthError):
+    """The token's authentication is not strong or recent enough (RFC 9470): the client may sign
+    the user in again with the ``acr_values`` and ``max_age`` the challenge names."""
+
+    rfc6750_error = "insufficient_user_authentication"
+    code = "insufficient_user_authentication"
+    description = "a stronger or more recent authentication is required"
+
+    def __init__(self, acr_values: tuple[str, ...] = (), max_age: int | None = None) -> None:
+        super().__init__()
+        self.acr_values = acr_values
+        self.max_age = max_age
 
 
 class AccessDenied(AuthError):

@@ -27,6 +27,9 @@ class Request:
     scheme: str = ""  # the scheme the client used, as Envoy saw it ("http", "https")
     # The request body, when Envoy sends it (`with_request_body`: the back-channel logout route).
     body: str = field(default="", repr=False)
+    # The client's TLS certificate as Envoy sends it (`include_peer_certificate: true`): URL-encoded
+    # PEM, "" without one (RFC 8705 certificate-bound tokens).
+    peer_certificate: str = field(default="", repr=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,6 +49,11 @@ class Principal:
     # The token's payload segment: base64url of the claims JSON, as signed by the issuer.
     payload_segment: str
     credential: Credential
+    # The tenant of a multi-tenant issuer (`issuer: .../{tenant}/...`), else None.
+    tenant: str | None = None
+    # The checks beyond the signature that held (tenant, introspection, DPoP, certificate binding):
+    # (check, verdict) pairs for explain.
+    checks: tuple[tuple[str, str], ...] = ()
 
     @property
     def subject(self) -> str | None:

@@ -132,6 +132,64 @@ class SessionSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class IssuerTemplate:
+    """``issuer`` with ``{tenant}`` (a multi-tenant IdP: one key set, an issuer per tenant)."""
+
+    pattern: re.Pattern[str]  # the issuer with ``{tenant}`` as one non-empty path segment
+    tenants: frozenset[str] | None  # the allow-list; None: `tenants: any`
+    # Where the shared keys are discovered (`discovery_issuer`, e.g. Entra's `common`); None: jwks_uri.
+    discovery_issuer: str | None = None
+
+    def tenant_of(self, issuer: str) -> str | None:
+        """The tenant an issuer names when it fits the template (allowed or not), else None."""
+        found = self.pattern.fullmatch(issuer)
+        return found.group(1) if found else None
+
+
+@dataclass(frozen=True, slots=True)
+class IntrospectionSettings:
+    """``providers[].introspection``: opaque tokens checked at the IdP (RFC 7662)."""
+
+    endpoint: str | None  # None: the discovery document's introspection_endpoint
+    client_id: str
+    client_secret: str = field(repr=False)
+    auth_method: Literal["client_secret_basic", "client_secret_post"] = "client_secret_basic"
+    cache_seconds: float = 60  # an active answer: at most this long, never past its exp
+    negative_cache_seconds: float = 5  # an inactive answer
+
+
+DEFAULT_DPOP_ALGORITHMS = ("ES256", "ES384", "ES512", "PS256", "PS384", "PS512", "RS256", "EdDSA")
+
+
+@dataclass(frozen=True, slots=True)
+class DPoPSettings:
+    """``providers[].dpop``: sender-constrained tokens proven by a DPoP proof (RFC 9449)."""
+
+    mode: Literal["required", "allowed"]
+    algorithms: frozenset[str] = frozenset(DEFAULT_DPOP_ALGORITHMS)
+    # A proof's iat may be this far from now either way; its jti is remembered this long.
+    proof_max_age_seconds: float = 60
+    nonce: bool = False  # `dpop_nonce`: demand a server nonce (use_dpop_nonce, DPoP-Nonce)
+    # The origin clients address (scheme://host[:port]) when a TLS-terminating balancer sits in
+    # front; None: the scheme and host of the request as Envoy saw it.
+    public_origin: str | None = None
+
+
+CertificateSource = Literal["peer", "xfcc", "client-cert"]
+
+
+@dataclass(frozen=True, slots=True)
+class MtlsBindingSettings:
+    """``providers[].mtls_bound``: certificate-bound tokens (RFC 8705 §3)."""
+
+    mode: Literal["required", "allowed"]
+    # Where the client certificate is read, in order: the TLS peer Envoy saw (`peer`), and only
+    # when a sanitising proxy sets them: `x-forwarded-client-cert` (Hash=) or `client-cert`
+    # (RFC 9440).
+    certificate_from: tuple[CertificateSource, ...] = ("peer",)
+
+
+@dataclass(frozen=True, slots=True)
 class ProviderSettings:
     name: str
     issuer: str
@@ -153,6 +211,11 @@ class ProviderSettings:
     keys: KeyPolicy
     claims: ClaimLocations
     login: LoginSettings | None = None
+    issuer_template: IssuerTemplate | None = None  # `issuer` names `{tenant}`
+    introspection: IntrospectionSettings | None = None
+    introspect_jwts: bool = False  # a verified JWT is introspected too (revocation)
+    dpop: DPoPSettings | None = None
+    mtls_bound: MtlsBindingSettings | None = None
 
     def accepts(self, source: TokenSource) -> bool:
         """Whether this provider reads tokens at ``source`` (a token found elsewhere is refused)."""
