@@ -9,7 +9,8 @@ request without a host, when a rule reads the host, is 400 ``invalid_host``.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from urllib.parse import unquote
 
@@ -17,6 +18,7 @@ from ext_authz import errors
 from ext_authz.config.model import (
     AllOf,
     AnyOf,
+    Authentication,
     Expression,
     Match,
     Not,
@@ -109,6 +111,14 @@ def _mentions_host(requirement: Requirement) -> bool:
     if isinstance(requirement, Not):
         return _mentions_host(requirement.child)
     return isinstance(requirement, Expression) and "host" in requirement.text
+
+
+def _mentions_time(requirement: Requirement) -> bool:
+    if isinstance(requirement, AllOf | AnyOf):
+        return any(_mentions_time(child) for child in requirement.children)
+    if isinstance(requirement, Not):
+        return _mentions_time(requirement.child)
+    return isinstance(requirement, Authentication) and requirement.max_age_seconds is not None
 
 
 # ---- the rule index ----
@@ -234,8 +244,16 @@ class Matched:
 class Rules:
     """The ordered rules of a config: the first that matches applies."""
 
-    def __init__(self, rules: tuple[RuleSettings, ...], providers: tuple[ProviderSettings, ...]) -> None:
+    def __init__(
+        self,
+        rules: tuple[RuleSettings, ...],
+        providers: tuple[ProviderSettings, ...],
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self.rules = rules
+        self._clock = clock
+        # Whether a rule reads the time (max_auth_age_seconds): else no clock is read per request.
+        self._reads_time = any(_mentions_time(rule.require) for rule in rules)
         self._locations = {p.name: p.claims for p in providers}
         # Whether any rule reads the host (a `hosts:` condition, or an expression that may):
         # then a request without one cannot be told apart from the guarded host, and is refused.
@@ -275,7 +293,9 @@ class Rules:
         return matched
 
     def context(self, matched: Matched, principal: Principal, view: RequestView) -> Context:
-        return Context(principal, self._locations.get(principal.provider, NO_LOCATIONS), view, matched.params)
+        locations = self._locations.get(principal.provider, NO_LOCATIONS)
+        now = self._clock() if self._reads_time else 0.0
+        return Context(principal, locations, view, matched.params, now)
 
     def trace_match(self, view: RequestView, trace: Trace) -> None:
         """Record each rule tried for the first reading (with its conditions), the rule it picks,
@@ -322,6 +342,8 @@ class Rules:
                 found = errors.IssuerNotAccepted()
             elif isinstance(requirement, Scopes):
                 found = errors.InsufficientScope(requirement.scopes)
+            elif isinstance(requirement, Authentication):
+                found = errors.InsufficientUserAuthentication(requirement.acr, requirement.max_age_seconds)
             else:
                 found = errors.RequirementNotMet()
             break

@@ -7,7 +7,8 @@ store, which is runtime state and not part of it).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from ext_authz.authorization import Rules
@@ -28,14 +29,15 @@ class Compiled:
     all_dry_run: bool
 
 
-def compile(settings: Settings) -> Compiled:
+def compile(settings: Settings, clock: Callable[[], float] = time.time) -> Compiled:
+    """``clock``: the time rules read (``max_auth_age_seconds``), the pipeline's own."""
     answers = Answers(settings)
     return Compiled(
         settings=settings,
         by_issuer={p.issuer: p for p in settings.providers},
         sources=tuple(dict.fromkeys(s for p in settings.providers for s in provider_sources(p))),
         owned_headers=answers.owned_headers,
-        rules=Rules(settings.rules, settings.providers),
+        rules=Rules(settings.rules, settings.providers, clock),
         answers=answers,
         all_dry_run=settings.dry_run and all(rule.dry_run for rule in settings.rules),
     )

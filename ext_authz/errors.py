@@ -208,20 +208,6 @@ class TokenInactive(InvalidToken):
     description = "the token is not active"
 
 
-class IntrospectionUnavailable(AuthError):
-    """No introspection endpoint could answer in time: the token may be fine, so not a 401."""
-
-    status = 503
-    grpc_code = GRPC_UNAVAILABLE
-    code = "introspection_unavailable"
-    body_code = "temporarily_unavailable"
-    description = "the token issuer cannot check the token right now"
-
-    def __init__(self, retry_after_seconds: int = 5) -> None:
-        super().__init__()
-        self.retry_after_seconds = retry_after_seconds
-
-
 class InvalidDPoPProof(AuthError):
     """The DPoP proof is missing, malformed, or does not fit this request or token (RFC 9449 §7.1)."""
 
@@ -329,6 +315,21 @@ class KeyPending(KeysUnavailable):
 
     code = "key_pending"
     description = "the token's key is being fetched from its issuer"
+
+
+class IntrospectionUnavailable(KeysUnavailable):
+    """No introspection endpoint could answer in time: the token may be fine, so not a 401."""
+
+    code = "introspection_unavailable"
+    description = "the token issuer cannot check the token right now"
+
+
+class ReplayCheckUnavailable(KeysUnavailable):
+    """The replicas' shared memory of DPoP proofs (Redis) cannot be reached: without it a proof
+    replayed at another replica would pass, so the request waits (503) rather than pass."""
+
+    code = "dpop_replay_check_unavailable"
+    description = "the DPoP proof cannot be checked for replay right now"
 
 
 class InternalError(AuthError):

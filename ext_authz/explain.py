@@ -254,7 +254,12 @@ def _token_verdict(seen: TokenSeen | None) -> TokenVerdict:
     if seen.principal is not None:
         principal = seen.principal
         return TokenVerdict(
-            True, locations, verified=True, provider=principal.provider, claims=dict(principal.claims)
+            True,
+            locations,
+            verified=True,
+            provider=principal.provider,
+            claims=dict(principal.claims),
+            checks=principal.checks,
         )
     assert seen.error is not None
     return TokenVerdict(
@@ -279,6 +284,6 @@ async def run(
 ) -> Explanation:
     """Explain ``request`` with these keys, or with keys fetched like the server's when None."""
     if keys is not None:
-        return await explain(Pipeline(compile(settings), keys, clock=clock), request)
+        return await explain(Pipeline(compile(settings, clock), keys, clock=clock), request)
     async with fetched_keys(settings, clock=clock) as store:
-        return await explain(Pipeline(compile(settings), store, clock=clock), request)
+        return await explain(Pipeline(compile(settings, clock), store, clock=clock), request)

@@ -31,6 +31,8 @@ class TokenVerdict:
     status: int | None = None
     # The provider the token's unverified `iss` names (for a token that failed verification).
     claimed_provider: str | None = None
+    # The checks beyond the signature that held: (check, verdict), e.g. ("DPoP", "proof valid ...").
+    checks: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,6 +139,7 @@ def as_json(e: Explanation) -> dict[str, object]:
             "verified": t.verified,
             "provider": t.provider,
             "claims": t.claims,
+            "checks": [{"check": name, "verdict": verdict} for name, verdict in t.checks],
             "error": None
             if t.code is None
             else {
@@ -215,6 +218,7 @@ def _token_lines(t: TokenVerdict) -> list[str]:
     lines = [f"token     found in {', '.join(t.locations)}" if t.locations else "token     present"]
     if t.verified:
         lines.append(f"          verified: provider {t.provider}")
+        lines += [f"          {name}: {verdict}" for name, verdict in t.checks]
         lines.append(f"          claims: {json.dumps(t.claims, sort_keys=True)}")
     else:
         lines.append(f"          not verified: {t.code} ({t.description})")

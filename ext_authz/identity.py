@@ -18,6 +18,8 @@ Security notes:
 
 from __future__ import annotations
 
+import asyncio
+import base64
 import binascii
 import functools
 import hmac
@@ -26,19 +28,24 @@ import math
 import re
 import sys
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
-from typing import Protocol
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Protocol
 
 from jwt.algorithms import Algorithm, get_default_algorithms
 
 from ext_authz import errors
 from ext_authz.claims import claim_value
 from ext_authz.config.model import ProviderSettings, normalise_token_type
+from ext_authz.handoff import on_loop
 from ext_authz.keys.jwks import VerificationKey
 from ext_authz.model import Credential, Principal
 from ext_authz.tokencache import CachedToken, TokenCache
 
+if TYPE_CHECKING:  # the network client is the server's: the core only calls it
+    from ext_authz.introspection import Introspector
+
 _COMPACT = re.compile(r"[A-Za-z0-9_-]*\.[A-Za-z0-9_-]*\.[A-Za-z0-9_-]*")  # three base64url segments
+_B64TOKEN = re.compile(r"[A-Za-z0-9._~+/-]+=*")  # RFC 6750 §2.1
 _ALGORITHMS: Mapping[str, Algorithm] = get_default_algorithms()
 BACKCHANNEL_LOGOUT_EVENT = "http://schemas.openid.net/event/backchannel-logout"
 # A logout token valid for longer is refused: its jti is remembered (replays refused) until exp.
@@ -159,7 +166,9 @@ _CACHED_HEADER_CHARS = 512
 _cached_header = functools.lru_cache(maxsize=256)(_header_object)
 
 
-def parse_token(token: str, max_bytes: int) -> ParsedToken:
+def parse_token(token: str, max_bytes: int, *, cache_header: bool = True) -> ParsedToken:
+    """``cache_header=False``: a header each client makes its own (a DPoP proof's, with the
+    client's key) is not kept, so it never pushes issuers' headers out of the cache."""
     if len(token) > max_bytes:
         raise errors.TokenTooLarge()
     parts = token.split(".")
@@ -172,7 +181,7 @@ def parse_token(token: str, max_bytes: int) -> ParsedToken:
     if not _COMPACT.fullmatch(token):
         raise errors.MalformedToken()
     header_segment, payload_segment, signature_segment = parts
-    if len(header_segment) <= _CACHED_HEADER_CHARS:
+    if cache_header and len(header_segment) <= _CACHED_HEADER_CHARS:
         header = _cached_header(header_segment)
     else:
         header = _json_object(_b64decode(header_segment))
@@ -206,16 +215,37 @@ class Verifier:
         max_token_bytes: int,
         clock: Callable[[], float],
         cache: TokenCache | None = None,
+        introspector: Introspector | None = None,
     ) -> None:
-        self._by_issuer = {p.issuer: p for p in providers}
+        # A template's own text is no issuer: a token whose iss is ".../{tenant}/..." is unknown.
+        self._by_issuer = {p.issuer: p for p in providers if p.issuer_template is None}
+        self._templates = tuple(p for p in providers if p.issuer_template is not None)
         self._by_name = {p.name: p for p in providers}
+        self._introspecting = tuple(p for p in providers if p.introspection is not None)
+        self._introspector = introspector
         self._keys = keys
         self._max_token_bytes = max_token_bytes
         self._clock = clock
         self.cache = cache
 
     async def verify(self, credential: Credential) -> Principal:
-        """Return the verified Principal or raise an errors.AuthError subclass."""
+        """Return the verified Principal or raise an errors.AuthError subclass.
+
+        A token that is not a JWS goes to the providers with ``introspection`` (RFC 7662), and
+        only there; a JWS never does, unless its provider has ``introspect_jwts``."""
+        if self._introspecting and not _COMPACT.fullmatch(credential.token):
+            return await self._introspected(credential)
+        principal = await self._verified_jws(credential)
+        provider = self._by_name[principal.provider]
+        if provider.introspect_jwts:
+            # Revocation: the signature is not enough for this provider.
+            found = await self._introspect((provider,), credential.token)
+            if found is None:
+                raise errors.TokenInactive()
+            principal = replace(principal, checks=(*principal.checks, ("introspection", "active")))
+        return principal
+
+    async def _verified_jws(self, credential: Credential) -> Principal:
         cache = self.cache
         if cache is None or len(credential.token) > self._max_token_bytes:
             return await self._verify(credential, None)
@@ -240,14 +270,18 @@ class Verifier:
         # The payload segment is the token's own (the cache keeps the claims, not ~0.5 KB of text).
         token = credential.token
         payload_segment = token[token.index(".") + 1 : token.rindex(".")]
-        return Principal(entry.provider, entry.claims, payload_segment, credential)
+        if provider.issuer_template is None:
+            return Principal(entry.provider, entry.claims, payload_segment, credential)
+        tenant = _tenant(provider, entry.claims)
+        return Principal(
+            entry.provider, entry.claims, payload_segment, credential, tenant, _tenant_checked(tenant)
+        )
 
     async def _verify(self, credential: Credential, digest: bytes | None) -> Principal:
         token = parse_token(credential.token, self._max_token_bytes)
         header, claims = token.header, token.claims
 
-        issuer = claims.get("iss")
-        provider = self._by_issuer.get(issuer) if isinstance(issuer, str) else None
+        provider = self.provider_of(claims.get("iss"))
         if provider is None:
             raise errors.UnknownIssuer()
         if not _location_accepted(provider, credential):
@@ -258,6 +292,7 @@ class Verifier:
         key, kid, alg = await self._check_signature(provider, token)
 
         self._check_claims(provider, claims)
+        tenant = _tenant(provider, claims) if provider.issuer_template is not None else None
         if digest is not None and self.cache is not None:
             exp = claims["exp"]
             assert isinstance(exp, int | float)
@@ -273,7 +308,86 @@ class Verifier:
             claims=claims,
             payload_segment=token.payload_segment,
             credential=credential,
+            tenant=tenant,
+            checks=_tenant_checked(tenant),
         )
+
+    def provider_of(self, issuer: object) -> ProviderSettings | None:
+        """The provider whose tokens name ``issuer``: its own issuer, or exactly one issuer
+        template it fits (with an allowed tenant or not: that is checked after the signature)."""
+        if not isinstance(issuer, str):
+            return None
+        provider = self._by_issuer.get(issuer)
+        if provider is not None or not self._templates:
+            return provider
+        fitting = [p for p in self._templates if p.issuer_template and p.issuer_template.tenant_of(issuer)]
+        return fitting[0] if len(fitting) == 1 else None
+
+    # ---- introspection (RFC 7662) ----
+
+    async def _introspected(self, credential: Credential) -> Principal:
+        token = credential.token
+        if len(token) > self._max_token_bytes:
+            raise errors.TokenTooLarge()
+        if not _B64TOKEN.fullmatch(token):
+            # RFC 6750 §2.1 b64token: anything else is no token an IdP issued, and never worth
+            # a request to one.
+            raise errors.MalformedToken()
+        candidates = tuple(p for p in self._introspecting if _location_accepted(p, credential))
+        if not candidates:
+            raise errors.TokenLocationNotAccepted()
+        found = await self._introspect(candidates, token)
+        if found is None:
+            raise errors.TokenInactive()
+        provider, claims = found
+        self._check_introspected(provider, claims)
+        tenant = _tenant(provider, claims) if provider.issuer_template is not None else None
+        payload = json.dumps(claims, separators=(",", ":"), ensure_ascii=False).encode(
+            "utf-8", "surrogatepass"
+        )
+        return Principal(
+            provider=provider.name,
+            claims=claims,
+            payload_segment=base64.urlsafe_b64encode(payload).rstrip(b"=").decode("ascii"),
+            credential=credential,
+            tenant=tenant,
+            checks=(*_tenant_checked(tenant), ("introspection", f"active at {provider.name}")),
+        )
+
+    async def _introspect(
+        self, providers: tuple[ProviderSettings, ...], token: str
+    ) -> tuple[ProviderSettings, Mapping[str, object]] | None:
+        """The first provider (in config order) whose endpoint says the token is active, with the
+        answer's claims; None when every one says inactive. Raises IntrospectionUnavailable when
+        none says active and one could not answer."""
+        introspector = self._introspector
+        if introspector is None:
+            raise errors.IntrospectionUnavailable()
+        cached = [introspector.answer_now(p, token) for p in providers]
+        for provider, answer in zip(providers, cached, strict=True):
+            if answer is None:
+                break
+            if answer.active:
+                return provider, answer.claims
+        else:
+            return None  # every answer known, none active
+        return await on_loop(
+            _introspect_in_order(introspector, providers, token),
+            busy=errors.IntrospectionUnavailable(retry_after_seconds=1),
+        )
+
+    def _check_introspected(self, provider: ProviderSettings, claims: Mapping[str, object]) -> None:
+        """An active answer's members, judged as a JWT's claims are (RFC 7662 §2.2: exp, nbf and
+        iat optional; iss, when sent, must be the provider's)."""
+        issuer = claims.get("iss")
+        if issuer is not None:
+            if self.provider_of(issuer) is not provider:
+                raise errors.IssuerNotAccepted()
+        elif provider.issuer_template is not None:
+            raise errors.InvalidClaim("the introspection answer names no issuer (its tenant)")
+        if "exp" in claims:
+            self._check_times(provider, claims)
+        self._check_audience(provider, claim_value(claims, provider.claims.audience))
 
     @staticmethod
     def _check_header(provider: ProviderSettings, header: Mapping[str, object]) -> None:
@@ -396,6 +510,8 @@ class Verifier:
     def _check_claims(self, provider: ProviderSettings, claims: Mapping[str, object]) -> None:
         self._check_times(provider, claims)
         self._check_audience(provider, claim_value(claims, provider.claims.audience))
+        if provider.issuer_template is not None:
+            _tenant(provider, claims)
 
     def _check_times(self, provider: ProviderSettings, claims: Mapping[str, object]) -> None:
         now = self._clock()
@@ -430,6 +546,53 @@ class Verifier:
             raise errors.InvalidClaim("the token audience claim is malformed")
         if not any(a in provider.audiences for a in audiences):
             raise errors.AudienceMismatch()
+
+
+async def _introspect_in_order(
+    introspector: Introspector, providers: tuple[ProviderSettings, ...], token: str
+) -> tuple[ProviderSettings, Mapping[str, object]] | None:
+    """On the loop: each provider in turn until one says active, all within one budget (the
+    longest fetch timeout among them: each request is bounded by its own as well)."""
+    unavailable = False
+    budget = max(p.keys.fetch_timeout_seconds for p in providers)
+    try:
+        async with asyncio.timeout(budget):
+            for provider in providers:
+                try:
+                    answer = introspector.answer_now(provider, token) or await introspector.introspect(
+                        provider, token
+                    )
+                except errors.IntrospectionUnavailable:
+                    unavailable = True
+                    continue
+                if answer.active:
+                    return provider, answer.claims
+    except TimeoutError:
+        unavailable = True
+    if unavailable:
+        raise errors.IntrospectionUnavailable()
+    return None
+
+
+def _tenant(provider: ProviderSettings, claims: Mapping[str, object]) -> str:
+    """The tenant the verified ``iss`` names; raises TenantNotAllowed when it is not in the
+    provider's ``tenants``, or the token's ``tid`` names another tenant."""
+    template = provider.issuer_template
+    assert template is not None
+    issuer = claims.get("iss")
+    tenant = template.tenant_of(issuer) if isinstance(issuer, str) else None
+    if tenant is None:
+        raise errors.UnknownIssuer()
+    if template.tenants is not None and tenant not in template.tenants:
+        raise errors.TenantNotAllowed()
+    tid = claims.get("tid", tenant)
+    if tid != tenant:
+        raise errors.TenantNotAllowed("the token tid is not the tenant of its issuer")
+    return tenant
+
+
+def _tenant_checked(tenant: str | None) -> tuple[tuple[str, str], ...]:
+    return () if tenant is None else (("tenant", f"{tenant} (allowed)"),)
 
 
 def _location_accepted(provider: ProviderSettings, credential: Credential) -> bool:

@@ -8,16 +8,20 @@ dry-run mode computes and logs its decision but lets the request through.
 from __future__ import annotations
 
 import logging
+import secrets
 import time
 from collections.abc import Callable
 from dataclasses import replace
+from typing import TYPE_CHECKING
 
 from ext_authz import errors
 from ext_authz.authorization import Matched
+from ext_authz.binding import SenderConstraints, SharedReplayCache
 from ext_authz.browser import Browsers
 from ext_authz.compiled import Compiled
 from ext_authz.config.model import DEFAULT_RULE, ProviderSettings, Settings
 from ext_authz.credentials import CredentialFinder
+from ext_authz.dpop import NonceIssuer, ReplayCache
 from ext_authz.identity import KeyResolver, Verifier, parse_token
 from ext_authz.model import Allow, Credential, Decision, Deny, Principal, Request, WouldDeny
 from ext_authz.paths import RequestView
@@ -25,6 +29,9 @@ from ext_authz.sessions.oidc import LoginClient, NoLogin
 from ext_authz.sessions.session import SessionEvents, SessionStore
 from ext_authz.tokencache import CacheCounters, TokenCache
 from ext_authz.trace import TokenSeen, Trace
+
+if TYPE_CHECKING:  # the network client is the server's: the core only calls it
+    from ext_authz.introspection import Introspector
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +47,10 @@ class Pipeline:
         login_client: LoginClient | None = None,
         session_store: SessionStore | None = None,
         session_events: SessionEvents | None = None,
+        introspector: Introspector | None = None,
+        replays: ReplayCache | None = None,
+        shared_replays: SharedReplayCache | None = None,
+        dpop_nonces: NonceIssuer | None = None,
     ) -> None:
         settings = self.settings = config.settings
         self.config = config
@@ -48,7 +59,21 @@ class Pipeline:
         entries = settings.token_cache_entries
         cache = TokenCache(entries, cache_counters) if entries else None
         self.verifier = Verifier(
-            settings.providers, keys, max_token_bytes=settings.max_token_bytes, clock=clock, cache=cache
+            settings.providers,
+            keys,
+            max_token_bytes=settings.max_token_bytes,
+            clock=clock,
+            cache=cache,
+            introspector=introspector,
+        )
+        needs_nonces = any(p.dpop is not None and p.dpop.nonce for p in settings.providers)
+        self.constraints = SenderConstraints(
+            settings.providers,
+            clock=clock,
+            replays=replays,
+            shared_replays=shared_replays,
+            nonces=dpop_nonces
+            or (NonceIssuer(secrets.token_bytes(32), 300, clock) if needs_nonces else None),
         )
         self.answers = config.answers
         self._all_dry_run = config.all_dry_run
@@ -74,7 +99,13 @@ class Pipeline:
         identity: tuple[Principal | None, errors.AuthError | None]
         try:
             credential = self.finder.find(request)
-            identity = (None, None) if credential is None else (await self.verifier.verify(credential), None)
+            if credential is None:
+                identity = None, None
+            else:
+                principal = await self.verifier.verify(credential)
+                if self.constraints:
+                    principal = await self.constraints.check(principal, request)
+                identity = principal, None
         except errors.AuthError as error:
             identity = None, error
         if trace is not None:
@@ -226,4 +257,14 @@ def issuing_provider(settings: Settings, token: str) -> ProviderSettings | None:
         issuer = parse_token(token, settings.max_token_bytes).claims.get("iss")
     except errors.AuthError:
         return None
-    return next((p for p in settings.providers if p.issuer == issuer), None)
+    if not isinstance(issuer, str):
+        return None
+    return next(
+        (
+            p
+            for p in settings.providers
+            if (p.issuer == issuer and p.issuer_template is None)
+            or (p.issuer_template is not None and p.issuer_template.tenant_of(issuer) is not None)
+        ),
+        None,
+    )

@@ -323,7 +323,7 @@ async def run_cases(
 ) -> list[Outcome]:
     """Decide every case with the real pipeline; tokens are signed with throwaway keys."""
     keys = ThrowawayKeys(settings.providers)
-    pipeline = Pipeline(compile(settings), keys.resolver, clock=clock)
+    pipeline = Pipeline(compile(settings, clock), keys.resolver, clock=clock)
     providers = {p.name: p for p in settings.providers}
     outcomes: list[Outcome] = []
     for case in cases:

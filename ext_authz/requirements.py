@@ -14,6 +14,7 @@ from ext_authz.claims import claim_value
 from ext_authz.config.model import (
     AllOf,
     AnyOf,
+    Authentication,
     Claim,
     ClaimLocations,
     Expression,
@@ -22,6 +23,7 @@ from ext_authz.config.model import (
     Requirement,
     Roles,
     Scopes,
+    Tenants,
 )
 from ext_authz.model import Principal
 from ext_authz.paths import RequestView
@@ -76,6 +78,7 @@ class Context:
     locations: ClaimLocations
     view: RequestView
     params: Mapping[str, str]
+    now: float = 0.0  # the clock's time, for auth_time (max_auth_age_seconds)
     _request_data: dict[str, object] | None = field(default=None)
 
     def cel_data(self, claims_used: frozenset[str] | None) -> dict[str, object]:
@@ -91,7 +94,14 @@ class Context:
             selected = dict(claims)
         else:
             selected = {name: claims[name] for name in claims_used if name in claims}
-        return {"claims": selected, "request": self._request_data, "params": dict(self.params)}
+        params = dict(self.params)
+        tenant = self.principal.tenant
+        if tenant is not None:
+            # The path's own {tenant} parameter, when the rule has one, stays what the path says:
+            # `params.tenant == claims.tid` must compare the path with the token, never the token
+            # with itself.
+            params.setdefault("tenant", tenant)
+        return {"claims": selected, "request": self._request_data, "params": params}
 
 
 # Requirements are judged three-valued, in Kleene's strong logic: True (satisfied), False (not
@@ -145,7 +155,24 @@ def evaluate(requirement: Requirement, ctx: Context) -> Truth:
         paths = ctx.locations.roles if requirement.kind == "roles" else ctx.locations.groups
         present = _strings_at(claims, paths, split=False)
         return any(v in present for v in requirement.values)
+    if isinstance(requirement, Tenants):
+        return ctx.principal.tenant in requirement.values
+    if isinstance(requirement, Authentication):
+        return _authentication_result(requirement, claims, ctx.now)
     return _expression_result(requirement, ctx)
+
+
+def _authentication_result(requirement: Authentication, claims: Mapping[str, object], now: float) -> bool:
+    """RFC 9470 §3: ``acr`` one of those asked for, ``auth_time`` recent enough. An absent or
+    malformed claim does not satisfy it (the client is asked to authenticate again)."""
+    if requirement.acr and claims.get("acr") not in requirement.acr:
+        return False
+    if requirement.max_age_seconds is not None:
+        auth_time = claims.get("auth_time")
+        if not isinstance(auth_time, int | float) or isinstance(auth_time, bool):
+            return False
+        return now - auth_time <= requirement.max_age_seconds
+    return True
 
 
 def holds(requirement: Requirement, ctx: Context) -> bool:
@@ -275,6 +302,13 @@ def describe(requirement: Requirement) -> str:
         return f"claim {requirement.claim} = {shown}"
     if isinstance(requirement, Roles):
         return f"{requirement.kind} any of {list(requirement.values)}"
+    if isinstance(requirement, Tenants):
+        return f"tenant in {sorted(requirement.values)}"
+    if isinstance(requirement, Authentication):
+        parts = [f"acr in {list(requirement.acr)}"] if requirement.acr else []
+        if requirement.max_age_seconds is not None:
+            parts.append(f"authenticated within {requirement.max_age_seconds} s")
+        return "authentication: " + ", ".join(parts)
     return f"expression {requirement.text}"
 
 

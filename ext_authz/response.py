@@ -17,7 +17,13 @@ from dataclasses import dataclass
 
 from ext_authz.claims import claim_value
 from ext_authz.config.model import ClaimHeader, RuleSettings, Settings, owned_headers
-from ext_authz.errors import AuthError, InsufficientScope, KeysUnavailable
+from ext_authz.errors import (
+    AuthError,
+    InsufficientScope,
+    InsufficientUserAuthentication,
+    KeysUnavailable,
+    UseDPoPNonce,
+)
 from ext_authz.model import Allow, Deny, Principal, Request
 from ext_authz.sources import Removal, cookie_header_without
 
@@ -98,6 +104,9 @@ class Answers:
 
     def __init__(self, settings: Settings) -> None:
         self._realm = settings.realm
+        self._dpop_algorithms = " ".join(
+            sorted({alg for p in settings.providers if p.dpop is not None for alg in p.dpop.algorithms})
+        )
         self._max_header_bytes = settings.max_header_value_bytes
         self._providers = {
             p.name: _ProviderHeaders(p.claim_to_headers, p.payload_header, p.forward_token)
@@ -106,8 +115,12 @@ class Answers:
         owned = self.owned_headers = owned_headers(settings)
         # Removed from every allowed request unless the decision sets that very name: computed
         # once, sent as is when nothing is set (anonymous routes).
+        # A DPoP proof (RFC 9449) is for us: it never reaches a backend.
+        dpop = ("dpop",) if any(p.dpop is not None for p in settings.providers) else ()
         self.headers_always_removed = tuple(
-            dict.fromkeys(spelling for name in sorted(owned) for spelling in underscore_spellings(name))
+            dict.fromkeys(
+                (*(spelling for name in sorted(owned) for spelling in underscore_spellings(name)), *dpop)
+            )
         )
         self._removed = frozenset(self.headers_always_removed)
         self._removal_by_key: dict[tuple[str, ...], tuple[str, ...]] = {}
@@ -241,6 +254,8 @@ class Answers:
             headers.append(("www-authenticate", self._challenge(error)))
         if isinstance(error, KeysUnavailable):
             headers.append(("retry-after", str(error.retry_after_seconds)))
+        if isinstance(error, UseDPoPNonce):
+            headers.append(("dpop-nonce", error.nonce))  # RFC 9449 §9
         headers.append(("content-type", "application/json"))
         headers.append(("cache-control", "no-store"))
         return Deny(
@@ -262,4 +277,12 @@ class Answers:
             params.append(f'error_description="{error.detail}"')
         if isinstance(error, InsufficientScope):
             params.append(f'scope="{" ".join(error.scopes)}"')
-        return "Bearer " + ", ".join(params)
+        if isinstance(error, InsufficientUserAuthentication):
+            # RFC 9470 §3: what to authenticate with again.
+            if error.acr_values:
+                params.append(f'acr_values="{" ".join(error.acr_values)}"')
+            if error.max_age is not None:
+                params.append(f'max_age="{error.max_age}"')
+        if error.scheme == "DPoP" and self._dpop_algorithms:
+            params.append(f'algs="{self._dpop_algorithms}"')  # RFC 9449 §7.1
+        return f"{error.scheme} " + ", ".join(params)

@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
+import hmac
 import logging
+import secrets
 import signal
 import ssl
 import time
@@ -25,7 +28,9 @@ from ext_authz.admin import AdminServer
 from ext_authz.compiled import compile
 from ext_authz.config.model import Settings
 from ext_authz.decisionlog import DecisionLog
+from ext_authz.dpop import NonceIssuer, RedisReplayCache, ReplayCache
 from ext_authz.handoff import RequestThreads
+from ext_authz.introspection import HttpIntrospector
 from ext_authz.keys.cache import SharedKeyCache
 from ext_authz.keys.fetch import HttpFetcher
 from ext_authz.keys.store import KeyStore
@@ -50,6 +55,7 @@ from ext_authz.transport.servicer import AuthorizationServicer, register
 
 log = logging.getLogger(__name__)
 
+DPOP_NONCE_SECONDS = 300.0  # a server nonce is accepted this long, and up to as long again
 SESSION_COUNT_SECONDS = 15.0  # how often the active-sessions gauge asks the Redis store
 
 
@@ -89,6 +95,23 @@ class Server:
         self._session_events = SessionEvents()
         self._cache = SharedKeyCache(settings.jwks_cache)
         self._token_counters = CacheCounters()
+        self._introspector = HttpIntrospector(self._fetcher, clock=clock)
+        # DPoP: proofs seen, shared by the replicas through the key cache's Redis; server nonces
+        # that every worker and replica with the same jwks_cache secret accepts (else this
+        # process's own). Both outlive reloads.
+        self._replays = ReplayCache()
+        redis = self._cache.redis_client()
+        self._shared_replays = (
+            RedisReplayCache(redis, timeout_seconds=settings.jwks_cache.timeout_seconds)
+            if redis is not None
+            else None
+        )
+        nonce_secret = (
+            hmac.new(settings.jwks_cache.secret, b"ext-authz dpop nonce", hashlib.sha256).digest()
+            if settings.jwks_cache.secret
+            else secrets.token_bytes(32)
+        )
+        self._dpop_nonces = NonceIssuer(nonce_secret, DPOP_NONCE_SECONDS, clock)
         self.current = Current(self._build(settings, None))
         self.metrics = Metrics(
             lambda: self.keys.stats(),
@@ -193,13 +216,17 @@ class Server:
             reuse=reuse,
         )
         pipeline = Pipeline(
-            compile(new),
+            compile(new, self._clock),
             keys,
             clock=self._clock,
             cache_counters=self._token_counters,
             login_client=self._login,
             session_store=self._session_store(new),
             session_events=self._session_events,
+            introspector=self._introspector,
+            replays=self._replays,
+            shared_replays=self._shared_replays,
+            dpop_nonces=self._dpop_nonces,
         )
         return Runtime(new, keys, pipeline, DecisionLog(new.log))
 

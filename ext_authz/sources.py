@@ -75,6 +75,8 @@ class HeaderToken:
         return _add_header(request, self.name, self.prefix + token, ",")
 
     def accepted_by(self, provider: ProviderSettings) -> bool:
+        if provider.dpop is not None and (self.name, self.prefix) == DPOP_AUTHORIZATION:
+            return True
         return any(h.name == self.name and h.prefix == self.prefix for h in provider.from_headers)
 
     def __str__(self) -> str:
@@ -142,10 +144,17 @@ class ParamToken(_Named):
 TokenSource = HeaderToken | CookieToken | ParamToken
 
 
+# RFC 9449 §7.1: a DPoP-bound token travels as `Authorization: DPoP <token>` (with `dpop:` set).
+DPOP_AUTHORIZATION = ("authorization", "DPoP ")
+
+
 def provider_sources(provider: ProviderSettings) -> tuple[TokenSource, ...]:
-    """Where ``provider`` reads tokens, in the order the config gives: headers, cookies, params."""
+    """Where ``provider`` reads tokens, in the order the config gives: headers, cookies, params
+    (and the DPoP scheme, for a provider with ``dpop``)."""
+    dpop = (HeaderToken(*DPOP_AUTHORIZATION),) if provider.dpop is not None else ()
     return (
         *(HeaderToken(h.name, h.prefix) for h in provider.from_headers),
+        *dpop,
         *(CookieToken(name) for name in provider.from_cookies),
         *(ParamToken(name) for name in provider.from_params),
     )

@@ -392,6 +392,22 @@ class Roles:
 
 
 @dataclass(frozen=True, slots=True)
+class Tenants:
+    """The token's tenant (of an issuer template) is one of these (``require.tenants``)."""
+
+    values: frozenset[str]
+
+
+@dataclass(frozen=True, slots=True)
+class Authentication:
+    """How the user authenticated (RFC 9470): ``acr`` one of these, ``auth_time`` at most
+    ``max_age_seconds`` ago. A denial tells the client what to sign in with again."""
+
+    acr: tuple[str, ...] = ()  # empty: any
+    max_age_seconds: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class Expression:
     """A CEL expression over ``claims``, ``request`` and ``params``, compiled at load."""
 
@@ -423,7 +439,7 @@ class Not:
     child: Requirement
 
 
-Requirement = Providers | Scopes | Claim | Roles | Expression | AllOf | AnyOf | Not
+Requirement = Providers | Scopes | Claim | Roles | Tenants | Authentication | Expression | AllOf | AnyOf | Not
 
 
 @dataclass(frozen=True, slots=True)

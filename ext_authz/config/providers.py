@@ -8,6 +8,7 @@ from collections.abc import Mapping
 from dataclasses import replace
 from pathlib import Path
 
+from ext_authz.config import credentials
 from ext_authz.config.model import (
     DEFAULT_ALGORITHMS,
     DEFAULT_TOKEN_TYPES,
@@ -66,7 +67,7 @@ _PROVIDER_KEYS = (
     "forward_token", "payload_header", "allow_insecure_http", "refresh_interval_seconds",
     "refetch_min_interval_seconds", "fetch_timeout_seconds", "max_stale_seconds",
     "cache_control_min_seconds", "cache_control_max_seconds", "ca_file", "preset", "scopes_claim",
-    "roles_claim", "groups_claim", "audience_claim", "login",
+    "roles_claim", "groups_claim", "audience_claim", "login", *credentials.PROVIDER_KEYS,
 )  # fmt: skip
 
 
@@ -74,7 +75,11 @@ def provider(raw: object, path: str, base_dir: Path) -> ProviderSettings:
     p = mapping(raw, path, _PROVIDER_KEYS, required=("name", "issuer", "audiences"))
     insecure = boolean(p.get("allow_insecure_http", False), f"{path}.allow_insecure_http")
     name = string(p["name"], f"{path}.name")
-    issuer = _url(p["issuer"], f"{path}.issuer", allow_insecure_http=insecure)
+    raw_issuer = string(p["issuer"], f"{path}.issuer")
+    template = credentials.issuer_template(raw_issuer, p, path, allow_insecure_http=insecure)
+    # A template is checked as the URL one of its tenants has.
+    _url(raw_issuer.replace(credentials.TENANT, "tenant"), f"{path}.issuer", allow_insecure_http=insecure)
+    issuer = raw_issuer
 
     sources = [k for k in ("jwks_uri", "jwks", "jwks_file") if k in p]
     if len(sources) > 1:
@@ -134,6 +139,23 @@ def provider(raw: object, path: str, base_dir: Path) -> ProviderSettings:
             fail(f"{path}.claim_to_headers", f"header {target!r} cannot be set by an authorizer")
 
     token_types = str_list(p.get("token_types", list(DEFAULT_TOKEN_TYPES)), f"{path}.token_types")
+    introspection = None
+    if p.get("introspection") is not None:
+        introspection = credentials.introspection(
+            p["introspection"], f"{path}.introspection", base_dir, allow_insecure_http=insecure
+        )
+    if (
+        introspection is not None
+        and introspection.endpoint is None
+        and template is not None
+        and template.discovery_issuer is None
+    ):
+        fail(f"{path}.introspection.endpoint", "an issuer template cannot be discovered: give the endpoint")
+    introspect_jwts = boolean(p.get("introspect_jwts", False), f"{path}.introspect_jwts")
+    if introspect_jwts and introspection is None:
+        fail(f"{path}.introspect_jwts", "needs introspection: (the endpoint JWTs are checked at)")
+    if "dpop" in targets:
+        fail(f"{path}.claim_to_headers", "header 'dpop' carries DPoP proofs: it is removed upstream")
     return ProviderSettings(
         name=name,
         issuer=issuer,
@@ -154,6 +176,11 @@ def provider(raw: object, path: str, base_dir: Path) -> ProviderSettings:
         keys=_key_policy(p, path, base_dir),
         claims=_claim_locations(p, path),
         login=login(p["login"], f"{path}.login", base_dir) if p.get("login") is not None else None,
+        issuer_template=template,
+        introspection=introspection,
+        introspect_jwts=introspect_jwts,
+        dpop=credentials.dpop(p, path),
+        mtls_bound=credentials.mtls_bound(p, path),
     )
 
 
@@ -236,6 +263,14 @@ def check_providers_together(providers: tuple[ProviderSettings, ...]) -> None:
             fail(f"providers[{i}].issuer", "another provider has the same issuer (tokens are routed by iss)")
         seen_names.add(p.name)
         seen_issuers.add(p.issuer)
+    for i, p in enumerate(providers):
+        for j, other in enumerate(providers):
+            template = other.issuer_template
+            if template is not None and i != j and template.tenant_of(p.issuer.replace("{tenant}", "x")):
+                fail(
+                    f"providers[{i}].issuer",
+                    f"provider {other.name!r}'s issuer template also matches it (tokens are routed by iss)",
+                )
 
 
 def check_identity_headers(providers: tuple[ProviderSettings, ...], rules: tuple[RuleSettings, ...]) -> None:

@@ -20,6 +20,7 @@ from ext_authz.config import values as read
 from ext_authz.config.model import (
     AllOf,
     AnyOf,
+    Authentication,
     Claim,
     DenySettings,
     Expression,
@@ -33,6 +34,7 @@ from ext_authz.config.model import (
     Roles,
     RuleSettings,
     Scopes,
+    Tenants,
 )
 from ext_authz.hosts import canonical_host
 
@@ -246,7 +248,10 @@ def _header_condition(name: str, value: object, path: str) -> HeaderCondition:
     return HeaderCondition(header, "regex", pattern, compile_header_regex(pattern, f"{where}.regex"))
 
 
-_REQUIRE_KEYS = ("providers", "scopes", "claims", "roles", "groups", "any_of", "all_of", "not", "expression")
+_REQUIRE_KEYS = (
+    "providers", "scopes", "claims", "roles", "groups", "tenants", "acr", "max_auth_age_seconds", "any_of",
+    "all_of", "not", "expression",
+)  # fmt: skip
 
 
 def _require(raw: object, path: str, provider_names: frozenset[str]) -> AllOf:
@@ -271,6 +276,21 @@ def _require(raw: object, path: str, provider_names: frozenset[str]) -> AllOf:
     for kind in ("roles", "groups"):
         if kind in r:
             children.append(Roles(kind, read.str_list(r[kind], f"{path}.{kind}")))
+    if "tenants" in r:
+        children.append(Tenants(frozenset(read.str_list(r["tenants"], f"{path}.tenants"))))
+    if "acr" in r or "max_auth_age_seconds" in r:
+        acr = read.str_list(r.get("acr", []), f"{path}.acr", allow_empty="acr" not in r)
+        for i, value in enumerate(acr):
+            if not value.isascii() or not value.isprintable() or any(ch in value for ch in ' "\\'):
+                read.fail(f"{path}.acr[{i}]", "an acr value is printable ASCII without blanks, '\"' or '\\'")
+        max_age = None
+        if "max_auth_age_seconds" in r:
+            max_age = int(
+                read.number(r["max_auth_age_seconds"], f"{path}.max_auth_age_seconds", 0, 366 * 86400)
+            )
+            if max_age != r["max_auth_age_seconds"]:
+                read.fail(f"{path}.max_auth_age_seconds", "a whole number of seconds")
+        children.append(Authentication(acr, max_age))
     for combinator in ("any_of", "all_of"):
         if combinator in r:
             items = read.listof(r[combinator], f"{path}.{combinator}")

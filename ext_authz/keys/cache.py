@@ -190,6 +190,11 @@ class SharedKeyCache:
         """The aiocache store the sealed documents are kept in."""
         return self._cache
 
+    def redis_client(self) -> Any:
+        """The redis.asyncio client under a redis backend (None otherwise), for what else the
+        replicas share through the same Redis (DPoP proofs seen)."""
+        return getattr(self._cache, "client", None) if self.backend == "redis" else None
+
     def _timeout(self, budget: float | None) -> float:
         return self.timeout_seconds if budget is None else min(self.timeout_seconds, budget)
 

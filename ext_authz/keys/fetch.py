@@ -69,7 +69,12 @@ class Fetcher(Protocol):
     ) -> Document: ...
 
     async def discover_jwks_uri(
-        self, issuer: str, *, ssl_context: ssl.SSLContext, allow_insecure_http: bool
+        self,
+        issuer: str,
+        *,
+        ssl_context: ssl.SSLContext,
+        allow_insecure_http: bool,
+        also_named: tuple[str, ...] = (),
     ) -> str: ...
 
 
@@ -182,16 +187,24 @@ class HttpFetcher:
                 return response.status, decoded
 
     async def discover_jwks_uri(
-        self, issuer: str, *, ssl_context: ssl.SSLContext, allow_insecure_http: bool
+        self,
+        issuer: str,
+        *,
+        ssl_context: ssl.SSLContext,
+        allow_insecure_http: bool,
+        also_named: tuple[str, ...] = (),
     ) -> str:
-        """OIDC Discovery: the issuer's jwks_uri, after checking the document's issuer (§4.3)."""
+        """OIDC Discovery: the issuer's jwks_uri, after checking the document's issuer (§4.3):
+        ``issuer`` itself, or one of ``also_named`` (a multi-tenant IdP's common document names
+        its issuer template)."""
         fetched = await self.get_json(
             discovery_url(issuer), ssl_context=ssl_context, allow_insecure_http=allow_insecure_http
         )
         document = fetched.body
         if not isinstance(document, dict):
             raise FetchError("invalid", "discovery document is not a JSON object")
-        if document.get("issuer") != issuer:
+        named = document.get("issuer")
+        if named != issuer and named not in also_named:
             raise FetchError("invalid", "discovery document names a different issuer")
         jwks_uri = document.get("jwks_uri")
         if not isinstance(jwks_uri, str) or not jwks_uri:

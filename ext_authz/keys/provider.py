@@ -311,6 +311,23 @@ class ProviderKeys:
         """Join the IdP fetch under way, or start one (single-flight with unknown-kid refetches)."""
         return "installed" if await self._idp.run() is not None else "failed"
 
+    async def _discover_jwks_uri(self) -> str:
+        assert self._fetcher is not None and self._ssl is not None
+        provider = self.provider
+        template = provider.issuer_template
+        issuer, also_named = provider.issuer, tuple[str, ...]()
+        if template is not None and template.discovery_issuer is not None:
+            # Entra's `common` document names `.../{tenantid}/v2.0` as its issuer: the template,
+            # in the IdP's spelling or ours.
+            issuer = template.discovery_issuer
+            also_named = (provider.issuer, provider.issuer.replace("{tenant}", "{tenantid}"))
+        return await self._fetcher.discover_jwks_uri(
+            issuer,
+            ssl_context=self._ssl,
+            allow_insecure_http=provider.allow_insecure_http,
+            also_named=also_named,
+        )
+
     async def _fetch_from_idp(self) -> KeySet | None:
         """Fetch from the IdP and install what it sent; None when the fetch failed."""
         assert self._fetcher is not None and self._ssl is not None
@@ -320,9 +337,7 @@ class ProviderKeys:
         fetched_at = self._clock()
         try:
             async with asyncio.timeout(self.policy.fetch_timeout_seconds):
-                uri = provider.jwks_uri or await self._fetcher.discover_jwks_uri(
-                    provider.issuer, ssl_context=self._ssl, allow_insecure_http=provider.allow_insecure_http
-                )
+                uri = provider.jwks_uri or await self._discover_jwks_uri()
                 problem = url_problem(uri, allow_insecure_http=provider.allow_insecure_http)
                 if problem:
                     raise FetchError("invalid", f"jwks_uri {problem}")

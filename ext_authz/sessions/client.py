@@ -17,6 +17,7 @@ import ssl
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Literal
 from urllib.parse import quote_plus
 
 from ext_authz.config.model import LoginSettings, ProviderSettings
@@ -40,17 +41,26 @@ class _Known:
 
 
 def client_authentication(login: LoginSettings) -> tuple[dict[str, str], dict[str, str]]:
-    """The headers and form fields that authenticate the client (RFC 6749 §2.3.1)."""
-    method = login.token_endpoint_auth
+    """The headers and form fields that authenticate the login client (RFC 6749 §2.3.1)."""
+    return client_credentials(login.token_endpoint_auth, login.client_id, login.client_secret)
+
+
+def client_credentials(
+    method: Literal["client_secret_basic", "client_secret_post", "none"],
+    client_id: str,
+    client_secret: str | None,
+) -> tuple[dict[str, str], dict[str, str]]:
+    """The headers and form fields that authenticate a client (RFC 6749 §2.3.1): shared by the
+    token requests here and by introspection requests (RFC 7662 §2.1)."""
     if method == "client_secret_basic":
-        assert login.client_secret is not None
+        assert client_secret is not None
         # §2.3.1: each part form-urlencoded before the Basic encoding (a ':' in an id survives).
-        pair = f"{quote_plus(login.client_id, safe='')}:{quote_plus(login.client_secret, safe='')}"
+        pair = f"{quote_plus(client_id, safe='')}:{quote_plus(client_secret, safe='')}"
         return {"Authorization": "Basic " + base64.b64encode(pair.encode("utf-8")).decode("ascii")}, {}
     if method == "client_secret_post":
-        assert login.client_secret is not None
-        return {}, {"client_id": login.client_id, "client_secret": login.client_secret}
-    return {}, {"client_id": login.client_id}
+        assert client_secret is not None
+        return {}, {"client_id": client_id, "client_secret": client_secret}
+    return {}, {"client_id": client_id}
 
 
 class HttpLoginClient:

@@ -45,6 +45,8 @@ def to_request(check: external_auth_pb2.CheckRequest) -> Request:
         context=dict(extensions) if (extensions := attributes.context_extensions) else {},
         scheme=http.scheme or headers.get(":scheme", ""),
         body=http.body or (http.raw_body.decode("utf-8", "replace") if http.raw_body else ""),
+        # include_peer_certificate: true (RFC 8705 certificate-bound tokens).
+        peer_certificate=attributes.source.certificate,
     )
 
 

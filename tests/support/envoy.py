@@ -17,6 +17,7 @@ import json
 import re
 import shutil
 import socket
+import ssl
 import subprocess
 import tempfile
 import time
@@ -137,6 +138,43 @@ def _body_route(path: str, headers_to_add: list[dict[str, Any]]) -> dict[str, An
     return route
 
 
+@dataclass(frozen=True, slots=True)
+class DownstreamTls:
+    """The listener serves TLS with `cert_file`/`key_file` and verifies client certificates
+    against `ca_file` (a client without one is refused when `require_client_certificate`); the
+    ext_authz filter then sends the client's leaf certificate (`include_peer_certificate`).
+
+    `forward_client_cert`: the connection manager's `forward_client_cert_details: SANITIZE_SET`
+    with `set_current_client_cert_details: {hash: true, cert: true}`: a client's own
+    x-forwarded-client-cert is dropped, and one element describing its certificate (Hash=, Cert=)
+    is set when it presented one, as a TLS-terminating Envoy in front of ext-authz would do.
+    """
+
+    cert_file: Path
+    key_file: Path
+    ca_file: Path
+    require_client_certificate: bool = True
+    forward_client_cert: bool = False
+
+    def transport_socket(self) -> dict[str, Any]:
+        return {
+            "name": "envoy.transport_sockets.tls",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext",
+                "require_client_certificate": self.require_client_certificate,
+                "common_tls_context": {
+                    "tls_certificates": [
+                        {
+                            "certificate_chain": {"filename": str(self.cert_file)},
+                            "private_key": {"filename": str(self.key_file)},
+                        }
+                    ],
+                    "validation_context": {"trusted_ca": {"filename": str(self.ca_file)}},
+                },
+            },
+        }
+
+
 def envoy_config(
     authz_address: str,
     backend_port: int,
@@ -152,6 +190,7 @@ def envoy_config(
     normalise_paths: bool = True,
     request_body_paths: Sequence[str] = (),
     http_service: bool = False,
+    downstream_tls: DownstreamTls | None = None,
 ) -> dict[str, Any]:
     """The bootstrap config (as a dict) used by `start_envoy`.
 
@@ -171,6 +210,9 @@ def envoy_config(
     `http_service`: Envoy's HTTP ext_authz mode against ext-authz's HTTP listener at
     `authz_address` (dialect `envoy`, path prefix /envoy), with the header lists the README's
     Gateways section gives (HTTP_MODE_* below), instead of the gRPC Check.
+
+    `downstream_tls`: the listener serves TLS (client certificates verified, see DownstreamTls)
+    and the ext_authz filter sends the client's certificate; None (the default) is plain HTTP.
 
     For header-hygiene tests: `allowed_headers` (exact names) sets the ext_authz filter's
     `allowed_headers`, so only those request headers reach ext-authz (Envoy adds a few of its
@@ -206,6 +248,9 @@ def envoy_config(
         ext_authz["allowed_headers"] = {"patterns": [{"safe_regex": {"regex": ".*"}}]}
     if allowed_headers is not None:
         ext_authz["allowed_headers"] = {"patterns": [{"exact": name} for name in allowed_headers]}
+    if downstream_tls is not None:
+        # attributes.source.certificate: the URL-encoded PEM of the client's leaf (RFC 8705 §3).
+        ext_authz["include_peer_certificate"] = True
     # Shows the backend what ext-authz put in dynamic_metadata.
     headers_to_add: list[dict[str, Any]] = [
         {
@@ -254,6 +299,9 @@ def envoy_config(
             },
         ],
     }
+    if downstream_tls is not None and downstream_tls.forward_client_cert:
+        hcm["forward_client_cert_details"] = "SANITIZE_SET"
+        hcm["set_current_client_cert_details"] = {"cert": True}  # Hash= is always set
     if access_log:
         hcm["access_log"] = [
             {
@@ -275,6 +323,11 @@ def envoy_config(
     authz_cluster = _static_cluster(AUTHZ_CLUSTER, authz_host, authz_port, http2=not http_service)
     if authz_transport_socket is not None:
         authz_cluster["transport_socket"] = dict(authz_transport_socket)
+    filter_chain: dict[str, Any] = {
+        "filters": [{"name": "envoy.filters.network.http_connection_manager", "typed_config": hcm}]
+    }
+    if downstream_tls is not None:
+        filter_chain["transport_socket"] = downstream_tls.transport_socket()
     return {
         "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": 0}}},
         "static_resources": {
@@ -282,13 +335,7 @@ def envoy_config(
                 {
                     "name": LISTENER_NAME,
                     "address": {"socket_address": {"address": "127.0.0.1", "port_value": 0}},
-                    "filter_chains": [
-                        {
-                            "filters": [
-                                {"name": "envoy.filters.network.http_connection_manager", "typed_config": hcm}
-                            ]
-                        }
-                    ],
+                    "filter_chains": [filter_chain],
                 }
             ],
             "clusters": [
@@ -327,17 +374,21 @@ def _admin_get(admin_address: str, path: str, *, timeout: float = 2.0) -> tuple[
 
 
 class EnvoyProcess(StopOnExit):
-    """A running Envoy; `base_url` is its HTTP listener, `admin_address` its admin endpoint."""
+    """A running Envoy; `base_url` is its HTTP listener (https:// when it serves TLS),
+    `admin_address` its admin endpoint."""
 
-    def __init__(self, process: ManagedProcess, workdir: Path, admin_address: str, port: int) -> None:
+    def __init__(
+        self, process: ManagedProcess, workdir: Path, admin_address: str, port: int, *, tls: bool = False
+    ) -> None:
         self.process = process
         self.workdir = workdir
         self.admin_address = admin_address
         self.port = port
+        self.tls = tls
 
     @property
     def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.port}"
 
     def admin_get(self, path: str) -> tuple[int, bytes]:
         return _admin_get(self.admin_address, path)
@@ -376,11 +427,13 @@ def start_envoy(
     normalise_paths: bool = True,
     request_body_paths: Sequence[str] = (),
     http_service: bool = False,
+    downstream_tls: DownstreamTls | None = None,
 ) -> EnvoyProcess:
     """Start Envoy and return once its listener accepts connections and the server is LIVE.
 
     `route_context_extensions`, `metadata_headers`, `authz_transport_socket`, `allowed_headers`,
-    `headers_with_underscores_action`, `normalise_paths` and `request_body_paths`: see `envoy_config`.
+    `headers_with_underscores_action`, `normalise_paths`, `request_body_paths` and `downstream_tls`:
+    see `envoy_config`.
     """
     workdir = Path(tempfile.mkdtemp(prefix="ext-authz-envoy-"))
     config = write_envoy_config(
@@ -397,6 +450,7 @@ def start_envoy(
         normalise_paths=normalise_paths,
         request_body_paths=request_body_paths,
         http_service=http_service,
+        downstream_tls=downstream_tls,
     )
     admin_path = workdir / "admin-address"
     argv = [
@@ -421,7 +475,7 @@ def start_envoy(
         process.stop()
         shutil.rmtree(workdir, ignore_errors=True)
         raise
-    return EnvoyProcess(process, workdir, admin_address, port)
+    return EnvoyProcess(process, workdir, admin_address, port, tls=downstream_tls is not None)
 
 
 def _poll_pause(process: ManagedProcess, deadline: float, what: str) -> None:
@@ -510,15 +564,23 @@ def send(
     body: bytes | None = None,
     timeout: float = 10.0,
     host: str | None = None,
+    ssl_context: ssl.SSLContext | None = None,
 ) -> HttpResponse:
     """One HTTP/1.1 request with exactly the given header lines (duplicates are sent as is).
 
     `host` replaces the Host header http.client would send (the address connected to).
+    An https:// `base_url` is reached over TLS with `ssl_context` (which server it trusts, which
+    client certificate it presents: tests.support.tls.client_context).
     """
     parts = urllib.parse.urlsplit(base_url)
     assert parts.hostname is not None
     assert parts.port is not None
-    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=timeout)
+    conn: http.client.HTTPConnection
+    if parts.scheme == "https":
+        assert ssl_context is not None, "an https:// URL needs the ssl_context to trust the server"
+        conn = http.client.HTTPSConnection(parts.hostname, parts.port, timeout=timeout, context=ssl_context)
+    else:
+        conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=timeout)
     try:
         conn.putrequest(method, path, skip_host=host is not None, skip_accept_encoding=True)
         if host is not None:
@@ -560,6 +622,8 @@ class Gateway:
     issuer: TestIssuer
     authz: ExtAuthzProcess
     encode_raw_headers: bool
+    # For a TLS listener (start_envoy's downstream_tls): the client's TLS context by default.
+    ssl_context: ssl.SSLContext | None = None
 
     def request(
         self,
@@ -569,13 +633,17 @@ class Gateway:
         *,
         token: str | None = None,
         host: str | None = None,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> Exchange:
+        """`ssl_context` (tests.support.tls.client_context) replaces the gateway's for this request:
+        which client certificate it presents, or none."""
         trace = uuid.uuid4().hex
         lines = [(TRACE_HEADER, trace)]
         if token is not None:
             lines.append(("Authorization", f"Bearer {token}"))
         lines.extend(headers)
-        response = send(self.envoy.base_url, method, path, lines, host=host)
+        context = ssl_context or self.ssl_context
+        response = send(self.envoy.base_url, method, path, lines, host=host, ssl_context=context)
         reached = [r for r in self.echo.requests if r.header_values(TRACE_HEADER) == [trace]]
         assert len(reached) <= 1, f"backend got the request {len(reached)} times"
         return Exchange(response, reached[0] if reached else None)
@@ -587,5 +655,6 @@ class Gateway:
         *,
         token: str | None = None,
         host: str | None = None,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> Exchange:
-        return self.request("GET", path, headers, token=token, host=host)
+        return self.request("GET", path, headers, token=token, host=host, ssl_context=ssl_context)

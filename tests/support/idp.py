@@ -16,6 +16,13 @@ Every answer is under the test's control, per path: `fail_path` (an HTTP error s
 `serve_empty_keys` (a valid but empty JWKS), `delay_path` (the answer starts only after a
 delay; other requests are served meanwhile, and `stop()` wakes every delayed handler at once),
 and `cache_control` (the `Cache-Control` header sent with the JWKS).
+
+Token introspection (RFC 7662) at `{url}/introspect` (`introspection_endpoint`, also in
+discovery): `issue_opaque()` hands out a random opaque token and remembers its claims,
+`revoke_opaque()` forgets it. The endpoint answers only the client set by
+`set_introspection_client()` (client_secret_basic or client_secret_post; 401 `invalid_client`
+to everyone until one is set): `{"active": true, **claims}` for a known unexpired token, else
+`{"active": false}`. Its requests are counted, failed, overridden and delayed like any path.
 """
 
 from __future__ import annotations
@@ -26,12 +33,14 @@ import hmac
 import http.server
 import itertools
 import json
+import secrets
 import threading
 import time
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Self
+from urllib.parse import parse_qs, unquote_plus
 
 import jwt
 from cryptography.hazmat.primitives import serialization
@@ -46,6 +55,7 @@ PublicKey = rsa.RSAPublicKey | ec.EllipticCurvePublicKey | ed25519.Ed25519Public
 
 DISCOVERY_PATH = "/.well-known/openid-configuration"
 JWKS_PATH = "/jwks.json"
+INTROSPECTION_PATH = "/introspect"
 DEFAULT_AUDIENCE = "api"
 DEFAULT_SUBJECT = "alice"
 
@@ -160,6 +170,8 @@ class TestIssuer(LoopbackHTTPServer):
         self._cache_control: str | None = None
         # Set by stop(): a delayed handler sleeps on it and gives up at once when it is set.
         self._stopping = threading.Event()
+        self._introspection_client: tuple[str, str] | None = None
+        self._opaque: dict[str, dict[str, Any]] = {}  # token -> its claims
 
     def handler(self) -> type[http.server.BaseHTTPRequestHandler]:
         return _make_handler(self)
@@ -175,6 +187,12 @@ class TestIssuer(LoopbackHTTPServer):
     @property
     def jwks_uri(self) -> str:
         return f"{self.url}{JWKS_PATH}"
+
+    introspection_path = INTROSPECTION_PATH
+
+    @property
+    def introspection_endpoint(self) -> str:
+        return f"{self.url}{INTROSPECTION_PATH}"
 
     # ---- keys ------------------------------------------------------------------------------
 
@@ -237,6 +255,7 @@ class TestIssuer(LoopbackHTTPServer):
             "id_token_signing_alg_values_supported": sorted({k.alg for k in self._snapshot()}),
             "response_types_supported": ["code"],
             "subject_types_supported": ["public"],
+            "introspection_endpoint": self.introspection_endpoint,
         }
 
     def _snapshot(self) -> list[SigningKey]:
@@ -289,6 +308,39 @@ class TestIssuer(LoopbackHTTPServer):
 
     def mint_unsigned(self, claims: Mapping[str, Any] | None = None, *, ttl: int = 300) -> str:
         return unsigned_token(self.claims(claims, ttl=ttl))
+
+    # ---- opaque tokens and introspection (RFC 7662) -----------------------------------------
+
+    def set_introspection_client(self, client_id: str | None, secret: str | None = None) -> None:
+        """The one client the introspection endpoint answers (None: nobody, the default)."""
+        with self._lock:
+            self._introspection_client = None if client_id is None else (client_id, secret or "")
+
+    def issue_opaque(self, claims: Mapping[str, Any] | None = None, *, ttl: int = 300) -> str:
+        """A random opaque token (no dots: never mistaken for a JWT) whose introspection answer
+        carries `claims` over the defaults (iss, aud, sub, iat, exp, scope "read", client_id);
+        a key mapped to None is left out. `ttl` may be negative for an expired token."""
+        defaults: dict[str, Any] = {"scope": "read", "client_id": "test-client"}
+        merged = self.claims({**defaults, **(claims or {})}, ttl=ttl)
+        token = secrets.token_urlsafe(32)  # the URL-safe alphabet has no "."
+        with self._lock:
+            self._opaque[token] = merged
+        return token
+
+    def revoke_opaque(self, token: str) -> None:
+        with self._lock:
+            self._opaque.pop(token, None)
+
+    def _introspection(self, headers: Mapping[str, str], body: bytes) -> Answer:
+        form = {name: values[0] for name, values in parse_qs(body.decode("utf-8", "replace")).items()}
+        with self._lock:
+            client = self._introspection_client
+            claims = self._opaque.get(form.get("token", ""))
+        if client is None or _client_of(headers, form) != client:
+            return _json_answer(401, {"error": "invalid_client"}, (("WWW-Authenticate", "Basic"),))
+        if claims is None or (isinstance(claims.get("exp"), int) and claims["exp"] <= time.time()):
+            return _json_answer(200, {"active": False})
+        return _json_answer(200, {"active": True, **claims})
 
     # ---- HTTP ------------------------------------------------------------------------------
 
@@ -389,8 +441,10 @@ class TestIssuer(LoopbackHTTPServer):
             self._delays.clear()
             self._empty_keys = False
 
-    def _answer(self, path: str) -> tuple[Answer, float]:
-        """Count the request and decide its answer (and the delay before it), atomically."""
+    def _answer(self, path: str, post: tuple[Mapping[str, str], bytes] | None = None) -> tuple[Answer, float]:
+        """Count the request and decide its answer (and the delay before it), atomically.
+
+        `post`: a POST's headers and body (the introspection endpoint reads them)."""
         with self._lock:
             self._counts[path] += 1
             self._counted.notify_all()
@@ -409,6 +463,8 @@ class TestIssuer(LoopbackHTTPServer):
             document = {"keys": []} if empty_keys else self.jwks()
             headers = () if cache_control is None else (("Cache-Control", cache_control),)
             return _json_answer(200, document, headers), delay
+        if path == INTROSPECTION_PATH and post is not None:
+            return self._introspection(*post), delay
         return _json_answer(404, {"error": "not found"}), delay
 
     def _sleep(self, seconds: float) -> bool:
@@ -431,13 +487,39 @@ def _json_answer(status: int, document: object, headers: tuple[tuple[str, str], 
     return Answer(status, json.dumps(document).encode("utf-8"), "application/json", headers)
 
 
+def _client_of(headers: Mapping[str, str], form: Mapping[str, str]) -> tuple[str, str] | None:
+    """The client credentials a request presents: client_secret_basic (RFC 6749 §2.3.1: each
+    part form-urlencoded, then Base64) or client_secret_post; None for neither or both."""
+    authorization = headers.get("authorization", "")
+    in_form = "client_secret" in form
+    if authorization[:6].lower() == "basic " and not in_form:
+        try:
+            decoded = base64.b64decode(authorization[6:].strip(), validate=True).decode("utf-8")
+        except ValueError:
+            return None
+        client_id, colon, secret = decoded.partition(":")
+        return (unquote_plus(client_id), unquote_plus(secret)) if colon else None
+    if in_form and not authorization:
+        return form.get("client_id", ""), form["client_secret"]
+    return None
+
+
 def _make_handler(issuer: TestIssuer) -> type[http.server.BaseHTTPRequestHandler]:
     class Handler(http.server.BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
 
         def do_GET(self) -> None:
             path = self.path.split("?", 1)[0]
-            answer, delay = issuer._answer(path)
+            self._respond(*issuer._answer(path))
+
+        def do_POST(self) -> None:
+            path = self.path.split("?", 1)[0]
+            length = int(self.headers.get("Content-Length") or 0)
+            body = self.rfile.read(length) if length > 0 else b""
+            headers = {name.lower(): value for name, value in self.headers.items()}
+            self._respond(*issuer._answer(path, (headers, body)))
+
+        def _respond(self, answer: Answer, delay: float) -> None:
             if delay > 0 and not issuer._sleep(delay):
                 self.close_connection = True
                 return

@@ -48,7 +48,12 @@ class ScriptedFetcher:
         return Document(document, self.max_age)
 
     async def discover_jwks_uri(
-        self, issuer: str, *, ssl_context: ssl.SSLContext, allow_insecure_http: bool
+        self,
+        issuer: str,
+        *,
+        ssl_context: ssl.SSLContext,
+        allow_insecure_http: bool,
+        also_named: tuple[str, ...] = (),
     ) -> str:
         self.discoveries += 1
         self.allow_insecure_http.append(allow_insecure_http)

@@ -39,6 +39,11 @@ class Issued:
     key_pem: bytes
     serial: int
 
+    @property
+    def der(self) -> bytes:
+        """The certificate's DER (what RFC 8705 §3.1's ``x5t#S256`` hashes)."""
+        return x509.load_pem_x509_certificate(self.cert_pem).public_bytes(serialization.Encoding.DER)
+
 
 class CertificateAuthority:
     def __init__(self, name: str = "ext-authz test CA") -> None:
@@ -157,6 +162,14 @@ def served_certificate(
         der = connection.getpeercert(binary_form=True)
         assert der is not None
         return x509.load_der_x509_certificate(der).serial_number
+
+
+def client_context(ca: CertificateAuthority, client: Issued | None = None) -> ssl.SSLContext:
+    """A client TLS context trusting only `ca`, presenting `client`'s certificate (None: none)."""
+    context = ssl.create_default_context(cadata=ca.cert_pem.decode())
+    if client is not None:
+        _load_pair(context, client)
+    return context
 
 
 def _load_pair(context: ssl.SSLContext, issued: Issued) -> None:

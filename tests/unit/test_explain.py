@@ -175,6 +175,7 @@ async def test_401_without_token(keys: Keys) -> None:
         "verified": False,
         "provider": None,
         "claims": None,
+        "checks": [],
         "error": None,
     }
     assert data["requirements"] is None
