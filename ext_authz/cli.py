@@ -45,6 +45,14 @@ def _parser() -> argparse.ArgumentParser:
     explain_cmd.add_argument("--path", required=True, help="the request path, optionally with ?query")
     explain_cmd.add_argument("--host", default="", help="the request's :authority (host[:port])")
     explain_cmd.add_argument(
+        "--scheme", default="", choices=("", "http", "https"), help="the request's :scheme (DPoP's htu)"
+    )
+    explain_cmd.add_argument(
+        "--peer-certificate",
+        metavar="FILE",
+        help="the client's TLS certificate (PEM), as Envoy sends it with include_peer_certificate",
+    )
+    explain_cmd.add_argument(
         "--header", action="append", default=[], metavar="'NAME: VALUE'", help="a request header (repeatable)"
     )
     explain_cmd.add_argument(
@@ -101,20 +109,33 @@ def _explain(args: argparse.Namespace) -> int:
         headers = [explain.parse_header(h) for h in args.header]
         context = dict(explain.parse_context(c) for c in args.context)
         keys = explain.load_jwks_file(args.jwks) if args.jwks is not None else None
+        certificate = (
+            explain.read_peer_certificate(args.peer_certificate) if args.peer_certificate is not None else ""
+        )
     except explain.UsageError as exc:
         print(f"ext-authz: {exc}", file=sys.stderr)
         return EXIT_CONFIG
-    request = explain.build_request(args.method, args.path, host=args.host, headers=headers, context=context)
+    request = explain.build_request(
+        args.method,
+        args.path,
+        host=args.host,
+        headers=headers,
+        context=context,
+        scheme=args.scheme,
+        peer_certificate=certificate,
+    )
     if args.token is not None:
         token = (sys.stdin.read() if args.token == STDIN else args.token).strip()
         scheme, _, rest = token.partition(" ")
-        if scheme.lower() == "bearer":  # pasted with its scheme: a JWT itself has no space
+        dpop = scheme.lower() == "dpop"  # `DPoP <token>`: the DPoP scheme (its proof: --header)
+        if scheme.lower() == "bearer" or dpop:  # pasted with its scheme: a JWT itself has no space
             token = rest.strip()
         if not token:
             print("ext-authz: --token: the token is empty", file=sys.stderr)
             return EXIT_CONFIG
         provider = explain.provider_for_token(loaded, token)
-        request = explain.with_token(request, explain.token_location(provider), token)
+        location = explain.dpop_location() if dpop else explain.token_location(provider)
+        request = explain.with_token(request, location, token)
     _quiet_logs()
     result = asyncio.run(explain.run(loaded, request, keys))
     print(explain.render_json(result) if args.json else explain.render_text(result), end="")

@@ -23,6 +23,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
+from urllib.parse import quote
 
 from ext_authz.compiled import compile
 from ext_authz.config.model import (
@@ -41,6 +42,7 @@ from ext_authz.explainrender import TokenVerdict
 from ext_authz.explainrender import render_json as render_json
 from ext_authz.explainrender import render_text as render_text
 from ext_authz.identity import KeyResolver
+from ext_authz.introspection import HttpIntrospector
 from ext_authz.keys.cache import SharedKeyCache
 from ext_authz.keys.fetch import HttpFetcher
 from ext_authz.keys.jwks import JWKSError, parse_jwks
@@ -49,7 +51,7 @@ from ext_authz.keys.store import KeyStore
 from ext_authz.model import Decision, Request
 from ext_authz.pipeline import Pipeline, issuing_provider
 from ext_authz.requirements import Truth
-from ext_authz.sources import TokenSource, provider_sources
+from ext_authz.sources import DPOP_AUTHORIZATION, HeaderToken, TokenSource, provider_sources
 from ext_authz.trace import TokenSeen, Trace
 
 # Extra time, beyond the providers' own fetch timeouts, to let a failed first fetch report back.
@@ -87,14 +89,41 @@ def build_request(
     host: str = "",
     headers: Sequence[tuple[str, str]] = (),
     context: Mapping[str, str] | None = None,
+    scheme: str = "",
+    peer_certificate: str = "",
 ) -> Request:
     """A Request as the transport adapter would build it: the query split off, repeated headers
-    joined with "," (Envoy's encoding)."""
+    joined with "," (Envoy's encoding), the peer certificate URL-encoded PEM (Envoy's form)."""
     path, _, query = path.partition("?")
     joined: dict[str, str] = {}
     for name, value in headers:
         joined[name] = f"{joined[name]},{value}" if name in joined else value
-    return Request(method.upper(), path, query, host, joined, dict(context or {}))
+    return Request(
+        method.upper(),
+        path,
+        query,
+        host,
+        joined,
+        dict(context or {}),
+        scheme=scheme,
+        peer_certificate=peer_certificate,
+    )
+
+
+def read_peer_certificate(file: str) -> str:
+    """A PEM certificate file as Envoy sends the peer certificate (URL-encoded PEM)."""
+    try:
+        text = Path(file).read_text(encoding="ascii")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UsageError(f"--peer-certificate: cannot read {file}: {exc}") from None
+    if "-----BEGIN CERTIFICATE-----" not in text:
+        raise UsageError(f"--peer-certificate: {file} holds no PEM certificate")
+    return quote(text, safe="")
+
+
+def dpop_location() -> TokenSource:
+    """Where a token pasted as ``DPoP <token>`` goes (``Authorization: DPoP``)."""
+    return HeaderToken(*DPOP_AUTHORIZATION)
 
 
 def token_location(provider: ProviderSettings) -> TokenSource:
@@ -285,5 +314,22 @@ async def run(
     """Explain ``request`` with these keys, or with keys fetched like the server's when None."""
     if keys is not None:
         return await explain(Pipeline(compile(settings, clock), keys, clock=clock), request)
-    async with fetched_keys(settings, clock=clock) as store:
-        return await explain(Pipeline(compile(settings, clock), store, clock=clock), request)
+    async with fetched_keys(settings, clock=clock) as store, _introspector(settings, clock) as introspector:
+        pipeline = Pipeline(compile(settings, clock), store, clock=clock, introspector=introspector)
+        return await explain(pipeline, request)
+
+
+@contextlib.asynccontextmanager
+async def _introspector(
+    settings: Settings, clock: Callable[[], float]
+) -> AsyncIterator[HttpIntrospector | None]:
+    """An introspection client like the server's, when a provider introspects (online only:
+    with --jwks, an opaque token is answered as the server answers an unreachable endpoint)."""
+    if not any(p.introspection is not None for p in settings.providers):
+        yield None
+        return
+    fetcher = HttpFetcher()
+    try:
+        yield HttpIntrospector(fetcher, clock=clock)
+    finally:
+        await fetcher.close()

@@ -339,7 +339,8 @@ class Verifier:
         found = await self._introspect(candidates, token)
         if found is None:
             raise errors.TokenInactive()
-        provider, claims = found
+        provider, answer = found
+        claims = dict(answer)  # a plain dict, like a JWT's: rendered as JSON and protobuf Struct
         self._check_introspected(provider, claims)
         tenant = _tenant(provider, claims) if provider.issuer_template is not None else None
         payload = json.dumps(claims, separators=(",", ":"), ensure_ascii=False).encode(

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
+from types import MappingProxyType
 from typing import Any
 from urllib.parse import quote
 
@@ -225,7 +226,7 @@ class FakeIntrospector:
         answer = self.answers.get(f"{provider.name}:{token}")
         if answer is None:
             return Introspected(False, {})
-        return Introspected(True, dict(answer))
+        return Introspected(True, MappingProxyType(dict(answer)))  # read-only, as the real client's
 
 
 INTROSPECTION = {"client_id": "ext-authz", "client_secret_env": "TEST_INTROSPECTION_SECRET"}
@@ -287,6 +288,7 @@ async def test_an_opaque_token_is_introspected(key_set: KeySet) -> None:
     p = introspecting(key_set, fake)
     allowed = await decide(p, request("opaque-1"))
     assert isinstance(allowed, Allow) and allowed.provider == "idp"
+    assert json.dumps(allowed.metadata["claims"])  # plain JSON for the decision log and metadata
     assert ("x-user", "bob") in allowed.headers_to_set
     # In order: the first provider says inactive, the second active.
     second = await decide(p, request("opaque-2"))
