@@ -41,6 +41,9 @@ from jwt.algorithms import Algorithm, get_default_algorithms
 from ext_authz import errors, identity
 from ext_authz.config.model import normalise_token_type
 from ext_authz.keys.jwks import SUPPORTED_ALGORITHMS, VerificationKey, parse_key
+from ext_authz.paths import normalise_path
+
+_ESCAPE = re.compile(r"%[0-9a-fA-F]{2}")
 
 _ALGORITHMS: Mapping[str, Algorithm] = get_default_algorithms()
 # Asymmetric signature algorithms only, whatever the configuration lists (RFC 9449 §4.3 point 6:
@@ -106,7 +109,8 @@ def normalise_htu(url: str) -> str | None:
     """The form in which ``htu`` and the request URL are compared (RFC 9449 §4.3 point 9).
 
     Scheme and host lower-cased, the scheme's default port dropped (RFC 3986 §6.2.2.1, §6.2.3),
-    query and fragment removed (RFC 9449 §4.2), the path as given ("" becomes "/"). None for
+    query and fragment removed (RFC 9449 §4.2), the path normalised (RFC 3986 §6.2.2.2, §6.2.2.3;
+    "" becomes "/"). None for
     anything that is not an absolute http(s) URL with a host, and for one with user information,
     white space or control characters (urlsplit would silently drop tabs and newlines).
     """
@@ -124,7 +128,10 @@ def normalise_htu(url: str) -> str | None:
     if ":" in host:
         host = f"[{host}]"  # an IPv6 literal (hostname strips the brackets)
     authority = host if port is None or port == _DEFAULT_PORTS[scheme] else f"{host}:{port}"
-    return f"{scheme}://{authority}{parts.path or '/'}"
+    # RFC 3986 §6.2.2: escapes of unreserved characters decoded, dot segments removed, the hex of
+    # other escapes in upper case; Envoy normalises the request's path the same way before we see it.
+    path = _ESCAPE.sub(lambda m: m.group(0).upper(), normalise_path(parts.path, merge_slashes=False))
+    return f"{scheme}://{authority}{path or '/'}"
 
 
 @dataclass(frozen=True, slots=True)

@@ -227,13 +227,17 @@ class Verifier:
         self._max_token_bytes = max_token_bytes
         self._clock = clock
         self.cache = cache
+        if not self._introspecting:
+            self.verify = self._verified_jws  # type: ignore[method-assign]
 
     async def verify(self, credential: Credential) -> Principal:
         """Return the verified Principal or raise an errors.AuthError subclass.
 
         A token that is not a JWS goes to the providers with ``introspection`` (RFC 7662), and
-        only there; a JWS never does, unless its provider has ``introspect_jwts``."""
-        if self._introspecting and not _COMPACT.fullmatch(credential.token):
+        only there; a JWS never does, unless its provider has ``introspect_jwts``. (Without
+        introspection in the config, the instance's ``verify`` is ``_verified_jws`` itself: no
+        coroutine more per Check.)"""
+        if not _COMPACT.fullmatch(credential.token):
             return await self._introspected(credential)
         principal = await self._verified_jws(credential)
         provider = self._by_name[principal.provider]

@@ -75,6 +75,7 @@ class Pipeline:
             nonces=dpop_nonces
             or (NonceIssuer(secrets.token_bytes(32), 300, clock) if needs_nonces else None),
         )
+        self._constrained = bool(self.constraints)  # read per Check: an attribute, not a call
         self.answers = config.answers
         self._all_dry_run = config.all_dry_run
         # Browser sign-in (`sessions:`): without a network client every provider is unreachable.
@@ -103,7 +104,7 @@ class Pipeline:
                 identity = None, None
             else:
                 principal = await self.verifier.verify(credential)
-                if self.constraints:
+                if self._constrained:
                     principal = await self.constraints.check(principal, request)
                 identity = principal, None
         except errors.AuthError as error:

@@ -18,7 +18,7 @@ from tests.support.dpop import DPoPKey
 from tests.support.idp import TestIssuer
 from tests.support.tls import CertificateAuthority
 
-SECRET = "introspection-secret"  # noqa: S105 - a test's client secret
+SECRET = "introspection-secret"
 
 
 def run(*args: str) -> subprocess.CompletedProcess[str]:

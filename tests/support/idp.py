@@ -23,6 +23,12 @@ discovery): `issue_opaque()` hands out a random opaque token and remembers its c
 `set_introspection_client()` (client_secret_basic or client_secret_post; 401 `invalid_client`
 to everyone until one is set): `{"active": true, **claims}` for a known unexpired token, else
 `{"active": false}`. Its requests are counted, failed, overridden and delayed like any path.
+`introspect_as_active(jwt)` makes the endpoint call a JWT active (with its own claims) until
+`revoke_opaque(jwt)`; any other JWT is inactive there.
+
+A multi-tenant IdP (Entra's `common` endpoint): `publish_discovery(path, issuer=...)` serves a
+second discovery document at `{url}{path}/.well-known/openid-configuration` that names `issuer`
+(e.g. the template `{url}/{tenantid}/v2.0`) with this issuer's JWKS and introspection endpoint.
 """
 
 from __future__ import annotations
@@ -170,17 +176,25 @@ class TestIssuer(LoopbackHTTPServer):
         self._cache_control: str | None = None
         # Set by stop(): a delayed handler sleeps on it and gives up at once when it is set.
         self._stopping = threading.Event()
+        self._dropping = threading.Event()  # set by stop(drop_connections=True)
         self._introspection_client: tuple[str, str] | None = None
         self._opaque: dict[str, dict[str, Any]] = {}  # token -> its claims
+        self._extra_discovery: dict[str, str] = {}  # discovery path -> the issuer it names
 
     def handler(self) -> type[http.server.BaseHTTPRequestHandler]:
         return _make_handler(self)
 
     def start(self) -> Self:
         self._stopping.clear()
+        self._dropping.clear()
         return super().start()
 
-    def stop(self) -> None:
+    def stop(self, *, drop_connections: bool = False) -> None:
+        """Stop listening. Connections a client keeps alive are still served on their handler
+        threads unless `drop_connections`: then each is closed at its next request, unanswered
+        (an IdP that is really gone, for clients that pool connections)."""
+        if drop_connections:
+            self._dropping.set()
         self._stopping.set()  # first: no handler may still be asleep in a delay
         super().stop()
 
@@ -258,6 +272,15 @@ class TestIssuer(LoopbackHTTPServer):
             "introspection_endpoint": self.introspection_endpoint,
         }
 
+    def publish_discovery(self, base_path: str, *, issuer: str) -> str:
+        """Serve a discovery document at `{url}{base_path}` + the well-known path, naming `issuer`
+        (verbatim: a template such as `.../{tenantid}/v2.0` too); return `{url}{base_path}`."""
+        if not base_path.startswith("/") or base_path.endswith("/"):
+            raise ValueError("base_path starts with '/' and does not end with one")
+        with self._lock:
+            self._extra_discovery[base_path + DISCOVERY_PATH] = issuer
+        return f"{self.url}{base_path}"
+
     def _snapshot(self) -> list[SigningKey]:
         with self._lock:
             return list(self._keys.values())
@@ -326,6 +349,12 @@ class TestIssuer(LoopbackHTTPServer):
         with self._lock:
             self._opaque[token] = merged
         return token
+
+    def introspect_as_active(self, token: str) -> None:
+        """Answer `token` (a JWT minted here) as active, with its own claims, until revoked."""
+        claims = decode_unverified_payload(token)
+        with self._lock:
+            self._opaque[token] = claims
 
     def revoke_opaque(self, token: str) -> None:
         with self._lock:
@@ -453,12 +482,15 @@ class TestIssuer(LoopbackHTTPServer):
             delay = self._delays.get(path, 0.0)
             empty_keys = self._empty_keys
             cache_control = self._cache_control
+            extra_issuer = self._extra_discovery.get(path)
         if status is not None:
             return _json_answer(status, {"error": "injected failure"}), delay
         if override is not None:
             return override, delay
         if path == DISCOVERY_PATH:
             return _json_answer(200, self.discovery()), delay
+        if extra_issuer is not None:
+            return _json_answer(200, {**self.discovery(), "issuer": extra_issuer}), delay
         if path == JWKS_PATH:
             document = {"keys": []} if empty_keys else self.jwks()
             headers = () if cache_control is None else (("Cache-Control", cache_control),)
@@ -520,7 +552,7 @@ def _make_handler(issuer: TestIssuer) -> type[http.server.BaseHTTPRequestHandler
             self._respond(*issuer._answer(path, (headers, body)))
 
         def _respond(self, answer: Answer, delay: float) -> None:
-            if delay > 0 and not issuer._sleep(delay):
+            if issuer._dropping.is_set() or (delay > 0 and not issuer._sleep(delay)):
                 self.close_connection = True
                 return
             try:

@@ -718,3 +718,28 @@ def test_nonce_issuer_settings_are_checked() -> None:
         NonceIssuer(b"short", 30, _Clock(NOW))
     with pytest.raises(ValueError, match="lifetime"):
         NonceIssuer(SECRET, 0, _Clock(NOW))
+
+
+@pytest.mark.parametrize(
+    ("htu", "request_url"),
+    [
+        ("https://api.example.com/%6Frders", "https://api.example.com/orders"),  # unreserved escape
+        ("https://api.example.com/a/../orders", "https://api.example.com/orders"),  # Envoy's normalize_path
+        ("https://api.example.com/./orders", "https://api.example.com/orders"),
+        ("https://api.example.com/a%2fb", "https://api.example.com/a%2Fb"),  # escape hex case
+    ],
+)
+def test_htu_paths_compare_after_rfc3986_normalisation(htu: str, request_url: str) -> None:
+    assert normalise_htu(htu) == normalise_htu(request_url)
+
+
+@pytest.mark.parametrize(
+    ("htu", "request_url"),
+    [
+        ("https://api.example.com/a%2Fb", "https://api.example.com/a/b"),  # an encoded slash is data
+        ("https://api.example.com/orders/", "https://api.example.com/orders"),
+        ("https://api.example.com//orders", "https://api.example.com/orders"),  # RFC 3986 keeps "//"
+    ],
+)
+def test_htu_paths_that_stay_different(htu: str, request_url: str) -> None:
+    assert normalise_htu(htu) != normalise_htu(request_url)
