@@ -10,7 +10,7 @@ token) or ``required`` (every token must be bound, and presented by its holder).
 from __future__ import annotations
 
 import hmac
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import replace
 from typing import Protocol
 
@@ -42,11 +42,6 @@ def dpop_scheme(principal: Principal) -> bool:
         isinstance(s, HeaderToken) and (s.name, s.prefix) == DPOP_AUTHORIZATION
         for s in principal.credential.locations
     )
-
-
-def _confirmation(claims: Mapping[str, object], member: str) -> object:
-    cnf = claims.get("cnf")
-    return cnf.get(member) if isinstance(cnf, dict) else None
 
 
 class SenderConstraints:
@@ -88,7 +83,11 @@ class SenderConstraints:
         return replace(principal, checks=tuple(checks))
 
     async def _dpop(self, provider: str, dpop: DPoPSettings, principal: Principal, request: Request) -> str:
-        jkt = _confirmation(principal.claims, "jkt")
+        cnf = principal.claims.get("cnf")
+        if cnf is not None and not isinstance(cnf, dict):
+            # Not "unbound": a binding we cannot read (RFC 7800 cnf is an object) is refused.
+            raise errors.DPoPBindingMismatch("the token's cnf claim is malformed")
+        jkt = cnf.get("jkt") if cnf is not None else None
         if jkt is not None and not isinstance(jkt, str):
             raise errors.DPoPBindingMismatch("the token's cnf.jkt is malformed")
         if not dpop_scheme(principal):
@@ -126,7 +125,11 @@ class SenderConstraints:
         # A proof is remembered for as long as its iat keeps it acceptable.
         ttl = replay_ttl_seconds(proof, now=now, max_age_seconds=dpop.proof_max_age_seconds)
         key = replay_key(provider, proof)
-        if not self._replays.first_use(key, now, ttl):
+        try:
+            first = self._replays.first_use(key, now, ttl, holder=proof.jkt)
+        except ReplayCacheUnavailable:
+            raise errors.ReplayCheckUnavailable(retry_after_seconds=1) from None
+        if not first:
             raise errors.InvalidDPoPProof("the DPoP proof was used before")
         if self._shared is not None:
             try:

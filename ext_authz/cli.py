@@ -16,6 +16,7 @@ from typing import Any
 import uvloop
 
 from ext_authz import __version__, explain, logs, policytest, status, supervisor
+from ext_authz.config.credentials import check_workers
 from ext_authz.config.model import Settings
 from ext_authz.config.parse import load
 from ext_authz.config.values import ConfigError
@@ -178,6 +179,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         options = ServeOptions.from_args(args)
     except OptionError as exc:
         print(f"ext-authz: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    try:
+        check_workers(loaded, options.workers)
+    except ConfigError as exc:
+        print(f"ext-authz: config error: {args.config}: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     logs.configure(options.log_level or loaded.log.level)
     if options.workers > 1:

@@ -323,45 +323,61 @@ def replay_ttl_seconds(proof: Proof, *, now: float, max_age_seconds: float) -> f
 class ReplayCache:
     """The ``jti`` values seen (RFC 9449 §11.1), in this process's memory. Thread-safe.
 
-    Bounded: when it is full of live entries the oldest is evicted, so a proof evicted early could
-    be replayed once more. That is acceptable because only proofs that verified, fit the request
-    and named a valid token bound to their key are recorded: filling the cache takes a
-    valid DPoP-bound token and its private key, and the replay it opens needs a captured proof
-    still within its iat window. The bound keeps memory fixed under a flood.
+    Bounded, and never by forgetting: evicting a live entry would let its proof be replayed, and
+    any client with a bound token and its key can make fresh proofs until its own entries push
+    out someone else's. So one holder (a proof key's thumbprint) may keep at most
+    ``max_per_holder`` live entries, and the cache ``max_entries`` in all; beyond either,
+    ``first_use`` raises ReplayCacheUnavailable (the request gets 503 with Retry-After, the replay
+    check is never skipped). Entries leave when their ttl has passed.
     """
 
-    def __init__(self, max_entries: int = 100_000) -> None:
-        if max_entries < 1:
-            raise ValueError("max_entries must be at least 1")
+    def __init__(self, max_entries: int = 200_000, max_per_holder: int = 10_000) -> None:
+        if max_entries < 1 or max_per_holder < 1:
+            raise ValueError("max_entries and max_per_holder must be at least 1")
         self._max_entries = max_entries
-        # key -> expiry, in insertion order: the front is the oldest (and, for one ttl, expires first).
-        self._entries: OrderedDict[str, float] = OrderedDict()
+        self._max_per_holder = max_per_holder
+        # key -> (expiry, holder), in insertion order: the front is the oldest.
+        self._entries: OrderedDict[str, tuple[float, str]] = OrderedDict()
+        self._per_holder: dict[str, int] = {}
         self._lock = threading.Lock()
 
-    def first_use(self, key: str, now: float, ttl: float) -> bool:
-        """True the first time ``key`` is seen within its ttl (and records it), False for a replay."""
+    def first_use(self, key: str, now: float, ttl: float, holder: str = "") -> bool:
+        """True the first time ``key`` is seen within its ttl (and records it), False for a replay.
+        Raises ReplayCacheUnavailable when ``holder`` or the cache has no room left."""
         with self._lock:
             entries = self._entries
-            expiry = entries.get(key)
-            if expiry is not None and expiry > now:
+            found = entries.get(key)
+            if found is not None and found[0] > now:
                 return False
-            if expiry is not None:
-                del entries[key]
+            if found is not None:
+                self._drop(key, found[1])
             self._prune(now)
-            while len(entries) >= self._max_entries:
-                entries.popitem(last=False)
-            entries[key] = now + ttl
+            if len(entries) >= self._max_entries:
+                raise ReplayCacheUnavailable("the replay cache is full")
+            count = self._per_holder.get(holder, 0)
+            if count >= self._max_per_holder:
+                raise ReplayCacheUnavailable("one key has too many proofs in the replay window")
+            entries[key] = (now + ttl, holder)
+            self._per_holder[holder] = count + 1
             return True
 
+    def _drop(self, key: str, holder: str) -> None:
+        del self._entries[key]
+        left = self._per_holder[holder] - 1
+        if left:
+            self._per_holder[holder] = left
+        else:
+            del self._per_holder[holder]
+
     def _prune(self, now: float) -> None:
-        # From the front until a live entry: amortised O(1). An expired entry behind a longer-lived
-        # one stays until it reaches the front or is looked up; first_use checks expiry anyway.
+        # From the front while expired: amortised O(1). One ttl for all (a provider's window) keeps
+        # the front the first to expire; an entry behind a longer-lived one waits its turn.
         entries = self._entries
         while entries:
-            oldest, expiry = next(iter(entries.items()))
+            oldest, (expiry, holder) = next(iter(entries.items()))
             if expiry > now:
                 return
-            del entries[oldest]
+            self._drop(oldest, holder)
 
     def __len__(self) -> int:
         with self._lock:

@@ -46,6 +46,7 @@ if TYPE_CHECKING:  # the network client is the server's: the core only calls it
 
 _COMPACT = re.compile(r"[A-Za-z0-9_-]*\.[A-Za-z0-9_-]*\.[A-Za-z0-9_-]*")  # three base64url segments
 _B64TOKEN = re.compile(r"[A-Za-z0-9._~+/-]+=*")  # RFC 6750 §2.1
+_REFRESH_TOKEN_TYPES = frozenset({"refresh_token", "refresh"})
 _ALGORITHMS: Mapping[str, Algorithm] = get_default_algorithms()
 BACKCHANNEL_LOGOUT_EVENT = "http://schemas.openid.net/event/backchannel-logout"
 # A logout token valid for longer is refused: its jti is remembered (replays refused) until exp.
@@ -347,9 +348,12 @@ class Verifier:
         claims = dict(answer)  # a plain dict, like a JWT's: rendered as JSON and protobuf Struct
         self._check_introspected(provider, claims)
         tenant = _tenant(provider, claims) if provider.issuer_template is not None else None
-        payload = json.dumps(claims, separators=(",", ":"), ensure_ascii=False).encode(
-            "utf-8", "surrogatepass"
-        )
+        try:
+            # What JWTs' strict parser refuses (NaN, Infinity, lone surrogates) an answer's lenient
+            # JSON may hold: no header, metadata or payload could carry it.
+            payload = json.dumps(claims, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
+        except (ValueError, UnicodeEncodeError):
+            raise errors.InvalidClaim("the introspection answer holds a value JSON cannot carry") from None
         return Principal(
             provider=provider.name,
             claims=claims,
@@ -392,6 +396,14 @@ class Verifier:
             raise errors.InvalidClaim("the introspection answer names no issuer (its tenant)")
         if "exp" in claims:
             self._check_times(provider, claims)
+        else:
+            self._check_not_before(provider, claims)
+        for member in ("token_use", "token_type", "typ"):
+            value = claims.get(member)
+            if isinstance(value, str) and value.lower() in _REFRESH_TOKEN_TYPES:
+                # An IdP that calls a refresh token active (Hydra's token_use, Keycloak's typ):
+                # it is no access token.
+                raise errors.TokenTypeNotAccepted()
         self._check_audience(provider, claim_value(claims, provider.claims.audience))
 
     @staticmethod
@@ -529,6 +541,11 @@ class Verifier:
         assert isinstance(exp, int | float)
         if now - skew >= exp:  # RFC 7519 §4.1.4: not accepted on or after exp
             raise errors.TokenExpired()
+        self._check_not_before(provider, claims)
+
+    def _check_not_before(self, provider: ProviderSettings, claims: Mapping[str, object]) -> None:
+        now = self._clock()
+        skew = provider.clock_skew_seconds
         for name, error in (("nbf", errors.TokenNotYetValid), ("iat", errors.TokenIssuedInFuture)):
             value = claims.get(name)
             if value is None:

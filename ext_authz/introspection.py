@@ -94,6 +94,12 @@ class _Discovered:
     retry_at: float  # a failed refetch is not tried again before this (no fetch per request)
 
 
+# Introspection requests under way at once (the HTTP client has 32 connections, shared with key
+# and discovery fetches), and distinct tokens waiting for an answer (beyond: 503 at once).
+MAX_IN_FLIGHT = 16
+MAX_PENDING = 256
+
+
 class HttpIntrospector:
     """One per server: cached answers and discovered endpoints survive reloads that keep the
     provider's name and endpoint."""
@@ -116,6 +122,7 @@ class HttpIntrospector:
         self._discovered: dict[str, _Discovered] = {}  # by provider name
         # Loop only:
         self._inflight: dict[_Key, asyncio.Task[Introspected]] = {}
+        self._slots = asyncio.Semaphore(MAX_IN_FLIGHT)  # binds to the loop on first wait (3.10+)
         self._discovering: dict[str, asyncio.Task[str]] = {}
         self._ssl: dict[str | None, ssl.SSLContext] = {}
 
@@ -191,6 +198,10 @@ class HttpIntrospector:
         key = _key(provider, endpoint, token)
         task = self._inflight.get(key)
         if task is None:
+            if len(self._inflight) >= MAX_PENDING:
+                # A flood of made-up tokens (each a request: no negative cache helps with random
+                # ones): beyond this many waiting, 503 at once rather than an ever longer queue.
+                raise errors.IntrospectionUnavailable(retry_after_seconds=1)
             task = asyncio.get_running_loop().create_task(
                 self._ask(provider, settings, endpoint, token, key), name="introspection"
             )
@@ -225,13 +236,16 @@ class HttpIntrospector:
         timeout = provider.keys.fetch_timeout_seconds
         try:
             async with asyncio.timeout(timeout):
-                status, body = await self._fetcher.post_form(
-                    endpoint,
-                    form,
-                    headers=headers,
-                    ssl_context=self._context(provider),
-                    allow_insecure_http=provider.allow_insecure_http,
-                )
+                # At most MAX_IN_FLIGHT requests at once (the rest queue, within the timeout):
+                # the key and discovery fetches keep connections of their own.
+                async with self._slots:
+                    status, body = await self._fetcher.post_form(
+                        endpoint,
+                        form,
+                        headers=headers,
+                        ssl_context=self._context(provider),
+                        allow_insecure_http=provider.allow_insecure_http,
+                    )
             answer, ttl = _answer(status, body, settings, self._clock())
         except (FetchError, TimeoutError, _Unavailable) as exc:
             failure = _failure(exc, timeout)

@@ -77,10 +77,13 @@ class Reloader:
         build: Build,
         metrics: Metrics,
         reloaded: Callable[[], None],
+        check: Callable[[Settings], None] = lambda _: None,
     ) -> None:
+        """``check``: what this process needs of a config beyond its validity (raises ConfigError)."""
         self.path = path
         self._current = current
         self._build = build
+        self._check = check
         self._metrics = metrics
         self._reloaded = reloaded
         self._digest = digest(path)
@@ -94,6 +97,7 @@ class Reloader:
             self._digest = digest(self.path)
             try:
                 new = load(self.path)
+                self._check(new)
             except ConfigError as exc:
                 self._metrics.reloads.labels("invalid").inc()
                 log.error(

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -29,6 +30,8 @@ from ext_authz.model import Principal
 from ext_authz.paths import RequestView
 
 NO_LOCATIONS = ClaimLocations((), (), ())
+# How far in the future an auth_time may be (clocks differ): beyond it, it is refused.
+AUTH_TIME_LEEWAY_SECONDS = 60
 
 
 def _same(actual: object, expected: object) -> bool:
@@ -169,8 +172,14 @@ def _authentication_result(requirement: Authentication, claims: Mapping[str, obj
         return False
     if requirement.max_age_seconds is not None:
         auth_time = claims.get("auth_time")
-        if not isinstance(auth_time, int | float) or isinstance(auth_time, bool):
+        if (
+            not isinstance(auth_time, int | float)
+            or isinstance(auth_time, bool)
+            or not math.isfinite(auth_time)
+        ):
             return False
+        if auth_time > now + AUTH_TIME_LEEWAY_SECONDS:
+            return False  # an authentication in the future is no recent one
         return now - auth_time <= requirement.max_age_seconds
     return True
 

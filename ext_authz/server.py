@@ -26,6 +26,7 @@ import grpc
 from ext_authz import linewriter, signals
 from ext_authz.admin import AdminServer
 from ext_authz.compiled import compile
+from ext_authz.config.credentials import check_workers
 from ext_authz.config.model import Settings
 from ext_authz.decisionlog import DecisionLog
 from ext_authz.dpop import NonceIssuer, RedisReplayCache, ReplayCache
@@ -125,6 +126,8 @@ class Server:
             build=self._build,
             metrics=self.metrics,
             reloaded=self._reloaded,
+            # A supervisor's worker (reuse_port) shares nothing with the others but Redis.
+            check=(lambda s: check_workers(s, 2)) if reuse_port else (lambda _: None),
         )
         self.health = Health()
         tracing = (

@@ -15,6 +15,7 @@ from ext_authz.config.model import (
     IntrospectionSettings,
     IssuerTemplate,
     MtlsBindingSettings,
+    Settings,
 )
 from ext_authz.config.secrets import secret_value
 from ext_authz.config.urls import url_problem
@@ -192,3 +193,17 @@ def mtls_bound(p: Mapping[str, object], path: str) -> MtlsBindingSettings | None
         mode=mode,  # type: ignore[arg-type]  # checked by _mode
         certificate_from=tuple(sources),  # type: ignore[arg-type]  # checked above
     )
+
+
+def check_workers(settings: Settings, workers: int) -> None:
+    """What several worker processes (``serve --workers``) cannot do without a shared store: check
+    a DPoP proof for replay (and accept each other's nonces). Raises ConfigError."""
+    if workers <= 1 or settings.jwks_cache.backend == "redis":
+        return
+    for i, p in enumerate(settings.providers):
+        if p.dpop is not None:
+            fail(
+                f"providers[{i}].dpop",
+                "with --workers above 1, a DPoP proof replayed at another worker would pass: "
+                "set jwks_cache.backend: redis (the workers share the proofs seen there)",
+            )

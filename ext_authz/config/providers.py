@@ -154,6 +154,10 @@ def provider(raw: object, path: str, base_dir: Path) -> ProviderSettings:
     introspect_jwts = boolean(p.get("introspect_jwts", False), f"{path}.introspect_jwts")
     if introspect_jwts and introspection is None:
         fail(f"{path}.introspect_jwts", "needs introspection: (the endpoint JWTs are checked at)")
+    for key in ("dpop", "mtls_bound"):
+        if p.get(key) == "required" and p.get("login") is not None:
+            # A browser session is a cookie: no DPoP proof or client certificate binds it.
+            fail(f"{path}.{key}", "required binds every token, and a login provider's sessions are not")
     if "dpop" in targets:
         fail(f"{path}.claim_to_headers", "header 'dpop' carries DPoP proofs: it is removed upstream")
     return ProviderSettings(

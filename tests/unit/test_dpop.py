@@ -578,19 +578,34 @@ def test_expired_entries_are_pruned() -> None:
     assert len(cache) == 1
 
 
-def test_a_full_cache_evicts_its_oldest_entry() -> None:
+def test_a_full_cache_refuses_rather_than_forgets() -> None:
     cache = ReplayCache(max_entries=3)
-    for name in ("a", "b", "c", "d"):
+    for name in ("a", "b", "c"):
         assert cache.first_use(name, NOW, 60)
-    assert len(cache) == 3
-    assert cache.first_use("a", NOW + 1, 60)  # evicted: seen again as new (the documented cost)
-    assert not cache.first_use("c", NOW + 1, 60)
-    assert not cache.first_use("d", NOW + 1, 60)
+    with pytest.raises(ReplayCacheUnavailable):
+        cache.first_use("d", NOW, 60)
+    assert not cache.first_use("a", NOW + 1, 60)  # still remembered: no replay
+    assert cache.first_use("d", NOW + 61, 60)  # room again once the others expired
+    assert len(cache) == 1
+
+
+def test_one_holder_cannot_fill_the_cache_to_flush_another() -> None:
+    cache = ReplayCache(max_entries=100, max_per_holder=3)
+    assert cache.first_use("victim-proof", NOW, 60, holder="victim")
+    for i in range(3):
+        assert cache.first_use(f"flood-{i}", NOW, 60, holder="attacker")
+    with pytest.raises(ReplayCacheUnavailable):
+        cache.first_use("flood-3", NOW, 60, holder="attacker")
+    assert not cache.first_use("victim-proof", NOW + 1, 60, holder="victim")  # the replay is refused
+    assert cache.first_use("victim-next", NOW + 1, 60, holder="victim")  # others are served
+    assert cache.first_use("flood-4", NOW + 61, 60, holder="attacker")  # the window passed
 
 
 def test_max_entries_must_be_positive() -> None:
     with pytest.raises(ValueError, match="at least 1"):
         ReplayCache(max_entries=0)
+    with pytest.raises(ValueError, match="at least 1"):
+        ReplayCache(max_per_holder=0)
 
 
 def test_concurrent_first_use_admits_each_key_once() -> None:

@@ -18,7 +18,7 @@ import pytest
 from ext_authz import errors
 from ext_authz.config.model import IntrospectionSettings, IssuerTemplate, ProviderSettings
 from ext_authz.config.parse import parse
-from ext_authz.introspection import HttpIntrospector, Introspected, NoIntrospection
+from ext_authz.introspection import MAX_IN_FLIGHT, HttpIntrospector, Introspected, NoIntrospection
 from ext_authz.keys.fetch import DISCOVERY_PATH, HttpFetcher
 from tests.support.idp import INTROSPECTION_PATH, TestIssuer
 
@@ -489,7 +489,9 @@ async def test_request_threads_read_while_the_loop_writes_and_evicts(issuer: Tes
         reader.start()
     try:
         for _ in range(3):
-            await asyncio.gather(*(introspector.introspect(corp, t) for t in tokens))
+            for start in range(0, len(tokens), MAX_IN_FLIGHT):  # the bound on requests under way
+                batch = tokens[start : start + MAX_IN_FLIGHT]
+                await asyncio.gather(*(introspector.introspect(corp, t) for t in batch))
     finally:
         stop.set()
         for reader in readers:
