@@ -21,7 +21,7 @@ import hashlib
 import hmac
 import re
 import urllib.parse
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -129,6 +129,18 @@ def der_from_client_cert(header: str) -> bytes | None:
     return canonical if canonical == der else None
 
 
+def _client_cert_thumbprint(header: str) -> str | None:
+    der = der_from_client_cert(header)
+    return certificate_thumbprint(der) if der is not None else None
+
+
+# The certificate sources that are request headers: the header, and its value's thumbprint.
+_HEADER_SOURCES: Mapping[str, tuple[str, Callable[[str], str | None]]] = {
+    "xfcc": (XFCC_HEADER, thumbprint_from_xfcc),
+    "client-cert": (CLIENT_CERT_HEADER, _client_cert_thumbprint),
+}
+
+
 def presented_thumbprint(request: Request, sources: tuple[CertificateSource, ...]) -> str | None:
     """The ``x5t#S256`` of the client certificate from the first of ``sources`` (in order) that
     carries one; None when none does.
@@ -145,23 +157,14 @@ def presented_thumbprint(request: Request, sources: tuple[CertificateSource, ...
             if der is None:
                 raise MalformedClientCertificate("the client certificate is malformed")
             return certificate_thumbprint(der)
-        if source == "xfcc":
-            xfcc = request.headers.get(XFCC_HEADER)
-            if xfcc is None:
-                continue
-            thumbprint = thumbprint_from_xfcc(xfcc)
-            if thumbprint is None:
-                raise MalformedClientCertificate()
-            return thumbprint
-        if source == "client-cert":
-            client_cert = request.headers.get(CLIENT_CERT_HEADER)
-            if client_cert is None:
-                continue
-            der = der_from_client_cert(client_cert)
-            if der is None:
-                raise MalformedClientCertificate()
-            return certificate_thumbprint(der)
-        raise ValueError(f"unknown certificate source {source!r}")  # a bug: config validates it
+        header, read = _HEADER_SOURCES[source]  # a KeyError is a bug: the config validates it
+        value = request.headers.get(header)
+        if value is None:
+            continue
+        thumbprint = read(value)
+        if thumbprint is None:
+            raise MalformedClientCertificate()
+        return thumbprint
     return None
 
 

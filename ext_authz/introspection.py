@@ -28,7 +28,7 @@ from typing import Protocol
 from ext_authz import errors
 from ext_authz.config.model import IntrospectionSettings, ProviderSettings
 from ext_authz.config.urls import url_problem
-from ext_authz.keys.fetch import FetchError, HttpFetcher, discovery_url
+from ext_authz.keys.fetch import FetchError, HttpFetcher, client_ssl_context, discovery_url
 from ext_authz.sessions.client import client_credentials
 
 log = logging.getLogger(__name__)
@@ -124,7 +124,6 @@ class HttpIntrospector:
         self._inflight: dict[_Key, asyncio.Task[Introspected]] = {}
         self._slots = asyncio.Semaphore(MAX_IN_FLIGHT)  # binds to the loop on first wait (3.10+)
         self._discovering: dict[str, asyncio.Task[str]] = {}
-        self._ssl: dict[str | None, ssl.SSLContext] = {}
 
     # ---- request threads -----------------------------------------------------------------
 
@@ -322,12 +321,9 @@ class HttpIntrospector:
             )
         return endpoint
 
-    def _context(self, provider: ProviderSettings) -> ssl.SSLContext:
-        ca_file = provider.keys.ca_file
-        context = self._ssl.get(ca_file)
-        if context is None:
-            context = self._ssl[ca_file] = ssl.create_default_context(cafile=ca_file)
-        return context
+    @staticmethod
+    def _context(provider: ProviderSettings) -> ssl.SSLContext:
+        return client_ssl_context(provider.keys.ca_file)
 
 
 def _failure(exc: FetchError | TimeoutError | _Unavailable, timeout: float) -> _Unavailable:

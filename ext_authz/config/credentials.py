@@ -17,7 +17,7 @@ from ext_authz.config.model import (
     MtlsBindingSettings,
     Settings,
 )
-from ext_authz.config.secrets import secret_value
+from ext_authz.config.secrets import client_secret_text
 from ext_authz.config.urls import url_problem
 from ext_authz.config.values import boolean, fail, mapping, number, str_list, string
 
@@ -26,6 +26,16 @@ TENANT = "{tenant}"
 # id or a domain name, and it travels into headers and CEL as it is.
 _SEGMENT = r"[A-Za-z0-9._~!$&'()*+,;=:@-]+"
 _SEGMENT_TEXT = re.compile(_SEGMENT)
+
+
+def checked_url(value: object, path: str, *, allow_insecure_http: bool) -> str:
+    """The URL at key path ``path``, or a config error saying why it may not reach an IdP."""
+    url = string(value, path)
+    problem = url_problem(url, allow_insecure_http=allow_insecure_http)
+    if problem:
+        fail(path, problem)
+    return url
+
 
 PROVIDER_KEYS = (
     "tenants", "discovery_issuer", "introspection", "introspect_jwts", "dpop", "dpop_algorithms",
@@ -73,10 +83,9 @@ def issuer_template(
         tenants = frozenset(listed)
     discovery = None
     if "discovery_issuer" in p:
-        discovery = string(p["discovery_issuer"], f"{path}.discovery_issuer")
-        problem = url_problem(discovery, allow_insecure_http=allow_insecure_http)
-        if problem:
-            fail(f"{path}.discovery_issuer", problem)
+        discovery = checked_url(
+            p["discovery_issuer"], f"{path}.discovery_issuer", allow_insecure_http=allow_insecure_http
+        )
     if discovery is None and not any(k in p for k in ("jwks_uri", "jwks", "jwks_file")):
         fail(
             f"{path}.discovery_issuer",
@@ -102,20 +111,13 @@ def introspection(
     c = mapping(raw, path, _INTROSPECTION_KEYS, required=("client_id",))
     endpoint = None
     if "endpoint" in c:
-        endpoint = string(c["endpoint"], f"{path}.endpoint")
-        problem = url_problem(endpoint, allow_insecure_http=allow_insecure_http)
-        if problem:
-            fail(f"{path}.endpoint", problem)
+        endpoint = checked_url(c["endpoint"], f"{path}.endpoint", allow_insecure_http=allow_insecure_http)
     client_id = string(c["client_id"], f"{path}.client_id")
     if not client_id.isprintable():
         fail(f"{path}.client_id", "must be printable text")
-    secret = secret_value(c, "client_secret", base_dir, path)
-    if secret is None:
+    client_secret = client_secret_text(c, base_dir, path)
+    if client_secret is None:
         fail(f"{path}.client_secret_file", "introspection needs client_secret_file or client_secret_env")
-    try:
-        client_secret = secret.value.decode("utf-8")
-    except UnicodeDecodeError:
-        fail(secret.path, "the client secret is not UTF-8 text")
     auth = c.get("auth_method", "client_secret_basic")
     if auth not in _INTROSPECTION_AUTH:
         fail(f"{path}.auth_method", f"must be one of {', '.join(_INTROSPECTION_AUTH)}")

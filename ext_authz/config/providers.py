@@ -21,7 +21,6 @@ from ext_authz.config.model import (
     normalise_token_type,
 )
 from ext_authz.config.sessions import login
-from ext_authz.config.urls import url_problem
 from ext_authz.config.values import (
     RESERVED_HEADERS,
     boolean,
@@ -53,14 +52,6 @@ PRESETS: Mapping[str, Mapping[str, tuple[str, ...]]] = {
 }
 
 
-def _url(value: object, path: str, *, allow_insecure_http: bool) -> str:
-    url = string(value, path)
-    problem = url_problem(url, allow_insecure_http=allow_insecure_http)
-    if problem:
-        fail(path, problem)
-    return url
-
-
 _PROVIDER_KEYS = (
     "name", "issuer", "audiences", "jwks_uri", "jwks", "jwks_file", "algorithms", "clock_skew_seconds",
     "token_types", "require_typ", "from_headers", "from_cookies", "from_params", "claim_to_headers",
@@ -78,7 +69,9 @@ def provider(raw: object, path: str, base_dir: Path) -> ProviderSettings:
     raw_issuer = string(p["issuer"], f"{path}.issuer")
     template = credentials.issuer_template(raw_issuer, p, path, allow_insecure_http=insecure)
     # A template is checked as the URL one of its tenants has.
-    _url(raw_issuer.replace(credentials.TENANT, "tenant"), f"{path}.issuer", allow_insecure_http=insecure)
+    credentials.checked_url(
+        raw_issuer.replace(credentials.TENANT, "tenant"), f"{path}.issuer", allow_insecure_http=insecure
+    )
     issuer = raw_issuer
 
     sources = [k for k in ("jwks_uri", "jwks", "jwks_file") if k in p]
@@ -87,7 +80,7 @@ def provider(raw: object, path: str, base_dir: Path) -> ProviderSettings:
     jwks_uri = None
     static_keys = None
     if "jwks_uri" in p:
-        jwks_uri = _url(p["jwks_uri"], f"{path}.jwks_uri", allow_insecure_http=insecure)
+        jwks_uri = credentials.checked_url(p["jwks_uri"], f"{path}.jwks_uri", allow_insecure_http=insecure)
     elif "jwks" in p:
         static_keys = _static_keys(p["jwks"], f"{path}.jwks")
     elif "jwks_file" in p:

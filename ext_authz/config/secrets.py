@@ -144,3 +144,15 @@ def tls(raw: object, base_dir: Path, admin_address: str | None) -> TlsSettings:
     except TlsFileError as exc:
         fail(f"tls.{exc.field}", exc.message)
     return settings
+
+
+def client_secret_text(c: Mapping[str, object], base_dir: Path, section: str) -> str | None:
+    """An OAuth client's secret (`client_secret_file` / `client_secret_env`) as text, None when
+    neither is given."""
+    secret = secret_value(c, "client_secret", base_dir, section)
+    if secret is None:
+        return None
+    try:
+        return secret.value.decode("utf-8")
+    except UnicodeDecodeError:
+        fail(secret.path, "the client secret is not UTF-8 text")

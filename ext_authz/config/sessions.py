@@ -13,7 +13,7 @@ from typing import Literal
 from urllib.parse import urlsplit
 
 from ext_authz.config.model import LoginSettings, ProviderSettings, RuleSettings, SessionSettings
-from ext_authz.config.secrets import secret_value
+from ext_authz.config.secrets import client_secret_text, secret_value
 from ext_authz.config.values import fail, mapping, number, str_list, string
 from ext_authz.sessions.cookies import SecretError, parse_secrets
 
@@ -34,13 +34,7 @@ def login(raw: object, path: str, base_dir: Path) -> LoginSettings:
     client_id = string(c["client_id"], f"{path}.client_id")
     if not client_id.isprintable():
         fail(f"{path}.client_id", "must be printable text")
-    secret = secret_value(c, "client_secret", base_dir, path)
-    client_secret = None
-    if secret is not None:
-        try:
-            client_secret = secret.value.decode("utf-8")
-        except UnicodeDecodeError:
-            fail(secret.path, "the client secret is not UTF-8 text")
+    client_secret = client_secret_text(c, base_dir, path)
     default_auth = "client_secret_basic" if client_secret is not None else "none"
     auth = c.get("token_endpoint_auth", default_auth)
     if auth not in _AUTH_METHODS:

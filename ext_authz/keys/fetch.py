@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import ssl
@@ -104,6 +105,13 @@ def redirect_target(current: str, location: str | None, status: int) -> str:
         return urldefrag(urljoin(current, location.strip())).url
     except ValueError:
         raise FetchError("invalid", "redirect to a malformed URL") from None
+
+
+@functools.cache
+def client_ssl_context(ca_file: str | None) -> ssl.SSLContext:
+    """The TLS context for requests to an IdP that trusts ``ca_file`` (None: the system's CAs),
+    made once per file (a provider's ``ca_file``: its login, introspection and key requests)."""
+    return ssl.create_default_context(cafile=ca_file)
 
 
 class HttpFetcher:

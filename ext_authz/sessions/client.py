@@ -21,7 +21,7 @@ from typing import Literal
 from urllib.parse import quote_plus
 
 from ext_authz.config.model import LoginSettings, ProviderSettings
-from ext_authz.keys.fetch import FetchError, HttpFetcher, discovery_url
+from ext_authz.keys.fetch import FetchError, HttpFetcher, client_ssl_context, discovery_url
 from ext_authz.sessions.oidc import (
     Endpoints,
     LoginUnavailable,
@@ -72,14 +72,10 @@ class HttpLoginClient:
         self._known: dict[str, _Known] = {}  # by provider name
         self._issuers: dict[str, tuple[str, bool]] = {}  # what each name's endpoints were fetched for
         self._inflight: dict[str, asyncio.Task[Endpoints]] = {}
-        self._ssl: dict[str | None, ssl.SSLContext] = {}
 
-    def _context(self, provider: ProviderSettings) -> ssl.SSLContext:
-        ca_file = provider.keys.ca_file
-        context = self._ssl.get(ca_file)
-        if context is None:
-            context = self._ssl[ca_file] = ssl.create_default_context(cafile=ca_file)
-        return context
+    @staticmethod
+    def _context(provider: ProviderSettings) -> ssl.SSLContext:
+        return client_ssl_context(provider.keys.ca_file)
 
     def endpoints_now(self, provider: str) -> Endpoints | None:
         known = self._known.get(provider)
