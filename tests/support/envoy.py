@@ -145,7 +145,7 @@ class DownstreamTls:
     ext_authz filter then sends the client's leaf certificate (`include_peer_certificate`).
 
     `forward_client_cert`: the connection manager's `forward_client_cert_details: SANITIZE_SET`
-    with `set_current_client_cert_details: {hash: true, cert: true}`: a client's own
+    with `set_current_client_cert_details: {cert: true} (Hash= is always set)`: a client's own
     x-forwarded-client-cert is dropped, and one element describing its certificate (Hash=, Cert=)
     is set when it presented one, as a TLS-terminating Envoy in front of ext-authz would do.
     """
