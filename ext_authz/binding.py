@@ -10,6 +10,7 @@ token) or ``required`` (every token must be bound, and presented by its holder).
 from __future__ import annotations
 
 import hmac
+import re
 from collections.abc import Callable
 from dataclasses import replace
 from typing import Protocol
@@ -28,6 +29,20 @@ from ext_authz.dpop import (
 from ext_authz.handoff import on_loop
 from ext_authz.model import Principal, Request
 from ext_authz.sources import DPOP_AUTHORIZATION, HeaderToken
+
+# An authority as Envoy or a gateway sends it: a host name or IPv4 address, or an IPv6 literal, and
+# a port. Nothing that could end the authority early (/ ? # @) and move the htu elsewhere.
+_AUTHORITY = re.compile(r"(?:[A-Za-z0-9._~-]+|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?")
+
+
+def _origin(request: Request) -> str:
+    """The origin the client addressed, as the request tells it (``dpop_public_origin`` replaces
+    it behind a balancer). A scheme other than http(s), or an authority that is not one, comes
+    from no client URL (an X-Forwarded-Proto of "https://elsewhere/path#" would move the htu)."""
+    scheme = request.scheme or "https"
+    if scheme not in ("http", "https") or not _AUTHORITY.fullmatch(request.host):
+        raise errors.InvalidDPoPProof("the request's scheme or host is no URL's")
+    return f"{scheme}://{request.host}"
 
 
 class SharedReplayCache(Protocol):
@@ -60,6 +75,11 @@ class SenderConstraints:
         self._clock = clock
         self._replays = replays if replays is not None else ReplayCache()
         self._shared = shared_replays
+        # How long this config remembers a proof: its longest window (RFC 9449 §11.1).
+        windows = [p.dpop.proof_max_age_seconds for p in providers if p.dpop is not None]
+        self._window = max(windows, default=0.0)
+        if windows:
+            self._replays.note_window(self._window, clock())
         self._nonces = nonces
         if nonces is None and any(p.dpop is not None and p.dpop.nonce for p in providers):
             raise ValueError("a provider with dpop_nonce needs a NonceIssuer")
@@ -74,7 +94,7 @@ class SenderConstraints:
             return principal
         checks = list(principal.checks)
         if provider.dpop is not None:
-            checks.append(("DPoP", await self._dpop(provider.name, provider.dpop, principal, request)))
+            checks.append(("DPoP", await self._dpop(provider.dpop, principal, request)))
         if provider.mtls_bound is not None:
             mtls = provider.mtls_bound
             presented = presented_thumbprint(request, mtls.certificate_from)
@@ -82,7 +102,7 @@ class SenderConstraints:
             checks.append(("certificate binding", verdict or "holds"))
         return replace(principal, checks=tuple(checks))
 
-    async def _dpop(self, provider: str, dpop: DPoPSettings, principal: Principal, request: Request) -> str:
+    async def _dpop(self, dpop: DPoPSettings, principal: Principal, request: Request) -> str:
         cnf = principal.claims.get("cnf")
         if cnf is not None and not isinstance(cnf, dict):
             # Not "unbound": a binding we cannot read (RFC 7800 cnf is an object) is refused.
@@ -104,7 +124,7 @@ class SenderConstraints:
             # RFC 9449 §4.3: exactly one DPoP header (Envoy joins repeated ones with ",").
             raise errors.InvalidDPoPProof("the request carries more than one DPoP proof")
         now = self._clock()
-        origin = dpop.public_origin or f"{request.scheme or 'https'}://{request.host}"
+        origin = dpop.public_origin or _origin(request)
         proof = check_proof(
             proof_header.strip(),
             method=request.method,
@@ -122,14 +142,14 @@ class SenderConstraints:
             assert self._nonces is not None
             if proof.nonce is None or not self._nonces.valid(proof.nonce):
                 raise errors.UseDPoPNonce(self._nonces.current())
-        # A proof is remembered for as long as its iat keeps it acceptable.
-        ttl = replay_ttl_seconds(proof, now=now, max_age_seconds=dpop.proof_max_age_seconds)
-        key = replay_key(provider, proof)
-        try:
-            first = self._replays.first_use(key, now, ttl, holder=proof.jkt)
-        except ReplayCacheUnavailable:
-            raise errors.ReplayCheckUnavailable(retry_after_seconds=1) from None
-        if not first:
+        if now - proof.iat > self._replays.window_since(proof.iat):
+            # A reload since widened the window: a config in force since its iat remembered
+            # proofs for less time, so this one may have been seen and forgotten.
+            raise errors.InvalidDPoPProof("the DPoP proof is too old")
+        # Remembered for as long as any provider of this config would accept its iat.
+        ttl = replay_ttl_seconds(proof, now=now, max_age_seconds=self._window)
+        key = replay_key(proof)
+        if not self._replays.first_use(key, now, ttl, holder=proof.jkt):
             raise errors.InvalidDPoPProof("the DPoP proof was used before")
         if self._shared is not None:
             try:

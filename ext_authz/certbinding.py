@@ -16,7 +16,6 @@ operator's choice (``mtls_bound.client_certificate_from``), in the order given.
 from __future__ import annotations
 
 import base64
-import binascii
 import hashlib
 import hmac
 import re
@@ -74,9 +73,9 @@ def der_from_envoy(value: str) -> bytes | None:
         return None
     try:
         certificate = x509.load_pem_x509_certificate(pem.encode("ascii"))
-    except ValueError:
+        return certificate.public_bytes(serialization.Encoding.DER)
+    except Exception:  # ValueError, and x509.InvalidVersion (no ValueError): malformed all the same
         return None
-    return certificate.public_bytes(serialization.Encoding.DER)
 
 
 def thumbprint_from_xfcc(header: str) -> str | None:
@@ -122,10 +121,10 @@ def der_from_client_cert(header: str) -> bytes | None:
     try:
         der = base64.b64decode(encoded, validate=True)
         certificate = x509.load_der_x509_certificate(der)
-    except (binascii.Error, ValueError):
+        # Re-encoded to refuse BER or trailing bytes: the thumbprint is over the certificate's DER.
+        canonical = certificate.public_bytes(serialization.Encoding.DER)
+    except Exception:  # binascii.Error, ValueError, x509.InvalidVersion: malformed all the same
         return None
-    # Re-encoded to refuse BER or trailing bytes: the thumbprint is over the certificate's DER.
-    canonical = certificate.public_bytes(serialization.Encoding.DER)
     return canonical if canonical == der else None
 
 

@@ -303,14 +303,16 @@ def _check_ath(ath: object, access_token: str) -> None:
         raise _refuse("the DPoP proof ath does not match the access token")
 
 
-def replay_key(provider: str, proof: Proof) -> str:
-    """The replay cache's key for a proof: a digest of (provider, jkt, jti).
+def replay_key(proof: Proof) -> str:
+    """The replay cache's key for a proof: a digest of (jkt, jti).
 
     The ``jti`` is unique per key (RFC 9449 §11.1), so it is scoped by the key's thumbprint: a
-    client choosing another client's ``jti`` values under its own key blocks nothing. A digest keeps
-    the stored keys short and free of client-chosen text; the JSON array keeps the parts apart.
+    client choosing another client's ``jti`` values under its own key blocks nothing. No provider
+    name: a proof seen under one provider (or under a name a reload has since changed) stays seen.
+    A digest keeps the stored keys short and free of client-chosen text; the JSON array keeps the
+    parts apart.
     """
-    text = json.dumps([provider, proof.jkt, proof.jti], separators=(",", ":"))
+    text = json.dumps([proof.jkt, proof.jti], separators=(",", ":"))
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
@@ -321,67 +323,90 @@ def replay_ttl_seconds(proof: Proof, *, now: float, max_age_seconds: float) -> f
 
 
 class ReplayCache:
-    """The ``jti`` values seen (RFC 9449 §11.1), in this process's memory. Thread-safe.
+    """The ``jti`` values seen (RFC 9449 §11.1), in this process's memory. Thread-safe; one per
+    server, kept across reloads.
 
-    Bounded, and never by forgetting: evicting a live entry would let its proof be replayed, and
-    any client with a bound token and its key can make fresh proofs until its own entries push
-    out someone else's. So one holder (a proof key's thumbprint) may keep at most
-    ``max_per_holder`` live entries, and the cache ``max_entries`` in all; beyond either,
-    ``first_use`` raises ReplayCacheUnavailable (the request gets 503 with Retry-After, the replay
-    check is never skipped). Entries leave when their ttl has passed.
+    Bounded, and never by forgetting someone else's proofs: when full, the oldest entry of the
+    holder (a proof key's thumbprint) with the most entries goes. A client that floods the cache
+    with fresh proofs of its own key evicts only its own; everyone else's stay refused.
+
+    It also remembers the replay windows of the configs in force (``note_window``): a proof is
+    remembered only as long as the window of the config that saw it, so after a reload that
+    widens the window, a proof older than the narrowest window in force since its ``iat`` might
+    have been forgotten already and is refused (``window_since``).
     """
 
-    def __init__(self, max_entries: int = 200_000, max_per_holder: int = 10_000) -> None:
-        if max_entries < 1 or max_per_holder < 1:
-            raise ValueError("max_entries and max_per_holder must be at least 1")
+    def __init__(self, max_entries: int = 200_000) -> None:
+        if max_entries < 1:
+            raise ValueError("max_entries must be at least 1")
         self._max_entries = max_entries
-        self._max_per_holder = max_per_holder
-        # key -> (expiry, holder), in insertion order: the front is the oldest.
-        self._entries: OrderedDict[str, tuple[float, str]] = OrderedDict()
-        self._per_holder: dict[str, int] = {}
+        self._count = 0
+        # holder -> {key: expiry}, each in insertion order (its front expires first: one ttl rule).
+        self._by_holder: dict[str, OrderedDict[str, float]] = {}
+        self._windows: list[tuple[float, float]] = []  # (since, window) of each config, in order
         self._lock = threading.Lock()
 
-    def first_use(self, key: str, now: float, ttl: float, holder: str = "") -> bool:
-        """True the first time ``key`` is seen within its ttl (and records it), False for a replay.
-        Raises ReplayCacheUnavailable when ``holder`` or the cache has no room left."""
+    def note_window(self, window_seconds: float, since: float) -> None:
+        """A config whose proofs are remembered ``window_seconds`` comes into force at ``since``."""
         with self._lock:
-            entries = self._entries
-            found = entries.get(key)
-            if found is not None and found[0] > now:
+            self._windows.append((since, window_seconds))
+            # Only the last hour matters (windows are at most 600 s); the latest always stays.
+            while len(self._windows) > 1 and self._windows[1][0] < since - 3600:
+                del self._windows[0]
+
+    def window_since(self, t: float) -> float:
+        """The narrowest replay window of the configs in force from ``t`` until now."""
+        with self._lock:
+            windows = self._windows
+            narrowest = float("inf")
+            for i, (_since, window) in enumerate(windows):
+                until = windows[i + 1][0] if i + 1 < len(windows) else float("inf")
+                if until > t:
+                    narrowest = min(narrowest, window)
+            return narrowest
+
+    def first_use(self, key: str, now: float, ttl: float, holder: str = "") -> bool:
+        """True the first time ``key`` is seen within its ttl (and records it), False for a replay."""
+        with self._lock:
+            entries = self._by_holder.get(holder)
+            if entries is None:
+                entries = self._by_holder[holder] = OrderedDict()
+            expiry = entries.get(key)
+            if expiry is not None and expiry > now:
                 return False
-            if found is not None:
-                self._drop(key, found[1])
-            self._prune(now)
-            if len(entries) >= self._max_entries:
-                raise ReplayCacheUnavailable("the replay cache is full")
-            count = self._per_holder.get(holder, 0)
-            if count >= self._max_per_holder:
-                raise ReplayCacheUnavailable("one key has too many proofs in the replay window")
-            entries[key] = (now + ttl, holder)
-            self._per_holder[holder] = count + 1
+            if expiry is not None:
+                del entries[key]
+                self._count -= 1
+            self._prune(entries, now)
+            if self._count >= self._max_entries:
+                self._evict(now)
+            entries[key] = now + ttl
+            self._count += 1
             return True
 
-    def _drop(self, key: str, holder: str) -> None:
-        del self._entries[key]
-        left = self._per_holder[holder] - 1
-        if left:
-            self._per_holder[holder] = left
-        else:
-            del self._per_holder[holder]
-
-    def _prune(self, now: float) -> None:
-        # From the front while expired: amortised O(1). One ttl for all (a provider's window) keeps
-        # the front the first to expire; an entry behind a longer-lived one waits its turn.
-        entries = self._entries
+    def _prune(self, entries: OrderedDict[str, float], now: float) -> None:
         while entries:
-            oldest, (expiry, holder) = next(iter(entries.items()))
+            oldest, expiry = next(iter(entries.items()))
             if expiry > now:
                 return
-            self._drop(oldest, holder)
+            del entries[oldest]
+            self._count -= 1
+
+    def _evict(self, now: float) -> None:
+        """Room for one: expired entries first, else the oldest of the largest holder's."""
+        for holder, entries in list(self._by_holder.items()):
+            self._prune(entries, now)
+            if not entries:
+                del self._by_holder[holder]
+        if self._count < self._max_entries:
+            return
+        largest = max(self._by_holder.values(), key=len)
+        largest.popitem(last=False)
+        self._count -= 1
 
     def __len__(self) -> int:
         with self._lock:
-            return len(self._entries)
+            return self._count
 
 
 class RedisSetNx(Protocol):

@@ -348,6 +348,8 @@ class Verifier:
         claims = dict(answer)  # a plain dict, like a JWT's: rendered as JSON and protobuf Struct
         self._check_introspected(provider, claims)
         tenant = _tenant(provider, claims) if provider.issuer_template is not None else None
+        if not _carried(claims):
+            raise errors.InvalidClaim("the introspection answer holds a value JSON cannot carry")
         try:
             # What JWTs' strict parser refuses (NaN, Infinity, lone surrogates) an answer's lenient
             # JSON may hold: no header, metadata or payload could carry it.
@@ -594,6 +596,29 @@ async def _introspect_in_order(
     if unavailable:
         raise errors.IntrospectionUnavailable()
     return None
+
+
+_MAX_ANSWER_DEPTH = 32
+_INTEGER_BOUND: int = 10**_MAX_INTEGER_DIGITS
+
+
+def _carried(value: object, depth: int = 0) -> bool:
+    """A value a JWT's strict parser would have given (its numbers: finite, integers of at most
+    20 digits), nested at most _MAX_ANSWER_DEPTH deep: what an introspection answer's lenient JSON
+    must also be before its members travel as claims (into protobuf, headers, the payload)."""
+    if value is None or isinstance(value, str | bool):
+        return True
+    if isinstance(value, int):
+        return abs(value) < _INTEGER_BOUND
+    if isinstance(value, float):
+        return math.isfinite(value)
+    if depth >= _MAX_ANSWER_DEPTH:
+        return False
+    if isinstance(value, list):
+        return all(_carried(v, depth + 1) for v in value)
+    if isinstance(value, dict):
+        return all(isinstance(k, str) and _carried(v, depth + 1) for k, v in value.items())
+    return False
 
 
 def _tenant(provider: ProviderSettings, claims: Mapping[str, object]) -> str:

@@ -250,6 +250,10 @@ class HttpIntrospector:
             failure = _failure(exc, timeout)
             _warn("token introspection failed", provider, failure)
             raise failure from None
+        except Exception as exc:  # an answer shaped as nothing above foresaw: unavailable, not a 500
+            failure = _Unavailable("invalid", f"answer not understood ({type(exc).__name__})")
+            _warn("token introspection failed", provider, failure)
+            raise failure from None
         self._store(key, answer, ttl)
         return answer
 
@@ -358,7 +362,9 @@ def _answer(
         return INACTIVE, settings.negative_cache_seconds
     ttl = settings.cache_seconds
     exp = body.get("exp")
-    if isinstance(exp, int | float) and not isinstance(exp, bool):
+    # A NumericDate as the verifier reads one (finite, [0, 2**64)); any other exp is the
+    # verifier's to refuse, and never arithmetic here (10**400 - now overflows a float).
+    if isinstance(exp, int | float) and not isinstance(exp, bool) and 0 <= exp < 2**64:
         if now >= exp:  # an IdP that calls an expired token active: it is not (RFC 7519 §4.1.4)
             return INACTIVE, settings.negative_cache_seconds
         ttl = min(ttl, exp - now)

@@ -57,6 +57,15 @@ def _one(headers: Mapping[str, str], name: str) -> str:
     return value.strip()
 
 
+def _scheme(headers: Mapping[str, str]) -> str:
+    """X-Forwarded-Proto (default http): http or https, nothing else (a client's own copy may
+    reach us through a proxy that passes it on, and the scheme goes into URLs: DPoP's htu)."""
+    scheme = headers.get("x-forwarded-proto", "http").strip().lower()
+    if scheme not in ("http", "https"):
+        raise BadAuthorizationRequest("the authorization request's x-forwarded-proto is not http or https")
+    return scheme
+
+
 class Dialects:
     """The configured dialects by listener path prefix (built once per config)."""
 
@@ -86,7 +95,7 @@ class Dialects:
                 query=query,
                 host=headers.get("host", ""),
                 headers=headers,
-                scheme=headers.get("x-forwarded-proto", "http").strip().lower(),
+                scheme=_scheme(headers),
             )
         if dialect == "nginx":
             original_method = _one(headers, self._method_header)
@@ -97,7 +106,7 @@ class Dialects:
                 query=original_query,
                 host=headers.get("host", ""),
                 headers=headers,
-                scheme=headers.get("x-forwarded-proto", "http").strip().lower(),
+                scheme=_scheme(headers),
             )
         path, original_query = _split_target(_one(headers, "x-forwarded-uri"))
         host = _one(headers, "x-forwarded-host")
@@ -108,7 +117,7 @@ class Dialects:
             query=original_query,
             host=host,
             headers=headers,
-            scheme=headers.get("x-forwarded-proto", "http").strip().lower(),
+            scheme=_scheme(headers),
         )
 
     @staticmethod

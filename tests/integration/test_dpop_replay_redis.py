@@ -40,7 +40,7 @@ async def client(server: RedisServer) -> AsyncIterator[aioredis.Redis]:
 
 
 def key_of(jti: str) -> str:
-    return replay_key("idp", Proof(jkt="jkt-1", jti=jti, iat=NOW, nonce=None))
+    return replay_key(Proof(jkt="jkt-1", jti=jti, iat=NOW, nonce=None))
 
 
 async def test_first_use_then_replay(client: aioredis.Redis) -> None:

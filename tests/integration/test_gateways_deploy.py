@@ -235,8 +235,10 @@ def test_traefik_clears_forged_identity_headers_and_never_trusts_forwarded_heade
     http = dynamic["http"]
     [router] = http["routers"].values()
     kinds = [next(iter(http["middlewares"][m])) for m in router["middlewares"]]
-    assert kinds == ["headers", "forwardAuth"]  # strip first, then ask
-    strip, auth = (http["middlewares"][m] for m in router["middlewares"])
+    assert kinds == ["headers", "forwardAuth", "headers"]  # strip first, then ask, then drop DPoP
+    strip, auth, after = (http["middlewares"][m] for m in router["middlewares"])
+    # A DPoP proof reaches ext-authz and never the backend.
+    assert after["headers"]["customRequestHeaders"] == {"DPoP": ""}
     # Cookie is copied back (ext-authz's answer without the session cookies), never stripped first:
     # ext-authz must see the client's.
     identity = [h for h in auth["forwardAuth"]["authResponseHeaders"] if h.lower() != "cookie"]

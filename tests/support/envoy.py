@@ -118,6 +118,7 @@ HTTP_MODE_UPSTREAM = (
 )  # fmt: skip
 HTTP_MODE_CLIENT = (
     {"exact": "www-authenticate"}, {"exact": "location"}, {"exact": "set-cookie"}, {"exact": "retry-after"},
+    {"exact": "dpop-nonce"},
     {"exact": "content-type"}, {"exact": "cache-control"}, {"exact": "content-security-policy"},
 )  # fmt: skip
 

@@ -535,15 +535,14 @@ def proof_of(jti: str, jkt: str = "jkt-1") -> Proof:
     return Proof(jkt=jkt, jti=jti, iat=NOW, nonce=None)
 
 
-def test_replay_key_is_a_digest_scoped_by_provider_and_key() -> None:
-    key = replay_key("idp", proof_of("jti-1"))
+def test_replay_key_is_a_digest_scoped_by_key() -> None:
+    key = replay_key(proof_of("jti-1"))
     assert len(key) == 64 and "jti-1" not in key
-    assert key == replay_key("idp", proof_of("jti-1"))
-    assert key != replay_key("other", proof_of("jti-1"))
-    assert key != replay_key("idp", proof_of("jti-1", jkt="jkt-2"))
-    assert key != replay_key("idp", proof_of("jti-2"))
+    assert key == replay_key(proof_of("jti-1"))
+    assert key != replay_key(proof_of("jti-1", jkt="jkt-2"))
+    assert key != replay_key(proof_of("jti-2"))
     # The parts are kept apart: no concatenation gives the same key.
-    assert replay_key("a", Proof("b,c", "d", NOW, None)) != replay_key("a,b", Proof("c", "d", NOW, None))
+    assert replay_key(Proof("b,c", "d", NOW, None)) != replay_key(Proof("b", "c,d", NOW, None))
 
 
 def test_replay_ttl_covers_the_rest_of_the_iat_window() -> None:
@@ -578,34 +577,33 @@ def test_expired_entries_are_pruned() -> None:
     assert len(cache) == 1
 
 
-def test_a_full_cache_refuses_rather_than_forgets() -> None:
-    cache = ReplayCache(max_entries=3)
-    for name in ("a", "b", "c"):
-        assert cache.first_use(name, NOW, 60)
-    with pytest.raises(ReplayCacheUnavailable):
-        cache.first_use("d", NOW, 60)
-    assert not cache.first_use("a", NOW + 1, 60)  # still remembered: no replay
-    assert cache.first_use("d", NOW + 61, 60)  # room again once the others expired
-    assert len(cache) == 1
-
-
-def test_one_holder_cannot_fill_the_cache_to_flush_another() -> None:
-    cache = ReplayCache(max_entries=100, max_per_holder=3)
+def test_a_full_cache_evicts_the_largest_holders_oldest() -> None:
+    cache = ReplayCache(max_entries=4)
     assert cache.first_use("victim-proof", NOW, 60, holder="victim")
-    for i in range(3):
+    for i in range(6):  # a flood of fresh proofs of one key
         assert cache.first_use(f"flood-{i}", NOW, 60, holder="attacker")
-    with pytest.raises(ReplayCacheUnavailable):
-        cache.first_use("flood-3", NOW, 60, holder="attacker")
-    assert not cache.first_use("victim-proof", NOW + 1, 60, holder="victim")  # the replay is refused
-    assert cache.first_use("victim-next", NOW + 1, 60, holder="victim")  # others are served
-    assert cache.first_use("flood-4", NOW + 61, 60, holder="attacker")  # the window passed
+    assert len(cache) == 4
+    assert not cache.first_use("victim-proof", NOW + 1, 60, holder="victim")  # still refused
+    assert cache.first_use("flood-0", NOW + 1, 60, holder="attacker")  # only the flooder forgets
+    assert cache.first_use("late", NOW + 61, 60, holder="victim")
+    assert cache.first_use("later", NOW + 61, 60, holder="third")  # full: the expired ones go first
+    assert len(cache) == 2
+
+
+def test_the_replay_window_is_the_narrowest_since_a_proofs_iat() -> None:
+    cache = ReplayCache()
+    cache.note_window(60, NOW)
+    assert cache.window_since(NOW - 50) == 60
+    cache.note_window(600, NOW + 15)  # a reload widens it
+    assert cache.window_since(NOW - 50) == 60  # seen before the reload: remembered for 60 s only
+    assert cache.window_since(NOW + 20) == 600
+    cache.note_window(30, NOW + 30)
+    assert cache.window_since(NOW + 20) == 30
 
 
 def test_max_entries_must_be_positive() -> None:
     with pytest.raises(ValueError, match="at least 1"):
         ReplayCache(max_entries=0)
-    with pytest.raises(ValueError, match="at least 1"):
-        ReplayCache(max_per_holder=0)
 
 
 def test_concurrent_first_use_admits_each_key_once() -> None:
