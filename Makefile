@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: test tools lint typecheck imports unit protos venv run bench clean
+.PHONY: test tools lint typecheck imports unit protos venv run bench soak clean
 
 venv: $(STAMP)
 
@@ -47,6 +47,12 @@ unit: $(STAMP)
 # bench_rules.py, and writes BENCH_REPORT (about 3 minutes on 2 cores). Installs what it needs: wrk
 # and h2load (Debian's wrk and nghttp2-client; root) and py-spy (into the venv, for the profile).
 BENCH_REPORT ?= tests/bench/REPORT.md
+# The soak (issue 18): the whole stack under load with overlapping faults for SOAK_SECONDS, its
+# verdict and tests/soak/REPORT.md with plots. Never part of `make test`.
+SOAK_SECONDS ?= 1800
+soak: $(STAMP)
+	$(PY) -m tests.soak.run --seconds $(SOAK_SECONDS) --report tests/soak/REPORT.md
+
 bench: $(STAMP)
 	@command -v wrk >/dev/null && command -v h2load >/dev/null || \
 		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk nghttp2-client; }
